@@ -1,0 +1,104 @@
+"""The truncated log-uniform: the prior of each noise variable, and BMRS_U's reduced prior."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, constraints
+from torch.distributions.utils import broadcast_all
+
+from .truncated_log_normal import check_bounds
+
+__all__ = ["TruncatedLogUniform"]
+
+
+class TruncatedLogUniform(Distribution):
+    """θ with ln θ ~ Uniform[low, high] (density 1/(θ (high − low)) on [e^low, e^high]).
+
+    Example:
+        >>> import bmrs
+        >>> p = bmrs.TruncatedLogUniform(-20.0, 0.0)
+        >>> round(float(p.mean), 4), round(float(p.log_mass(-10.0, 0.0).exp()), 2)
+        (0.05, 0.5)
+    """
+
+    arg_constraints = {"low": constraints.real, "high": constraints.real}
+    has_rsample = True
+
+    def __init__(self, low=-20.0, high=0.0, validate_args=None):
+        self.low, self.high = broadcast_all(low, high)
+        check_bounds(self.low, self.high)
+        super().__init__(batch_shape=self.low.shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.interval(self.low.exp(), self.high.exp())
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(TruncatedLogUniform, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.low, new.high = self.low.expand(batch_shape), self.high.expand(batch_shape)
+        super(TruncatedLogUniform, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def width(self) -> Tensor:
+        """high − low, the width of the support of ln θ."""
+        return self.high - self.low
+
+    def _moment(self, k: int) -> Tensor:
+        # E[θᵏ] = (e^{k high} − e^{k low}) / (k (high − low)), written with expm1 for narrow supports.
+        low, width = self.low.double(), self.width.double()
+        return torch.exp(k * low) * torch.expm1(k * width) / (k * width)
+
+    @property
+    def mean(self) -> Tensor:
+        return self._moment(1).to(self.low.dtype)
+
+    @property
+    def variance(self) -> Tensor:
+        m1 = self._moment(1)
+        return (self._moment(2) - m1 * m1).clamp(min=0.0).to(self.low.dtype)
+
+    @property
+    def snr(self) -> Tensor:
+        m1 = self._moment(1)
+        var = (self._moment(2) - m1 * m1).clamp(min=torch.finfo(self.low.dtype).tiny)
+        return (m1 / var.sqrt()).to(self.low.dtype)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.low.dtype)
+        inside = (value >= self.low.exp()) & (value <= self.high.exp())
+        density = -torch.log(self.width) - torch.log(value)
+        return torch.where(inside, density, torch.full_like(density, -math.inf))
+
+    def log_mass(self, lo, hi) -> Tensor:
+        """ln P(lo ≤ ln θ ≤ hi) = ln(|[lo, hi] ∩ [low, high]| / (high − low))."""
+        lo = torch.maximum(torch.as_tensor(lo, dtype=self.low.dtype), self.low)
+        hi = torch.minimum(torch.as_tensor(hi, dtype=self.low.dtype), self.high)
+        return torch.log((hi - lo).clamp(min=0.0)) - torch.log(self.width)
+
+    def cdf(self, value: Tensor) -> Tensor:
+        x = torch.log(torch.as_tensor(value, dtype=self.low.dtype))
+        return ((x - self.low) / self.width).clamp(0.0, 1.0)
+
+    def icdf(self, value: Tensor) -> Tensor:
+        return torch.exp(self.low + torch.as_tensor(value, dtype=self.low.dtype) * self.width)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=self.low.dtype, device=self.low.device)
+        theta = self.icdf(u)
+        return torch.minimum(torch.maximum(theta, self.low.exp()), self.high.exp())
+
+    def entropy(self) -> Tensor:
+        """H(θ) = ln(high − low) + E[ln θ]."""
+        return torch.log(self.width) + 0.5 * (self.low + self.high)
+
+    def __repr__(self) -> str:
+        return f"TruncatedLogUniform(low={self.low.min().item():g}, high={self.high.max().item():g})"

@@ -1,0 +1,37 @@
+"""Exceptions raised by bmrs.
+
+Every error a user can cause derives from :class:`BMRSError`, so the command line can turn it into a
+one-line message and a non-zero exit instead of a traceback.
+
+Example:
+    >>> from bmrs.errors import ConfigError
+    >>> try:
+    ...     raise ConfigError("p1 must lie in (0, 23), got 30; pass e.g. --p1 8")
+    ... except ConfigError as err:
+    ...     print(err)
+    p1 must lie in (0, 23), got 30; pass e.g. --p1 8
+"""
+
+from __future__ import annotations
+
+__all__ = ["BMRSError", "ConfigError", "DataError", "CheckpointError", "ModelError"]
+
+
+class BMRSError(Exception):
+    """Base class of every error bmrs raises for bad input; the message is one line saying the fix."""
+
+
+class ConfigError(BMRSError, ValueError):
+    """An invalid hyperparameter or option (exit code 2 on the command line)."""
+
+
+class DataError(BMRSError, ValueError):
+    """A dataset file or folder that is missing, corrupt or inconsistent."""
+
+
+class CheckpointError(BMRSError, ValueError):
+    """A checkpoint or saved model that is truncated, corrupt or belongs to another model."""
+
+
+class ModelError(BMRSError, ValueError):
+    """A model bmrs cannot work on (e.g. nothing to attach noise to, no noise layers to compact)."""

@@ -1,0 +1,268 @@
+"""TruncatedLogNormal / TruncatedLogUniform against mpmath (60 digits) and SciPy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+import bmrs
+import reference as R
+
+LOW, HIGH = -20.0, 0.0
+MU_GRID = np.linspace(-25.0, 5.0, 31)
+LOG_SIGMA_GRID = np.linspace(-8.0, 3.0, 23)
+
+
+def _grid(dtype):
+    mu, log_sigma = np.meshgrid(MU_GRID, LOG_SIGMA_GRID, indexing="ij")
+    mu = torch.tensor(mu.ravel(), dtype=dtype)
+    sigma = torch.tensor(log_sigma.ravel(), dtype=dtype).exp()
+    return mu, sigma
+
+
+def _ref_points(mu, sigma):
+    """The exact values the tensors hold (float32 inputs are judged on their own rounded values)."""
+    return [(float(m), float(s)) for m, s in zip(mu.double(), sigma.double())]
+
+
+@pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["f64", "f32"])
+def grid(request):
+    dtype = request.param
+    mu, sigma = _grid(dtype)
+    points = _ref_points(mu, sigma)
+    tol = 1e-6 if dtype == torch.float64 else 1e-3
+    return dtype, mu, sigma, points, tol
+
+
+def _rel_err(got, want, floor_one=False):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray([float(w) for w in want])
+    scale = np.maximum(1.0, np.abs(want)) if floor_one else np.abs(want)
+    return np.abs(got - want) / scale
+
+
+def test_mean_matches_mpmath(grid):
+    dtype, mu, sigma, points, tol = grid
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    assert q.mean.dtype == dtype
+    want = [R.moments(m, s)[0] for m, s in points]
+    assert _rel_err(q.mean.double(), want).max() < tol
+
+
+def test_variance_and_snr_match_mpmath_where_snr_decides(grid):
+    dtype, mu, sigma, points, tol = grid
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    ref = [R.moments(m, s) for m, s in points]
+    snr_ref = np.array([float(r[2]) for r in ref])
+    decides = snr_ref <= 100
+    assert decides.sum() > 100  # the comparison covers a real part of the grid
+    var_err = _rel_err(q.variance.double().numpy()[decides], [r[1] for r, d in zip(ref, decides) if d])
+    snr_err = _rel_err(q.snr.double().numpy()[decides], snr_ref[decides])
+    assert var_err.max() < tol and snr_err.max() < tol
+    assert torch.isfinite(q.snr).all() and (q.snr >= 0).all()
+    assert torch.isfinite(q.variance).all() and (q.variance >= 0).all()
+
+
+def test_kl_matches_mpmath(grid):
+    dtype, mu, sigma, points, tol = grid
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    kl = torch.distributions.kl_divergence(q, bmrs.TruncatedLogUniform(LOW, HIGH))
+    assert kl.dtype == dtype
+    want = [R.kl(m, s) for m, s in points]
+    assert _rel_err(kl.double(), want, floor_one=True).max() < tol
+
+
+def test_mean_log_and_entropy_match_mpmath(grid):
+    dtype, mu, sigma, points, tol = grid
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    mean_log = [R.mean_log(m, s) for m, s in points]
+    assert _rel_err(q.mean_log.double(), mean_log, floor_one=True).max() < tol
+    # H(θ) = ln(b − a) − KL + E[ln θ]
+    entropy = [math.log(HIGH - LOW) - R.kl(m, s) + ml for (m, s), ml in zip(points, mean_log)]
+    assert _rel_err(q.entropy().double(), entropy, floor_one=True).max() < tol
+
+
+@pytest.mark.parametrize("p1", [8, 4])
+def test_log_mass_matches_mpmath(grid, p1):
+    dtype, mu, sigma, points, tol = grid
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    lo, hi = -23 * math.log(2), -p1 * math.log(2)
+    want = [R.log_mass(m, s, lo, hi) for m, s in points]
+    assert _rel_err(q.log_mass(lo, hi).double(), want, floor_one=True).max() < tol
+
+
+def test_default_initialisation_is_not_collapsed_to_zero():
+    """The published code returns E[θ] = 0 at μ ≈ 0, ln σ = −5: the truth is ≈ 0.9947."""
+    for dtype in (torch.float32, torch.float64):
+        q = bmrs.TruncatedLogNormal(torch.zeros(3, dtype=dtype), torch.full((3,), math.exp(-5), dtype=dtype))
+        want = float(R.moments(0.0, float(q.scale[0].double()))[0])
+        assert want > 0.99
+        assert torch.allclose(q.mean.double(), torch.full((3,), want, dtype=torch.float64), rtol=1e-6)
+
+
+# --- robustness on the wide grid ---------------------------------------------------------------
+
+def _wide_grid(dtype):
+    mu, log_sigma = np.meshgrid(np.linspace(-25, 5, 61), np.linspace(-20, 5, 51), indexing="ij")
+    mu = torch.tensor(mu.ravel(), dtype=dtype, requires_grad=True)
+    log_sigma = torch.tensor(log_sigma.ravel(), dtype=dtype, requires_grad=True)
+    return mu, log_sigma
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_everything_finite_on_wide_grid(dtype):
+    mu, log_sigma = _wide_grid(dtype)
+    q = bmrs.TruncatedLogNormal(mu, log_sigma.exp(), LOW, HIGH)
+    p = bmrs.TruncatedLogUniform(LOW, HIGH)
+    values = {
+        "mean": q.mean,
+        "variance": q.variance,
+        "snr": q.snr,
+        "mean_log": q.mean_log,
+        "entropy": q.entropy(),
+        "kl": torch.distributions.kl_divergence(q, p),
+        "log_mass_8": q.log_mass(-23 * math.log(2), -8 * math.log(2)),
+        "delta_f_n": bmrs.delta_f(q, p, bmrs.spike_prior()),
+        "delta_f_u8": bmrs.delta_f(q, p, bmrs.precision_prior(8)),
+        "delta_f_u4": bmrs.delta_f(q, p, bmrs.precision_prior(4)),
+    }
+    for name, value in values.items():
+        assert torch.isfinite(value).all(), f"{name}: {(~torch.isfinite(value)).sum()} non-finite"
+    assert (values["variance"] >= 0).all() and (values["snr"] >= 0).all() and (values["kl"] >= -1e-6).all()
+
+    fresh = bmrs.TruncatedLogNormal(mu, log_sigma.exp(), LOW, HIGH)
+    for name, out in {"kl": values["kl"].sum(), "rsample": fresh.rsample((4,)).sum()}.items():
+        g_mu, g_ls = torch.autograd.grad(out, (mu, log_sigma))
+        assert torch.isfinite(g_mu).all() and torch.isfinite(g_ls).all(), f"gradient of {name} not finite"
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+CASES = [(-10.0, 2.0), (0.0, math.exp(-5)), (3.0, 1.0), (-24.0, 0.5), (5.0, 0.1), (-25.0, 0.1), (-20.0, 5.0)]
+
+
+@pytest.mark.parametrize("mu,sigma", CASES)
+def test_rsample_matches_scipy_truncnorm(mu, sigma):
+    torch.manual_seed(0)
+    q = bmrs.TruncatedLogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    theta = q.rsample((4000,))
+    assert (theta >= math.exp(LOW)).all() and (theta <= math.exp(HIGH)).all()
+    z = ((theta.log() - mu) / sigma).numpy()
+    a, b = (LOW - mu) / sigma, (HIGH - mu) / sigma
+    # Far in a tail SciPy's CDF itself runs out of precision in standard units; compare the
+    # distance from the near end scaled by the tail rate, which is Exp(1)-like but still exact.
+    result = stats.kstest(z, stats.truncnorm(a, b).cdf)
+    assert result.pvalue > 1e-3, result
+
+
+# (The distance from a non-zero end below ulp(x) is not representable, hence σ = 1e-5 there.)
+@pytest.mark.parametrize("mu,sigma", [(5.0, 2e-9), (-25.0, 1e-5), (30.0, 1e-3), (-60.0, 1e-2)])
+def test_rsample_collapsed_stays_in_bounds_and_follows_exponential_tail(mu, sigma):
+    torch.manual_seed(1)
+    q = bmrs.TruncatedLogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    x = torch.from_numpy(np.log(q.rsample((4000,)).numpy()))
+    assert (x >= LOW).all() and (x <= HIGH).all()
+    # Deep in a tail the truncated normal is, to first order, exponential from the near end with
+    # rate t/σ (t = distance in standard deviations): the scaled distances are Exp(1).
+    near = HIGH if mu > HIGH else LOW
+    t = abs(near - mu) / sigma
+    u = torch.rand(4000, dtype=torch.float64)
+    x_exact = bmrs.distributions._truncnorm.icdf_x(
+        torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64),
+        torch.tensor(LOW, dtype=torch.float64), torch.tensor(HIGH, dtype=torch.float64), u)
+    scaled = (x_exact - near).abs() * t / sigma
+    assert stats.kstest(scaled.numpy(), stats.expon.cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("mu,sigma", CASES + [(5.0, 1e-3), (-25.0, 1e-3), (-19.99, 0.3)])
+def test_rsample_gradients_match_finite_differences(mu, sigma):
+    u = torch.tensor([0.01, 0.3, 0.5, 0.7, 0.99], dtype=torch.float64)
+    from bmrs.distributions._truncnorm import icdf_x
+
+    def x_of(m, s):
+        return icdf_x(m, s, torch.tensor(LOW, dtype=torch.float64), torch.tensor(HIGH, dtype=torch.float64), u)
+
+    m = torch.tensor(mu, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(sigma, dtype=torch.float64, requires_grad=True)
+    grads = [torch.autograd.grad(x_of(m, s)[i], (m, s)) for i in range(len(u))]
+    h_m, h_s = 1e-6, sigma * 1e-6
+    with torch.no_grad():
+        fd_m = (x_of(m + h_m, s) - x_of(m - h_m, s)) / (2 * h_m)
+        fd_s = (x_of(m, s + h_s) - x_of(m, s - h_s)) / (2 * h_s)
+    for i in range(len(u)):
+        assert float(grads[i][0]) == pytest.approx(float(fd_m[i]), rel=1e-4, abs=1e-6)
+        assert float(grads[i][1]) * sigma == pytest.approx(float(fd_s[i]) * sigma, rel=1e-4, abs=1e-6)
+
+
+# --- densities -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mu,sigma", [(-10.0, 2.0), (0.0, 0.3), (-21.0, 1.0), (2.0, 1.5)])
+def test_log_prob_cdf_and_entropy_against_scipy_quadrature(mu, sigma):
+    q = bmrs.TruncatedLogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+
+    def density(theta):
+        return float(q.log_prob(torch.tensor(theta, dtype=torch.float64)).exp())
+
+    lo, hi = math.exp(LOW), math.exp(HIGH)
+    # integrate over x = ln θ to resolve the scales: ∫ q(θ) dθ = ∫ q(e^x) e^x dx
+    x_points = [min(max(mu, LOW), HIGH)]
+    total, _ = integrate.quad(lambda x: density(math.exp(x)) * math.exp(x), LOW, HIGH, points=x_points, limit=200)
+    assert total == pytest.approx(1.0, abs=1e-8)
+    mid = math.exp(-7.0)
+    part, _ = integrate.quad(lambda x: density(math.exp(x)) * math.exp(x), LOW, -7.0, points=[min(max(mu, LOW), -7.0)], limit=200)
+    assert float(q.cdf(torch.tensor(mid, dtype=torch.float64))) == pytest.approx(part, abs=1e-8)
+    def neg_p_log_p(x):  # −q(θ) ln q(θ) dθ, written over x = ln θ
+        log_q = float(q.log_prob(torch.tensor(math.exp(x), dtype=torch.float64)))
+        return -math.exp(log_q + x) * log_q
+
+    ent, _ = integrate.quad(neg_p_log_p, LOW, HIGH, points=x_points, limit=200)
+    assert float(q.entropy()) == pytest.approx(ent, abs=1e-6)
+    with pytest.raises(ValueError):  # validated by default, as torch.distributions does
+        q.log_prob(torch.tensor(lo / 2, dtype=torch.float64))
+    unchecked = bmrs.TruncatedLogNormal(q.loc, q.scale, validate_args=False)
+    assert float(unchecked.log_prob(torch.tensor(lo / 2, dtype=torch.float64))) == -math.inf
+    assert float(q.cdf(torch.tensor(hi, dtype=torch.float64))) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_icdf_inverts_cdf():
+    q = bmrs.TruncatedLogNormal(torch.tensor([-10.0, 0.0, -22.0], dtype=torch.float64),
+                                torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64))
+    u = torch.tensor([[0.1], [0.5], [0.9]], dtype=torch.float64)
+    assert torch.allclose(q.cdf(q.icdf(u)), u.expand(3, 3), atol=1e-10)
+
+
+def test_log_uniform_moments_and_masses():
+    p = bmrs.TruncatedLogUniform(torch.tensor(LOW, dtype=torch.float64), torch.tensor(HIGH, dtype=torch.float64))
+    m1, _ = integrate.quad(lambda x: math.exp(x) / 20.0, LOW, HIGH)
+    m2, _ = integrate.quad(lambda x: math.exp(2 * x) / 20.0, LOW, HIGH)
+    assert float(p.mean) == pytest.approx(m1, rel=1e-12)
+    assert float(p.variance) == pytest.approx(m2 - m1 * m1, rel=1e-10)
+    assert float(p.log_mass(-10.0, 5.0).exp()) == pytest.approx(0.5, rel=1e-12)
+    assert float(p.log_mass(1.0, 5.0)) == -math.inf
+    theta = p.rsample((2000,))
+    assert stats.kstest(((theta.log() - LOW) / 20.0).numpy(), stats.uniform.cdf).pvalue > 1e-3
+    assert float(p.entropy()) == pytest.approx(math.log(20.0) - 10.0)
+
+
+def test_bad_bounds_give_clear_errors():
+    with pytest.raises(bmrs.ConfigError, match="low must be smaller than high"):
+        bmrs.TruncatedLogNormal(torch.tensor(0.0), torch.tensor(1.0), low=0.0, high=-1.0)
+    with pytest.raises(bmrs.ConfigError, match="low must be smaller than high"):
+        bmrs.TruncatedLogUniform(1.0, 1.0)
+    with pytest.raises(ValueError):
+        bmrs.TruncatedLogNormal(torch.tensor(0.0), torch.tensor(-1.0))
+
+
+def test_broadcasting_and_expand():
+    q = bmrs.TruncatedLogNormal(torch.zeros(3, 1), torch.ones(4), -20.0, 0.0)
+    assert q.batch_shape == (3, 4) and q.rsample((2,)).shape == (2, 3, 4)
+    assert q.expand((5, 3, 4)).mean.shape == (5, 3, 4)
+
+
+def test_kl_is_infinite_when_posterior_leaves_prior_support():
+    q = bmrs.TruncatedLogNormal(torch.tensor(-5.0), torch.tensor(1.0), low=-30.0, high=0.0)
+    assert torch.distributions.kl_divergence(q, bmrs.TruncatedLogUniform(-20.0, 0.0)) == math.inf
