@@ -139,7 +139,11 @@ def _delta_f_normal(q: TruncatedLogNormal, p: TruncatedLogUniform, r: TruncatedL
     lo_t, hi_t = torch.maximum(low, r_low), torch.minimum(high, r_high)
 
     z_q = interval_parts(low, high, mu, sigma)
-    z_t = interval_parts(lo_t, hi_t, mu_t, sigma_t)
+    # x − μ̃ = [(x − μ)s² + (x − m)σ²]/v keeps an end that equals m exact (a rounded μ̃ would not).
+    def standardize(x):
+        return ((x - mu) * var_r + (x - m) * var_q) / (v * sigma_t)
+
+    z_t = interval_parts(lo_t, hi_t, mu_t, sigma_t, standardized=(standardize(lo_t), standardize(hi_t)))
     z_p = interval_parts(r_low, r_high, m, s)
 
     t_mid = ~(z_t.lower_tail | z_t.upper_tail)

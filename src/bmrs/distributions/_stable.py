@@ -127,11 +127,19 @@ class IntervalParts(NamedTuple):
     u: Tensor
 
 
-def interval_parts(lo: Tensor, hi: Tensor, loc: Tensor, scale: Tensor) -> IntervalParts:
-    """Split ln P(lo ≤ X ≤ hi), X ~ N(loc, scale²), into quadratic and moderate parts (see module doc)."""
+def interval_parts(
+    lo: Tensor, hi: Tensor, loc: Tensor, scale: Tensor, standardized: tuple[Tensor, Tensor] | None = None
+) -> IntervalParts:
+    """Split ln P(lo ≤ X ≤ hi), X ~ N(loc, scale²), into quadratic and moderate parts (see module doc).
+
+    ``standardized`` optionally supplies (lo − loc)/scale and (hi − loc)/scale computed more exactly
+    than by subtracting a rounded ``loc`` (as for the product of two normals in BMRS_N).
+    """
     lo, hi, loc, scale = torch.broadcast_tensors(lo, hi, loc, scale)
-    l = (lo - loc) / scale
-    u = (hi - loc) / scale
+    if standardized is None:
+        l, u = (lo - loc) / scale, (hi - loc) / scale
+    else:
+        l, u = (v.expand_as(lo) for v in standardized)
     lower_tail = u <= 0
     upper_tail = (l >= 0) & ~lower_tail
     tail = lower_tail | upper_tail
