@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .errors import BMRSError, CheckpointError, ConfigError, DataError, ModelError
 from .reduction import delta_f, spike_prior, precision_prior
+from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers
 
 try:
     __version__ = _version("bmrs")
@@ -18,6 +19,10 @@ __all__ = [
     "delta_f",
     "spike_prior",
     "precision_prior",
+    "MultiplicativeNoise",
+    "attach",
+    "kl_loss",
+    "noise_layers",
     "BMRSError",
     "CheckpointError",
     "ConfigError",

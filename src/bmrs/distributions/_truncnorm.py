@@ -227,7 +227,9 @@ def icdf_x(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, u: Tensor) -> 
     come from the implicit function theorem: with A_α = (1 − u)φ(α)/φ(z), A_β = uφ(β)/φ(z),
     ∂x/∂μ = 1 − A_α − A_β and ∂x/∂σ = z − αA_α − βA_β.
     """
-    u, loc_b, scale_b, low_b, high_b = torch.broadcast_tensors(u, loc, scale, low, high)
+    # Per-structure pieces are computed once at the parameters' shape; only the last steps
+    # broadcast against u (e.g. one u per example and structure).
+    loc_b, scale_b, low_b, high_b = torch.broadcast_tensors(loc, scale, low, high)
     with torch.no_grad():
         mu, sigma, a, b = loc_b.detach(), scale_b.detach(), low_b.detach(), high_b.detach()
         parts = interval_parts(a, b, mu, sigma)

@@ -1,0 +1,229 @@
+"""Attach noise layers to an existing model, find them again, and collect their KL.
+
+A noise layer is registered as a child ``bmrs_noise`` of the module whose output it multiplies,
+and applied by a forward hook.  The model's own parameter names are untouched, so weights saved
+before attaching (e.g. torchvision-style ResNet checkpoints) still load, and ``print(model)`` shows
+each noise layer under the module it follows.
+
+Default policy (``targets=None``):
+  * after every BatchNorm that directly follows a Conv (ResNet: bn1, bn2, bn3, downsample BN);
+  * else after every Conv / Linear, or after the activation *module* that directly follows it in
+    the same ``nn.Sequential`` (Linear → Tanh → noise, Conv → ReLU → noise);
+  * never on the layer that produces the model's output (the last Conv/Linear registered);
+  * never on layers inside ``nn.MultiheadAttention`` (its projections are not called as modules):
+    target the ``MultiheadAttention`` module itself to gate its output channels.
+
+Example:
+    >>> import torch, bmrs
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> mlp = bmrs.attach(mlp)
+    >>> [name for name, _ in bmrs.noise_layers(mlp)]
+    ['1']
+    >>> bmrs.kl_loss(mlp).shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, ModelError
+from .noise import MultiplicativeNoise
+
+__all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "NOISE_ATTR"]
+
+NOISE_ATTR = "bmrs_noise"
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PRODUCERS = _CONV + (nn.Linear,)
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+    nn.Hardtanh, nn.Hardswish, nn.Mish, nn.Softplus, nn.PReLU,
+)
+
+
+def _apply_noise(module: nn.Module, inputs, output):
+    noise = getattr(module, NOISE_ATTR)
+    if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
+        return (noise(output[0]),) + tuple(output[1:])
+    return noise(output)
+
+
+def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
+    """(name of the module the noise follows, noise layer) for every attached noise layer, in order."""
+    found = []
+    for name, module in model.named_modules():
+        noise = module._modules.get(NOISE_ATTR) if hasattr(module, "_modules") else None
+        if isinstance(noise, MultiplicativeNoise):
+            found.append((name, noise))
+    return found
+
+
+def _features_and_dim(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, _CONV):
+        return module.out_channels, 1
+    if isinstance(module, _NORM):
+        return module.num_features, 1
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, -1
+    if isinstance(module, (nn.LayerNorm,)):
+        shape = module.normalized_shape
+        return (shape[-1], -1) if shape else None
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, 1
+    return None
+
+
+def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None, str]]:
+    """(name, module, parent, attribute) of every module, skipping MultiheadAttention internals."""
+    out = []
+
+    def visit(prefix: str, module: nn.Module):
+        for attr, child in module._modules.items():
+            if child is None or attr == NOISE_ATTR:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            out.append((name, child, module, attr))
+            if not isinstance(child, nn.MultiheadAttention):
+                visit(name, child)
+
+    visit("", model)
+    return out
+
+
+def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
+    """Apply the documented default policy: [(name, module to hook, features, dim)]."""
+    entries = _leaf_modules(model)
+    producers = [i for i, (_, m, _, _) in enumerate(entries) if isinstance(m, _PRODUCERS)]
+    if not producers:
+        return []
+    output_layer = producers[-1]
+    leaves = [i for i, (_, m, _, _) in enumerate(entries) if not m._modules or isinstance(m, nn.MultiheadAttention)]
+    next_leaf = {a: b for a, b in zip(leaves, leaves[1:])}
+    chosen = []
+    for i in producers:
+        if i == output_layer:
+            continue
+        name, module, parent, attr = entries[i]
+        features, dim = _features_and_dim(module)
+        j = next_leaf.get(i)
+        follower = entries[j] if j is not None else None
+        if isinstance(module, _CONV) and follower and isinstance(follower[1], _NORM) \
+                and follower[1].num_features == features:
+            chosen.append((follower[0], follower[1], features, 1))
+            continue
+        # Activation module right after it in the same Sequential: noise after the activation.
+        if follower and isinstance(follower[1], _ACTIVATIONS) and isinstance(parent, nn.Sequential) \
+                and follower[2] is parent:
+            chosen.append((follower[0], follower[1], features, dim))
+            continue
+        chosen.append((name, module, features, dim))
+    return chosen
+
+
+def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn.Module, int, int]]:
+    entries = _leaf_modules(model)
+    by_name = {name: (name, m) for name, m, _, _ in entries}
+    chosen, seen = [], set()
+    for target in targets:
+        if isinstance(target, str):
+            if target not in by_name:
+                raise ModelError(f"attach: no module named {target!r} in {type(model).__name__}; "
+                                 f"see [name for name, _ in model.named_modules()]")
+            matches = [by_name[target]]
+        elif isinstance(target, type) and issubclass(target, nn.Module):
+            matches = [(name, m) for name, m, _, _ in entries if isinstance(m, target)]
+        else:
+            raise ConfigError(f"attach: targets must be module names or nn.Module types, got {target!r}")
+        for name, module in matches:
+            if name in seen:
+                continue
+            seen.add(name)
+            spec = _features_and_dim(module)
+            if spec is None:
+                raise ModelError(f"attach: cannot tell how many structures {name!r} ({type(module).__name__}) "
+                                 "outputs; target the Conv/Linear/BatchNorm before it instead")
+            chosen.append((name, module, *spec))
+    return chosen
+
+
+def attach(
+    model: nn.Module,
+    targets: Iterable | None = None,
+    *,
+    low: float = -20.0,
+    high: float = 0.0,
+    granularity: str = "structure",
+) -> nn.Module:
+    """Insert a noise layer after each target (see the module docstring for the default policy).
+
+    ``targets``: module names (``"layer1.0.bn1"``) or nn.Module types (``nn.Linear``).
+    Returns the same model, modified in place.
+
+    Example:
+        >>> import torch, bmrs
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                           torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        >>> [name for name, _ in bmrs.noise_layers(bmrs.attach(cnn))]
+        ['1']
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"attach expects an nn.Module, got {type(model).__name__}")
+    if noise_layers(model):
+        raise ModelError("attach: the model already has noise layers; attach once (or compact it first)")
+    chosen = _default_targets(model) if targets is None else _explicit_targets(model, targets)
+    if not chosen:
+        raise ModelError(
+            f"attach: found nothing to attach noise to in {type(model).__name__} (no Conv/Linear/BatchNorm "
+            "layer other than the output layer); pass targets=[...] naming the layers to gate"
+        )
+    for name, module, features, dim in chosen:
+        noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity)
+        param = next(module.parameters(), None)
+        if param is not None:
+            noise = noise.to(device=param.device)
+        module.add_module(NOISE_ATTR, noise)
+        module.register_forward_hook(_apply_noise)
+    return model
+
+
+def detach_noise(model: nn.Module) -> nn.Module:
+    """Remove every noise layer and its hook (no folding: use ``bmrs.compact`` to keep the function)."""
+    for _, module in model.named_modules():
+        if NOISE_ATTR in getattr(module, "_modules", {}):
+            del module._modules[NOISE_ATTR]
+            for key, hook in list(module._forward_hooks.items()):
+                if hook is _apply_noise:
+                    del module._forward_hooks[key]
+    return model
+
+
+def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = None) -> Tensor:
+    """The KL term of the training loss.
+
+    ``"mean"`` (the paper's): the mean KL over each layer's structures, averaged over layers, added
+    unscaled to the batch-mean cross-entropy.  ``"elbo"``: Σ KL / num_train, the proper evidence
+    lower bound per example.
+
+    Example:
+        >>> import torch, bmrs
+        >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)))
+        >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
+        True
+    """
+    layers = noise_layers(model)
+    if not layers:
+        raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
+    if reduction == "mean":
+        return torch.stack([noise.kl().mean() for _, noise in layers]).mean()
+    if reduction == "elbo":
+        if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1:
+            raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
+        return torch.stack([noise.kl().sum() for _, noise in layers]).sum() / num_train
+    raise ConfigError(f"kl_loss: reduction must be 'mean' or 'elbo', got {reduction!r}")
+

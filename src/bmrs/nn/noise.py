@@ -1,0 +1,127 @@
+"""The multiplicative noise layer: one variable θ per structure, trained variationally."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..distributions import TruncatedLogNormal, TruncatedLogUniform
+from ..distributions import _truncnorm as tn
+from ..distributions.truncated_log_normal import check_bounds
+from ..errors import ConfigError
+
+__all__ = ["MultiplicativeNoise", "LOG_SIGMA_RANGE", "GRANULARITIES"]
+
+LOG_SIGMA_RANGE = (-20.0, 5.0)
+GRANULARITIES = ("structure", "element")
+
+
+class MultiplicativeNoise(nn.Module):
+    """Multiply each structure (channel, neuron, head …) along ``dim`` by a noise variable θ.
+
+    Training: θ is a reparameterised sample of the truncated log-normal posterior
+    (ln θ ~ N(mu, σ²) on [low, high], σ = exp(log_sigma) clamped to [e⁻²⁰, e⁵]), drawn once per
+    (example, structure) with ``granularity="structure"`` (the default: shared across spatial
+    positions and tokens) or once per element with ``"element"`` (as the published code does).
+    Evaluation: θ is replaced by E[θ]·mask, cached until a parameter or the mask changes.
+    Pruned structures (mask 0) output exactly zero in both modes.
+
+    Example:
+        >>> import torch, bmrs
+        >>> noise = bmrs.MultiplicativeNoise(6)            # 6 channels of an (N, 6, H, W) tensor
+        >>> y = noise(torch.randn(2, 6, 4, 4))
+        >>> noise.kl().shape, noise.posterior().batch_shape
+        (torch.Size([6]), torch.Size([6]))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        dim: int = 1,
+        low: float = -20.0,
+        high: float = 0.0,
+        granularity: str = "structure",
+        init_mu: float = 0.0,
+        init_log_sigma: float = -5.0,
+    ):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ConfigError(f"num_features must be a positive integer, got {num_features!r}")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        check_bounds(torch.tensor(float(low)), torch.tensor(float(high)))
+        self.num_features, self.dim, self.granularity = num_features, dim, granularity
+        self.low, self.high = float(low), float(high)
+        self.mu = nn.Parameter(torch.full((num_features,), float(init_mu)))
+        self.log_sigma = nn.Parameter(torch.full((num_features,), float(init_log_sigma)))
+        self.register_buffer("mask", torch.ones(num_features))
+        self._eval_cache: tuple[tuple, Tensor] | None = None
+
+    # -- distributions ------------------------------------------------------------------------
+    @property
+    def sigma(self) -> Tensor:
+        return self.log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
+
+    def posterior(self) -> TruncatedLogNormal:
+        """The truncated log-normal q(θ) of every structure (differentiable in mu and log_sigma)."""
+        return TruncatedLogNormal(self.mu, self.sigma, self.low, self.high, validate_args=False)
+
+    def prior(self) -> TruncatedLogUniform:
+        return TruncatedLogUniform(
+            torch.tensor(self.low, dtype=torch.float64), torch.tensor(self.high, dtype=torch.float64)
+        )
+
+    def kl(self) -> Tensor:
+        """KL(q ‖ p) of every structure, shape (num_features,)."""
+        return torch.distributions.kl_divergence(self.posterior(), self.prior()).to(self.mu.dtype)
+
+    def expected_theta(self) -> Tensor:
+        """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
+        key = (self.mu._version, self.log_sigma._version, self.mask._version,
+               self.mu.data_ptr(), self.log_sigma.data_ptr(), self.mask.data_ptr(), self.mu.device, self.mu.dtype)
+        if self._eval_cache is not None and self._eval_cache[0] == key:
+            return self._eval_cache[1]
+        with torch.no_grad():
+            value = self.posterior().mean * self.mask
+        self._eval_cache = (key, value)
+        return value
+
+    # -- forward --------------------------------------------------------------------------------
+    def _view(self, values: Tensor, x: Tensor) -> Tensor:
+        """Reshape per-structure values (…, C) so they broadcast along ``self.dim`` of x."""
+        dim = self.dim % x.dim()
+        if x.shape[dim] != self.num_features:
+            raise ConfigError(
+                f"MultiplicativeNoise({self.num_features}, dim={self.dim}) got an input of shape "
+                f"{tuple(x.shape)}: size {x.shape[dim]} along dim {self.dim}"
+            )
+        shape = [1] * x.dim()
+        shape[dim] = self.num_features
+        if values.dim() == 2:  # one sample per example and structure
+            shape[0] = values.shape[0]
+        return values.reshape(shape)
+
+    def sample_theta(self, x: Tensor) -> Tensor:
+        """A reparameterised θ broadcastable against x (per structure × example, or per element)."""
+        if self.granularity == "element":
+            dim = self.dim % x.dim()
+            u = torch.rand(x.shape, dtype=torch.float64, device=x.device).movedim(dim, -1)
+        else:
+            u = torch.rand((x.shape[0], self.num_features), dtype=torch.float64, device=x.device)
+        x_log = tn.icdf_x(self.mu.double(), self.sigma.double(),
+                          torch.tensor(self.low, dtype=torch.float64, device=x.device),
+                          torch.tensor(self.high, dtype=torch.float64, device=x.device), u)
+        theta = x_log.exp().to(x.dtype) * self.mask.to(x.dtype)
+        if self.granularity == "element":
+            return theta.movedim(-1, self.dim % x.dim())
+        return self._view(theta, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return x * self.sample_theta(x)
+        return x * self._view(self.expected_theta().to(x.dtype), x)
+
+    def extra_repr(self) -> str:
+        kept = int(self.mask.sum().item())
+        return (f"{self.num_features}, dim={self.dim}, low={self.low:g}, high={self.high:g}, "
+                f"granularity={self.granularity!r}, kept={kept}")
