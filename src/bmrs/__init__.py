@@ -6,6 +6,8 @@ from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .errors import BMRSError, CheckpointError, ConfigError, DataError, ModelError
 from .reduction import delta_f, spike_prior, precision_prior
 from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers
+from . import criteria
+from .pruning import PruneReport, prune
 
 try:
     __version__ = _version("bmrs")
@@ -23,6 +25,9 @@ __all__ = [
     "attach",
     "kl_loss",
     "noise_layers",
+    "criteria",
+    "prune",
+    "PruneReport",
     "BMRSError",
     "CheckpointError",
     "ConfigError",

@@ -96,8 +96,8 @@ def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module | No
     return out
 
 
-def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
-    """Apply the documented default policy: [(name, module to hook, features, dim)]."""
+def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, str | None]]:
+    """Apply the documented default policy: [(name, module to hook, features, dim, producer)]."""
     entries = _leaf_modules(model)
     producers = [i for i, (_, m, _, _) in enumerate(entries) if isinstance(m, _PRODUCERS)]
     if not producers:
@@ -115,19 +115,36 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
         follower = entries[j] if j is not None else None
         if isinstance(module, _CONV) and follower and isinstance(follower[1], _NORM) \
                 and follower[1].num_features == features:
-            chosen.append((follower[0], follower[1], features, 1))
+            chosen.append((follower[0], follower[1], features, 1, name))
             continue
         # Activation module right after it in the same Sequential: noise after the activation.
         if follower and isinstance(follower[1], _ACTIVATIONS) and isinstance(parent, nn.Sequential) \
                 and follower[2] is parent:
-            chosen.append((follower[0], follower[1], features, dim))
+            chosen.append((follower[0], follower[1], features, dim, name))
             continue
-        chosen.append((name, module, features, dim))
+        chosen.append((name, module, features, dim, name))
     return chosen
 
 
-def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn.Module, int, int]]:
+def _producer_of(entries, index: int) -> str | None:
+    """Name of the Conv/Linear whose outputs the module at ``index`` gates (None if unclear)."""
+    name, module, _, _ = entries[index]
+    if isinstance(module, _PRODUCERS):
+        return name
+    if isinstance(module, nn.MultiheadAttention):
+        return f"{name}.out_proj"
+    if isinstance(module, _NORM + _ACTIVATIONS):
+        for prev_name, prev, _, _ in reversed(entries[:index]):
+            if isinstance(prev, _PRODUCERS):
+                return prev_name
+            if not isinstance(prev, _NORM + _ACTIVATIONS) and not prev._modules:
+                return None
+    return None
+
+
+def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn.Module, int, int, str | None]]:
     entries = _leaf_modules(model)
+    index_of = {name: i for i, (name, _, _, _) in enumerate(entries)}
     by_name = {name: (name, m) for name, m, _, _ in entries}
     chosen, seen = [], set()
     for target in targets:
@@ -145,10 +162,13 @@ def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn
                 continue
             seen.add(name)
             spec = _features_and_dim(module)
+            producer = _producer_of(entries, index_of[name])
+            if spec is None and producer is not None:  # an activation: it has its producer's width
+                spec = _features_and_dim(entries[index_of[producer]][1])
             if spec is None:
                 raise ModelError(f"attach: cannot tell how many structures {name!r} ({type(module).__name__}) "
                                  "outputs; target the Conv/Linear/BatchNorm before it instead")
-            chosen.append((name, module, *spec))
+            chosen.append((name, module, *spec, producer))
     return chosen
 
 
@@ -182,8 +202,9 @@ def attach(
             f"attach: found nothing to attach noise to in {type(model).__name__} (no Conv/Linear/BatchNorm "
             "layer other than the output layer); pass targets=[...] naming the layers to gate"
         )
-    for name, module, features, dim in chosen:
+    for name, module, features, dim, producer in chosen:
         noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity)
+        noise.producer = producer  # the Conv/Linear whose output structures this layer gates
         param = next(module.parameters(), None)
         if param is not None:
             noise = noise.to(device=param.device)

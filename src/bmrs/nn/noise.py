@@ -56,6 +56,7 @@ class MultiplicativeNoise(nn.Module):
         self.log_sigma = nn.Parameter(torch.full((num_features,), float(init_log_sigma)))
         self.register_buffer("mask", torch.ones(num_features))
         self._eval_cache: tuple[tuple, Tensor] | None = None
+        self.producer: str | None = None  # set by bmrs.attach: the Conv/Linear this layer gates
 
     # -- distributions ------------------------------------------------------------------------
     @property

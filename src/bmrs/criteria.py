@@ -1,0 +1,303 @@
+"""Pruning criteria: per-structure scores and keep/prune decisions.
+
+Every criterion scores each structure of every noise layer of a model and decides which to prune:
+
+* ``BMRSN()`` — ΔF against a near-Dirac spike at θ ≈ 0; prune where ΔF ≥ 0 (no threshold).
+* ``BMRSU(p1=8)`` — ΔF against a log-uniform over low-precision θ; prune where ΔF ≥ 0.
+* ``SNR(threshold=1.0)`` — prune where E[θ]/√Var[θ] < threshold.
+* ``ExpectedValue(threshold=0.1)`` — prune where E[θ] < threshold.
+* ``L2Norm()`` — norm of each structure's incoming weights; needs an amount to prune.
+* ``Gradient()`` — |activation × gradient| accumulated over batches; needs an amount.
+
+``decide(model, amount=k)`` instead ranks all structures globally and prunes the ``k`` most
+prunable (``k`` an int count or a float fraction of all structures); structures already masked
+always count among them.  ``prunability`` orders structures for that ranking: higher = pruned first.
+
+Example:
+    >>> import torch, bmrs
+    >>> from bmrs import criteria
+    >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
+    >>> decisions = criteria.BMRSN().decide(m)              # {layer name: bool tensor, True = prune}
+    >>> sorted(decisions), int(decisions["1"].sum())        # nothing is prunable at initialisation
+    (['1'], 0)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, ModelError
+from .nn.attach import noise_layers
+from .nn.noise import MultiplicativeNoise
+from .reduction import delta_f, precision_prior, spike_prior, SPIKE_VARIANCE
+
+__all__ = [
+    "Criterion",
+    "BMRSN",
+    "BMRSU",
+    "SNR",
+    "ExpectedValue",
+    "L2Norm",
+    "Gradient",
+    "CRITERIA",
+    "get_criterion",
+]
+
+Decisions = dict[str, Tensor]
+
+
+def _layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
+    layers = noise_layers(model)
+    if not layers:
+        raise ModelError("the model has no noise layers; call bmrs.attach(model) and train it first")
+    return layers
+
+
+class Criterion:
+    """Base class: subclasses define ``scores`` and either a threshold rule or only ranking."""
+
+    name = "criterion"
+    #: whether a larger score means "prune first" (ΔF) or "keep first" (SNR, E[θ], norms)
+    higher_prunes = False
+    #: whether ``decide`` without an amount is defined (threshold-free or thresholded rule)
+    has_rule = True
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module) -> dict[str, Tensor]:
+        """Raw per-structure scores, {noise layer name: float64 tensor}."""
+        return {name: self.layer_scores(name, noise, model).double() for name, noise in _layers(model)}
+
+    def layer_scores(self, name: str, noise: MultiplicativeNoise, model: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def rule(self, scores: Tensor) -> Tensor:
+        """The criterion's own decision (True = prune) from its scores."""
+        raise ConfigError(f"{self.name} has no threshold rule: pass amount= (a count or a fraction)")
+
+    def prunability(self, scores: Tensor) -> Tensor:
+        return scores if self.higher_prunes else -scores
+
+    def decide(self, model: nn.Module, amount: int | float | None = None) -> Decisions:
+        """{layer: bool tensor (True = prune)}; by the rule, or the global top ``amount`` if given."""
+        scores = self.scores(model)
+        masks = {name: noise.mask.detach().cpu() == 0 for name, noise in _layers(model)}
+        if amount is None:
+            return {name: self.rule(s).cpu() | masks[name] for name, s in scores.items()}
+        return _global_top(scores, masks, self.prunability, amount)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _global_top(scores: dict[str, Tensor], masks: Decisions, prunability: Callable, amount) -> Decisions:
+    total = sum(s.numel() for s in scores.values())
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 or \
+            (isinstance(amount, float) and (amount > 1.0 or math.isnan(amount))) or \
+            (isinstance(amount, int) and amount > total):
+        raise ConfigError(f"amount must be a count in [0, {total}] or a fraction in [0, 1], got {amount!r}")
+    k = int(round(amount * total)) if isinstance(amount, float) else int(amount)
+    names = list(scores)
+    flat = torch.cat([prunability(scores[n]).cpu().double() for n in names])
+    already = torch.cat([masks[n] for n in names])
+    flat = torch.where(already, torch.full_like(flat, math.inf), torch.nan_to_num(flat, nan=-math.inf))
+    k = max(k, int(already.sum()))
+    chosen = torch.zeros(total, dtype=torch.bool)
+    if k > 0:
+        # stable tie-break: earlier layers/structures first
+        order = torch.argsort(-flat, stable=True)
+        chosen[order[:k]] = True
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = chosen[start:start + size]
+        start += size
+    return out
+
+
+class BMRSN(Criterion):
+    """BMRS_N: ΔF against a truncated log-normal spike at the lower bound (variance 1e−12)."""
+
+    name = "bmrs-n"
+    higher_prunes = True
+
+    def __init__(self, variance: float = SPIKE_VARIANCE):
+        spike_prior(variance=variance)  # validates
+        self.variance = variance
+
+    def layer_scores(self, name, noise, model):
+        return delta_f(noise.posterior(), noise.prior(), spike_prior(noise.low, noise.high, self.variance))
+
+    def rule(self, scores):
+        return scores >= 0
+
+    def __repr__(self):
+        return f"BMRSN(variance={self.variance:g})"
+
+
+class BMRSU(Criterion):
+    """BMRS_U: ΔF against a log-uniform over θ ∈ [2⁻²³, 2^(−p₁)]; larger p₁ prunes less."""
+
+    name = "bmrs-u"
+    higher_prunes = True
+
+    def __init__(self, p1: float = 8.0):
+        precision_prior(p1)  # validates
+        self.p1 = p1
+
+    def layer_scores(self, name, noise, model):
+        return delta_f(noise.posterior(), noise.prior(), precision_prior(self.p1, noise.low, noise.high))
+
+    def rule(self, scores):
+        return scores >= 0
+
+    def __repr__(self):
+        return f"BMRSU(p1={self.p1:g})"
+
+
+class _Thresholded(Criterion):
+    default_threshold = 0.0
+
+    def __init__(self, threshold: float | None = None):
+        threshold = self.default_threshold if threshold is None else threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ConfigError(f"{self.name}: threshold must be a finite number, got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def rule(self, scores):
+        return scores < self.threshold
+
+    def __repr__(self):
+        return f"{type(self).__name__}(threshold={self.threshold:g})"
+
+
+class SNR(_Thresholded):
+    """Signal-to-noise ratio E[θ]/√Var[θ]; prune below ``threshold`` (1.0)."""
+
+    name = "snr"
+    default_threshold = 1.0
+
+    def layer_scores(self, name, noise, model):
+        return noise.posterior().snr
+
+
+class ExpectedValue(_Thresholded):
+    """E[θ]; prune below ``threshold`` (0.1)."""
+
+    name = "ev"
+    default_threshold = 0.1
+
+    def layer_scores(self, name, noise, model):
+        return noise.posterior().mean
+
+
+def _producer(model: nn.Module, name: str, noise: MultiplicativeNoise) -> nn.Module:
+    producer = getattr(noise, "producer", None)
+    modules = dict(model.named_modules())
+    if producer is None or producer not in modules:
+        raise ModelError(f"L2Norm: cannot find the Conv/Linear that feeds noise layer {name!r}; "
+                         "attach noise right after a Conv/Linear (or its BatchNorm/activation)")
+    return modules[producer]
+
+
+class L2Norm(Criterion):
+    """L2 norm of each structure's incoming weights (a Conv filter, a Linear row); ranking only."""
+
+    name = "l2"
+    has_rule = False
+
+    def layer_scores(self, name, noise, model):
+        weight = _producer(model, name, noise).weight.detach()
+        if weight.shape[0] != noise.num_features:
+            raise ModelError(f"L2Norm: {noise.producer!r} has {weight.shape[0]} outputs but noise layer "
+                             f"{name!r} gates {noise.num_features}")
+        return weight.reshape(weight.shape[0], -1).double().norm(dim=1)
+
+
+class Gradient(Criterion):
+    """First-order Taylor score |Σ activation × gradient| per structure, summed over examples.
+
+    Call ``accumulate(model, batches)`` first (it runs forward and backward passes in eval mode,
+    without touching parameters); ranking only.
+
+    Example:
+        >>> import torch, bmrs
+        >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+        >>> g = bmrs.criteria.Gradient()
+        >>> g.accumulate(m, [(torch.randn(16, 4), torch.randint(0, 2, (16,)))])
+        >>> g.scores(m)["1"].shape
+        torch.Size([8])
+    """
+
+    name = "grad"
+    has_rule = False
+
+    def __init__(self):
+        self._scores: dict[str, Tensor] = {}
+
+    def accumulate(self, model: nn.Module, batches: Iterable, loss_fn: Callable | None = None,
+                   max_batches: int | None = None) -> None:
+        loss_fn = loss_fn or nn.functional.cross_entropy
+        layers = _layers(model)
+        captured: dict[str, Tensor] = {}
+        handles = []
+
+        def capture(layer_name):
+            def hook(module, inputs, output):
+                output.retain_grad()
+                captured[layer_name] = output
+            return hook
+
+        for name, noise in layers:
+            handles.append(noise.register_forward_hook(capture(name)))
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            for i, (x, y) in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(x.to(device)), y.to(device)).backward()
+                for name, noise in layers:
+                    act = captured[name]
+                    dim = noise.dim % act.dim()
+                    contrib = (act * act.grad).movedim(dim, -1)
+                    per_example = contrib.reshape(contrib.shape[0], -1, noise.num_features).sum(1).abs().sum(0)
+                    self._scores[name] = self._scores.get(name, 0) + per_example.detach().double().cpu()
+        finally:
+            for h in handles:
+                h.remove()
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+
+    def layer_scores(self, name, noise, model):
+        if name not in self._scores:
+            raise ConfigError("Gradient: call accumulate(model, batches) before scoring")
+        return self._scores[name]
+
+
+CRITERIA: dict[str, Callable[..., Criterion]] = {
+    "bmrs-n": BMRSN,
+    "bmrs-u": BMRSU,
+    "snr": SNR,
+    "ev": ExpectedValue,
+    "l2": L2Norm,
+    "grad": Gradient,
+}
+
+
+def get_criterion(name: str, **kwargs) -> Criterion:
+    """Build a criterion by its command-line name (``bmrs-n``, ``bmrs-u``, ``snr``, ``ev``, ``l2``, ``grad``).
+
+    Example:
+        >>> from bmrs.criteria import get_criterion
+        >>> get_criterion("bmrs-u", p1=4)
+        BMRSU(p1=4)
+    """
+    if name not in CRITERIA:
+        raise ConfigError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[name](**kwargs)

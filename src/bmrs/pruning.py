@@ -1,0 +1,96 @@
+"""Apply a criterion's decisions to a model's noise masks and report what was pruned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .criteria import Criterion
+from .nn.attach import noise_layers
+
+__all__ = ["prune", "PruneReport", "LayerReport", "structure_counts"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    structures: int
+    pruned: int
+
+    @property
+    def kept(self) -> int:
+        return self.structures - self.pruned
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Per-layer and total structure counts after a pruning step."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    newly_pruned: int = 0
+
+    @property
+    def structures(self) -> int:
+        return sum(layer.structures for layer in self.layers)
+
+    @property
+    def pruned(self) -> int:
+        return sum(layer.pruned for layer in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return self.structures - self.pruned
+
+    @property
+    def pruned_pct(self) -> float:
+        return 100.0 * self.pruned / self.structures if self.structures else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "structures": self.structures,
+            "pruned": self.pruned,
+            "kept": self.kept,
+            "pruned_pct": self.pruned_pct,
+            "newly_pruned": self.newly_pruned,
+            "layers": [{"name": l.name, "structures": l.structures, "pruned": l.pruned, "kept": l.kept}
+                       for l in self.layers],
+        }
+
+    def __str__(self) -> str:
+        width = max([len(l.name) for l in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  structures  pruned    kept"]
+        lines += [f"{l.name:<{width}}  {l.structures:>10}  {l.pruned:>6}  {l.kept:>6}" for l in self.layers]
+        lines.append(f"{'total':<{width}}  {self.structures:>10}  {self.pruned:>6}  {self.kept:>6}"
+                     f"  ({self.pruned_pct:.1f}% pruned)")
+        return "\n".join(lines)
+
+
+def structure_counts(model: nn.Module, newly_pruned: int = 0) -> PruneReport:
+    """The current masks of a model as a report (no pruning)."""
+    layers = [LayerReport(name, noise.num_features, int((noise.mask == 0).sum()))
+              for name, noise in noise_layers(model)]
+    return PruneReport(layers, newly_pruned)
+
+
+@torch.no_grad()
+def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = None) -> PruneReport:
+    """Set the noise masks by ``criterion`` (its own rule, or the global top ``amount``).
+
+    Masks only ever go from 1 to 0: a structure pruned earlier stays pruned.
+
+    Example:
+        >>> import torch, bmrs
+        >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
+        >>> report = bmrs.prune(m, bmrs.criteria.SNR(), amount=0.25)
+        >>> report.pruned, report.structures
+        (2, 8)
+    """
+    decisions = criterion.decide(model, amount)
+    before = sum(int((noise.mask == 0).sum()) for _, noise in noise_layers(model))
+    for name, noise in noise_layers(model):
+        prune_here = decisions[name].to(noise.mask.device)
+        noise.mask.masked_fill_(prune_here, 0.0)
+    report = structure_counts(model)
+    return PruneReport(report.layers, report.pruned - before)

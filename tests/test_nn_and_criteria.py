@@ -1,0 +1,266 @@
+"""Noise layers, attach, kl_loss, criteria and prune."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bmrs
+from bmrs import criteria
+from bmrs.reduction import delta_f
+
+F64 = dict(dtype=torch.float64)
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def set_posteriors(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _, noise in bmrs.noise_layers(model):
+        with torch.no_grad():
+            noise.mu.copy_(torch.empty(noise.num_features).uniform_(-25, 1, generator=g))
+            noise.log_sigma.copy_(torch.empty(noise.num_features).uniform_(-6, 1, generator=g))
+    return model
+
+
+# --- MultiplicativeNoise --------------------------------------------------------------------------
+
+def test_noise_training_samples_eval_uses_expectation_and_masks_zero():
+    noise = bmrs.MultiplicativeNoise(4, dim=1)
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([0.0, -1.0, -5.0, -30.0]))
+        noise.log_sigma.copy_(torch.tensor([-5.0, -1.0, 0.0, -2.0]))
+        noise.mask[1] = 0
+    x = torch.ones(64, 4, 3, 3)
+    noise.train()
+    y = noise(x)
+    assert (y[:, 1] == 0).all()
+    assert (y >= 0).all() and (y <= 1).all()
+    # structure granularity: one θ per (example, structure), shared over positions
+    assert (y[:, 0] == y[:, 0, :1, :1]).all()
+    assert y[:, 2, 0, 0].std() > 0  # but differing across examples
+    noise.eval()
+    expected = noise.posterior().mean * noise.mask
+    assert torch.equal(noise(x)[0, :, 0, 0], expected)
+
+
+def test_element_granularity_draws_per_element():
+    noise = bmrs.MultiplicativeNoise(3, dim=-1, granularity="element", init_log_sigma=0.0, init_mu=-2.0)
+    y = noise(torch.ones(8, 5, 3))
+    assert y.shape == (8, 5, 3)
+    assert y[:, :, 0].flatten().unique().numel() > 30
+
+
+def test_eval_cache_invalidated_by_optimizer_step_and_mask_change():
+    noise = bmrs.MultiplicativeNoise(3).eval()
+    first = noise.expected_theta()
+    assert noise.expected_theta() is first  # cached
+    opt = torch.optim.SGD(noise.parameters(), lr=0.5)
+    noise.train()
+    noise(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    noise.eval()
+    second = noise.expected_theta()
+    assert not torch.equal(first, second)
+    noise.mask[0] = 0
+    assert noise.expected_theta()[0] == 0
+
+
+def test_noise_state_dict_roundtrip_with_weights_only():
+    model = set_posteriors(bmrs.attach(small_mlp()))
+    bmrs.noise_layers(model)[0][1].mask[2] = 0
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = bmrs.attach(small_mlp())
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 5)
+    assert torch.equal(model.eval()(x), fresh.eval()(x))
+    assert bmrs.noise_layers(fresh)[0][1].mask[2] == 0
+
+
+def test_gradients_reach_mu_and_log_sigma():
+    model = bmrs.attach(small_mlp())
+    loss = model(torch.randn(8, 5)).sum() + bmrs.kl_loss(model)
+    loss.backward()
+    for _, noise in bmrs.noise_layers(model):
+        assert noise.mu.grad is not None and torch.isfinite(noise.mu.grad).all()
+        assert noise.log_sigma.grad is not None and noise.log_sigma.grad.abs().sum() > 0
+
+
+def test_noise_rejects_bad_arguments_and_mismatched_input():
+    with pytest.raises(bmrs.ConfigError):
+        bmrs.MultiplicativeNoise(0)
+    with pytest.raises(bmrs.ConfigError):
+        bmrs.MultiplicativeNoise(3, low=0.0, high=-1.0)
+    with pytest.raises(bmrs.ConfigError):
+        bmrs.MultiplicativeNoise(3, granularity="pixel")
+    with pytest.raises(bmrs.ConfigError, match="got an input of shape"):
+        bmrs.MultiplicativeNoise(3)(torch.ones(2, 4))
+
+
+# --- attach -------------------------------------------------------------------------------------------
+
+def test_attach_default_policy_mlp_and_cnn():
+    mlp = bmrs.attach(small_mlp())
+    assert [(n, l.num_features, l.producer) for n, l in bmrs.noise_layers(mlp)] == [("1", 7, "0"), ("3", 6, "2")]
+    assert "bmrs_noise" in repr(mlp)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(5 * 4 * 4, 10))
+    bmrs.attach(cnn)
+    assert [(n, l.num_features, l.dim) for n, l in bmrs.noise_layers(cnn)] == [("1", 4, 1), ("4", 5, 1)]
+    assert cnn(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_attach_explicit_targets_and_attention():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            a, _ = self.attn(x, x, x)
+            return self.head(torch.relu(self.fc(x + a)))
+
+    block = bmrs.attach(Block(), targets=["attn", nn.Linear])
+    layers = dict(bmrs.noise_layers(block))
+    assert set(layers) == {"attn", "fc", "head"}  # explicit targets may include the head
+    assert layers["attn"].producer == "attn.out_proj" and layers["attn"].dim == -1
+    out = block(torch.randn(2, 4, 8))
+    assert out.shape == (2, 4, 3)
+    # default policy on the same block: not the head, not the attention's internal projections
+    default = dict(bmrs.noise_layers(bmrs.attach(Block())))
+    assert set(default) == {"fc"}
+
+
+def test_attach_errors():
+    with pytest.raises(bmrs.ModelError, match="nothing to attach"):
+        bmrs.attach(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(bmrs.ModelError, match="already has noise"):
+        bmrs.attach(bmrs.attach(small_mlp()))
+    with pytest.raises(bmrs.ModelError, match="no module named"):
+        bmrs.attach(small_mlp(), targets=["nope"])
+    with pytest.raises(bmrs.ConfigError):
+        bmrs.attach(small_mlp(), targets=[3])
+    with pytest.raises(bmrs.ConfigError):
+        bmrs.attach("not a model")
+
+
+def test_kl_loss_reductions():
+    model = set_posteriors(bmrs.attach(small_mlp()))
+    kls = [noise.kl() for _, noise in bmrs.noise_layers(model)]
+    assert torch.allclose(bmrs.kl_loss(model), torch.stack([k.mean() for k in kls]).mean())
+    assert torch.allclose(bmrs.kl_loss(model, "elbo", num_train=100), sum(k.sum() for k in kls) / 100)
+    with pytest.raises(bmrs.ConfigError, match="num_train"):
+        bmrs.kl_loss(model, "elbo")
+    with pytest.raises(bmrs.ConfigError):
+        bmrs.kl_loss(model, "sum")
+    with pytest.raises(bmrs.ModelError):
+        bmrs.kl_loss(small_mlp())
+
+
+# --- criteria -------------------------------------------------------------------------------------------
+
+def test_bmrs_criteria_equal_delta_f_sign_exactly():
+    model = set_posteriors(bmrs.attach(small_mlp()))
+    for crit, reduced in [(criteria.BMRSN(), bmrs.spike_prior()), (criteria.BMRSU(8), bmrs.precision_prior(8)),
+                          (criteria.BMRSU(4), bmrs.precision_prior(4))]:
+        decisions = crit.decide(model)
+        scores = crit.scores(model)
+        for name, noise in bmrs.noise_layers(model):
+            q = noise.posterior()
+            df = delta_f(q, bmrs.TruncatedLogUniform(), reduced).double()
+            assert torch.equal(scores[name], df)
+            assert torch.equal(decisions[name], df >= 0)
+    total = sum(int(d.sum()) for d in criteria.BMRSN().decide(model).values())
+    assert 0 < total < 13  # the random posteriors make some, not all, prunable
+
+
+def test_snr_and_expected_value_thresholds_by_hand():
+    noise_model = bmrs.attach(small_mlp())
+    name, noise = bmrs.noise_layers(noise_model)[0]
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([0.0, -1.0, -2.5, -3.0, -30.0, -0.5, -2.0]))
+        noise.log_sigma.copy_(torch.tensor([-5.0, 0.5, -5.0, 1.0, -1.0, -5.0, -5.0]))
+    q = noise.posterior()
+    assert torch.equal(criteria.SNR().decide(noise_model)[name], q.snr.double() < 1.0)
+    assert torch.equal(criteria.ExpectedValue().decide(noise_model)[name], q.mean.double() < 0.1)
+    # E[θ] for a narrow posterior at μ is ≈ e^μ: −2.5 → 0.082 (prune), −2.0 → 0.135 (keep)
+    assert criteria.ExpectedValue().decide(noise_model)[name][[2, 6]].tolist() == [True, False]
+    assert criteria.SNR(threshold=0.0).decide(noise_model)[name].sum() == 0
+
+
+def test_l2_norm_ranks_by_incoming_weights():
+    model = bmrs.attach(small_mlp())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(7.0)[:, None].expand(7, 5) + 1)
+        model[2].weight.fill_(10.0)
+    scores = criteria.L2Norm().scores(model)
+    assert torch.allclose(scores["1"], (torch.arange(7.0) + 1).double() * math.sqrt(5))
+    decisions = criteria.L2Norm().decide(model, amount=3)
+    assert decisions["1"].tolist() == [True, True, True, False, False, False, False]
+    assert decisions["3"].sum() == 0
+    with pytest.raises(bmrs.ConfigError, match="amount"):
+        criteria.L2Norm().decide(model)
+
+
+def test_global_amount_counts_already_pruned_and_validates():
+    model = bmrs.attach(small_mlp())
+    bmrs.noise_layers(model)[1][1].mask[:4] = 0
+    decisions = criteria.L2Norm().decide(model, amount=0.5)  # 13 structures → 6 (round(6.5) = 6)
+    assert sum(int(d.sum()) for d in decisions.values()) == 6
+    assert decisions["3"][:4].all()
+    assert sum(int(d.sum()) for d in criteria.L2Norm().decide(model, amount=1).values()) == 4
+    for bad in (-1, 1.5, 14, "x", True, float("nan")):
+        with pytest.raises(bmrs.ConfigError):
+            criteria.L2Norm().decide(model, amount=bad)
+
+
+def test_gradient_criterion_matches_manual_taylor_scores():
+    torch.manual_seed(3)
+    model = bmrs.attach(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    crit = criteria.Gradient()
+    crit.accumulate(model, [(x[:5], y[:5]), (x[5:], y[5:])])
+    # manual: activation a = θ·relu(Wx+b) (eval), gradient of the batch-mean loss w.r.t. a
+    model.eval()
+    want = torch.zeros(6, dtype=torch.float64)
+    for xb, yb in [(x[:5], y[:5]), (x[5:], y[5:])]:
+        a = (torch.relu(model[0](xb)) * bmrs.noise_layers(model)[0][1].expected_theta()).detach().requires_grad_()
+        loss = nn.functional.cross_entropy(model[2](a), yb)
+        (g,) = torch.autograd.grad(loss, a)
+        want += (a * g).abs().sum(0).double()
+    assert torch.allclose(crit.scores(model)["1"], want, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(bmrs.ConfigError, match="accumulate"):
+        criteria.Gradient().scores(model)
+
+
+def test_prune_sets_masks_monotonically_and_reports():
+    model = set_posteriors(bmrs.attach(small_mlp()))
+    report = bmrs.prune(model, criteria.BMRSN())
+    masks = [noise.mask.clone() for _, noise in bmrs.noise_layers(model)]
+    assert report.pruned == sum(int((m == 0).sum()) for m in masks) == report.newly_pruned
+    assert report.structures == 13 and report.kept == 13 - report.pruned
+    assert "total" in str(report) and report.as_dict()["layers"][0]["structures"] == 7
+    # a criterion that would keep everything does not resurrect pruned structures
+    again = bmrs.prune(model, criteria.SNR(threshold=-1.0))
+    assert again.newly_pruned == 0 and again.pruned == report.pruned
+
+
+def test_get_criterion():
+    assert isinstance(criteria.get_criterion("bmrs-n"), criteria.BMRSN)
+    assert criteria.get_criterion("bmrs-u", p1=4).p1 == 4
+    with pytest.raises(bmrs.ConfigError, match="unknown criterion"):
+        criteria.get_criterion("magic")
+    with pytest.raises(bmrs.ConfigError, match="p1"):
+        criteria.BMRSU(p1=23)
