@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BMRSError", "ConfigError", "DataError", "CheckpointError", "ModelError"]
+__all__ = ["BMRSError", "ConfigError", "DataError", "CheckpointError", "ModelError", "TrainingError"]
 
 
 class BMRSError(Exception):
@@ -35,3 +35,7 @@ class CheckpointError(BMRSError, ValueError):
 
 class ModelError(BMRSError, ValueError):
     """A model bmrs cannot work on (e.g. nothing to attach noise to, no noise layers to compact)."""
+
+
+class TrainingError(BMRSError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message names the layer at fault."""
