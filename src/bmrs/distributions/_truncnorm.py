@@ -191,33 +191,33 @@ def _deep_tail_offset(t: Tensor, gap: Tensor, log_r: Tensor, u: Tensor) -> Tenso
     return y
 
 
-def _standard_icdf(alpha: Tensor, beta: Tensor, gap: Tensor, u: Tensor, parts, x_of):
-    """z with Φ(z) = (1 − u)Φ(α) + uΦ(β), (α − z, β − z) without cancellation, and x.
-
-    ``x_of(z, y)`` maps to the log scale: μ + σz normally, but the end minus/plus σy in a deep tail,
-    where μ + σz would lose every digit of the distance y from the end.
-    """
+def _standard_icdf(alpha: Tensor, beta: Tensor, u: Tensor, x_of):
+    """z with Φ(z) = (1 − u)Φ(α) + uΦ(β), (α − z, β − z), and x = x_of(z) on the log scale."""
     p_low = (1.0 - u) * ndtr(alpha) + u * ndtr(beta)
     p_high = (1.0 - u) * ndtr(-alpha) + u * ndtr(-beta)
     z = torch.where(p_low < 0.5, torch.special.ndtri(p_low), -torch.special.ndtri(p_high))
     z = torch.minimum(torch.maximum(z, alpha), beta)
-    alpha_gap, beta_gap = alpha - z, beta - z
-    x = x_of(z, None)
+    return z, alpha - z, beta - z, x_of(z)
 
+
+def _deep_tail_icdf(z, alpha_gap, beta_gap, x, alpha, beta, u, parts, gap, sigma, low, high):
+    """Replace the samples of structures more than 30σ into a tail by a Newton solve from the near end.
+
+    There Φ of the near end underflows, and μ + σz would lose every digit of the distance y from
+    the end, so x is formed as the end ∓ σy directly.
+    """
     deep_low = parts.lower_tail & (parts.t > _DEEP)
     deep_high = parts.upper_tail & (parts.t > _DEEP)
     deep = deep_low | deep_high
-    if bool(deep.any()):
-        t = torch.where(deep, parts.t, torch.ones_like(parts.t))
-        log_r = torch.where(deep, parts.log_ratio, torch.full_like(parts.t, -1.0))
-        # In the mirrored frame u runs the other way for the upper tail.
-        u_frame = torch.where(deep_high, 1.0 - u, u)
-        y = _deep_tail_offset(t, gap, log_r, u_frame)
-        z = torch.where(deep_low, beta - y, torch.where(deep_high, alpha + y, z))
-        alpha_gap = torch.where(deep_low, y - gap, torch.where(deep_high, -y, alpha_gap))
-        beta_gap = torch.where(deep_low, y, torch.where(deep_high, gap - y, beta_gap))
-        x = torch.where(deep, x_of(None, torch.where(deep_low, -y, y)), x)
-    return z, alpha_gap, beta_gap, x
+    t = torch.where(deep, parts.t, torch.ones_like(parts.t))
+    log_r = torch.where(deep, parts.log_ratio, torch.full_like(parts.t, -1.0))
+    u_frame = torch.where(deep_high, 1.0 - u, u)  # the mirrored frame runs u the other way
+    y = _deep_tail_offset(t, gap, log_r, u_frame)
+    z = torch.where(deep_low, beta - y, torch.where(deep_high, alpha + y, z))
+    alpha_gap = torch.where(deep_low, y - gap, torch.where(deep_high, -y, alpha_gap))
+    beta_gap = torch.where(deep_low, y, torch.where(deep_high, gap - y, beta_gap))
+    x_deep = torch.where(deep_low, high - sigma * y, low + sigma * y)
+    return z, alpha_gap, beta_gap, torch.where(deep, x_deep, x)
 
 
 def icdf_x(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, u: Tensor) -> Tensor:
@@ -232,19 +232,17 @@ def icdf_x(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, u: Tensor) -> 
     loc_b, scale_b, low_b, high_b = torch.broadcast_tensors(loc, scale, low, high)
     with torch.no_grad():
         mu, sigma, a, b = loc_b.detach(), scale_b.detach(), low_b.detach(), high_b.detach()
-        parts = interval_parts(a, b, mu, sigma)
-        gap = (b - a) / sigma
-        lower_end = torch.where(parts.lower_tail, b, a)
-
-        def x_of(z, y):
-            return mu + sigma * z if y is None else lower_end + sigma * y
-
-        z, alpha_gap, beta_gap, x = _standard_icdf(parts.l, parts.u, gap, u, parts, x_of)
+        alpha, beta = (a - mu) / sigma, (b - mu) / sigma
+        z, alpha_gap, beta_gap, x = _standard_icdf(alpha, beta, u, lambda z: mu + sigma * z)
+        if bool(((beta < -_DEEP) | (alpha > _DEEP)).any()):
+            parts = interval_parts(a, b, mu, sigma)
+            z, alpha_gap, beta_gap, x = _deep_tail_icdf(z, alpha_gap, beta_gap, x, alpha, beta, u, parts,
+                                                        (b - a) / sigma, sigma, a, b)
         x = torch.minimum(torch.maximum(x, a), b)
-        a_alpha = (1.0 - u) * torch.exp(-0.5 * alpha_gap * (parts.l + z))
-        a_beta = u * torch.exp(-0.5 * beta_gap * (parts.u + z))
+        a_alpha = (1.0 - u) * torch.exp(-0.5 * alpha_gap * (alpha + z))
+        a_beta = u * torch.exp(-0.5 * beta_gap * (beta + z))
         d_loc = 1.0 - a_alpha - a_beta
-        d_scale = z - parts.l * a_alpha - parts.u * a_beta
+        d_scale = z - alpha * a_alpha - beta * a_beta
     if not (loc_b.requires_grad or scale_b.requires_grad):
         return x
     return x + d_loc * (loc_b - mu) + d_scale * (scale_b - sigma)

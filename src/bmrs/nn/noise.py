@@ -74,7 +74,12 @@ class MultiplicativeNoise(nn.Module):
 
     def kl(self) -> Tensor:
         """KL(q ‖ p) of every structure, shape (num_features,)."""
-        return torch.distributions.kl_divergence(self.posterior(), self.prior()).to(self.mu.dtype)
+        return self.kl_of(self.mu, self.sigma)
+
+    def kl_of(self, mu: Tensor, sigma: Tensor) -> Tensor:
+        """KL to this layer's prior of posteriors with the given parameters (any shape)."""
+        q = TruncatedLogNormal(mu, sigma, self.low, self.high, validate_args=False)
+        return torch.distributions.kl_divergence(q, self.prior()).to(mu.dtype)
 
     def expected_theta(self) -> Tensor:
         """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
