@@ -14,7 +14,7 @@ data:
 	fi
 
 run: setup data
-	$(PYTHON) -m bmrs
+	$(PYTHON) -m bmrs train --output runs/default --resume
 
 test:
 	$(PYTHON) -m pytest

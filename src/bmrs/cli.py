@@ -1,26 +1,160 @@
-"""The ``bmrs`` command line (a thin layer over the library)."""
+"""The ``bmrs`` command line: a thin layer over the library.
+
+    bmrs train   [options]        continuous pruning run (default: LeNet5 + BMRS_N on Fashion-MNIST)
+    bmrs curve   --run DIR        post-training sweep: accuracy against compression per criterion
+    bmrs compact --run DIR        a trained run → compacted model file, size, FLOPs and latency
+
+Bad input ends with a one-line ``bmrs: error: …`` and exit code 2 (usage) or 1 (data, checkpoint,
+training); ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
+from .errors import BMRSError, ConfigError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .training.config import CRITERION_NAMES
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="fashion-mnist",
+                   help="mnist, fashion-mnist, cifar10 or tinyimagenet (default: %(default)s)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset (else $BMRS_DATA_DIR, then system locations)")
+    g.add_argument("--download", action="store_true", help="download the dataset if it is not found")
+    g.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on the first N examples of the training split only (quick runs)")
+    g.add_argument("--image-size", type=int, default=32, help="images are resized to this side (default: 32)")
+    g = p.add_argument_group("network and pruning")
+    g.add_argument("--model", default="lenet5", help="mlp, lenet5, resnet18, resnet50 or vit (default: %(default)s)")
+    g.add_argument("--hidden", type=int, default=150, help="MLP hidden width (default: 150)")
+    g.add_argument("--layers", type=int, default=1,
+                   help="extra MLP hidden blocks after the first (default: 1, i.e. in→150→150→10)")
+    g.add_argument("--criterion", default="bmrs-n", choices=CRITERION_NAMES,
+                   help="pruning criterion; 'none' trains without pruning (default: %(default)s)")
+    g.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision in bits, 0 < p1 < 23 (default: 8)")
+    g.add_argument("--threshold", type=float, default=None, help="threshold of snr (1.0) or ev (0.1)")
+    g.add_argument("--amount", type=float, default=None,
+                   help="fraction of structures to prune, for the ranking criteria l2 and grad")
+    g.add_argument("--granularity", default="structure", choices=("structure", "element"),
+                   help="one noise sample per example and structure, or per element (default: structure)")
+    g.add_argument("--no-noise", action="store_true", help="train the plain network (criterion none only)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=5, help="epochs with pruning after every --prune-every (default: 5)")
+    g.add_argument("--finetune-epochs", type=int, default=2, help="epochs without pruning afterwards (default: 2)")
+    g.add_argument("--prune-every", type=int, default=1, help="prune every P epochs (default: 1)")
+    g.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
+    g.add_argument("--lr", type=float, default=1.4e-3, help="Adam learning rate (default: 1.4e-3)")
+    g.add_argument("--kl", dest="kl_reduction", default="mean", choices=("mean", "elbo"),
+                   help="KL weighting: the paper's layer mean, or the evidence lower bound ΣKL/N (default: mean)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g = p.add_argument_group("running")
+    g.add_argument("--output", default=None, help="run folder (default: runs/DATASET-MODEL-CRITERION-sSEED)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train with continuous pruning, test, compact",
+                           description="Train a network with noise layers, pruning after every epoch, then "
+                                       "fine-tune; test the best validation checkpoint and compact it.")
+    _add_train_options(train)
+
+    curve = sub.add_parser("curve", help="post-training sweep of accuracy against compression",
+                           description="Prune a trained run at increasing fractions with each criterion and "
+                                       "record accuracy against parameter compression.")
+    curve.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
+    curve.add_argument("--criteria", default="bmrs-n,bmrs-u,snr,ev,l2,grad",
+                       help="comma-separated criteria (default: %(default)s)")
+    curve.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision (default: 8)")
+    curve.add_argument("--levels", type=int, default=21, help="pruning fractions from 0 to 1 (paper: 100)")
+    curve.add_argument("--finetune-epochs", type=int, default=0,
+                       help="fine-tuning epochs at each level (paper: 1; default: 0)")
+    curve.add_argument("--output", default=None, help="folder for curve.json/csv/png (default: RUN/curve)")
+    curve.add_argument("--data-dir", default=None, help="dataset folder, as for train")
+
+    compact = sub.add_parser("compact", help="compact a trained run and measure it",
+                             description="Fold E[θ] into the weights, remove pruned structures, and report "
+                                         "parameters, FLOPs and CPU latency before and after.")
+    compact.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
+    compact.add_argument("--output", default=None, help="compacted model file (default: RUN/compacted.safetensors)")
+    compact.add_argument("--batch-size", type=int, default=256, help="batch size for the latency measurement")
+    compact.add_argument("--data-dir", default=None, help="dataset folder, as for train")
     return parser
+
+
+def _train(args) -> int:
+    from .training import TrainConfig, train
+
+    config = TrainConfig(
+        dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
+        amount=args.amount, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction,
+        granularity=args.granularity, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
+        image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
+        download=args.download, device=args.device, threads=args.threads,
+    )
+    output = args.output or f"runs/{config.dataset}-{config.model}-{config.criterion}-s{config.seed}"
+    train(config, output, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _curve(args) -> int:
+    from .experiments.curve import run_curve
+
+    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    output = args.output or str(Path(args.run) / "curve")
+    run_curve(args.run, criteria, output, levels=args.levels, finetune_epochs=args.finetune_epochs, p1=args.p1,
+              data_dir=args.data_dir, progress=not args.no_progress)
+    return 0
+
+
+def _compact(args) -> int:
+    from .experiments.compact_run import compact_run
+
+    compact_run(args.run, args.output, batch_size=args.batch_size, data_dir=args.data_dir)
+    return 0
+
+
+COMMANDS = {"train": _train, "curve": _curve, "compact": _compact}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bmrs`` and ``python -m bmrs``; returns the exit code."""
-    build_parser().parse_args(argv)
-    print(f"bmrs {__version__}")
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except BMRSError as err:
+        if args.debug:
+            raise
+        print(f"bmrs: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("bmrs: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if args.debug:
+            raise
+        print(f"bmrs: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,18 @@
+"""Physical compaction: fold trained noise into the weights, remove pruned structures, count the savings.
+
+Example:
+    >>> import torch, bmrs
+    >>> from bmrs.compaction import compact, compression_report
+    >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+    >>> bmrs.noise_layers(mlp)[0][1].mask[:6] = 0
+    >>> x = torch.randn(2, 4)
+    >>> small = compact(mlp, x)
+    >>> compression_report(mlp, small, x)["params_after"]     # 4·2 + 2 + 2·3 + 3
+    19
+"""
+
+from .compact import compact
+from .count import compression_report, count
+from .fold import fold_noise
+
+__all__ = ["compact", "count", "compression_report", "fold_noise"]

@@ -1,0 +1,256 @@
+"""Physically remove the structures that the noise layers' masks prune.
+
+``compact`` folds E[θ]·mask into the weights (:mod:`bmrs.compaction.fold`), then removes masked
+channels with torch-pruning's dependency graph, which keeps coupled layers consistent (BatchNorm,
+residual adds, concatenations, a Flatten into a Linear).  A channel is removed only when removing it
+provably leaves the function unchanged:
+
+  * every layer that reads the channel (a Conv/Linear input column) has zero weights for it, or reads
+    a value that is exactly zero there — so a channel coupled through a residual add goes only when
+    every branch writing to it is zeroed, i.e. when every noise layer on the coupled channels prunes it;
+  * the channel does not reach a normalisation over channels (LayerNorm, GroupNorm: e.g. a transformer
+    residual stream), attention, an embedding, an unwrapped parameter, the model's output, a reused
+    module, a grouped convolution or an op torch-pruning cannot map channels through.
+
+Channels that stay are already exactly zero where the mask says so.  A layer is never emptied: if every
+channel of a group could go, one (all-zero) channel is kept.  The result is checked against the noisy
+model on the example inputs.
+
+Example:
+    >>> import torch, bmrs
+    >>> from bmrs.compaction import compact
+    >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
+    >>> bmrs.noise_layers(mlp)[0][1].mask[:5] = 0
+    >>> small = compact(mlp, torch.randn(2, 4))
+    >>> small[0].out_features, small[2].in_features
+    (3, 3)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fold import (
+    OPTYPE, REL_TOL, Folded, Trace, channel_multiplier, fold, op_name, reference_mismatch,
+    restore_requires_grad,
+)
+
+__all__ = ["compact"]
+
+# Reaching one of these keeps the channel (torch-pruning would change what they compute).
+_BLOCKING_TYPES = frozenset({
+    OPTYPE.LN, OPTYPE.GN, OPTYPE.IN, OPTYPE.MHA, OPTYPE.EMBED, OPTYPE.LSTM, OPTYPE.PARAMETER,
+    OPTYPE.CUSTOMIZED, OPTYPE.OUTPUT, OPTYPE.EXPAND, OPTYPE.UNBIND,
+})
+_PASS_TYPES = frozenset({OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.SLICE})
+# Channel-wise autograd ops with op(0) = 0 (a zero channel stays zero through them).
+_ZERO_PRESERVING_OPS = frozenset({
+    "Add", "Sub", "Mul", "Neg", "Clone", "Relu", "LeakyRelu", "Gelu", "Tanh", "Elu", "Silu", "Mish",
+    "Hardtanh", "Hardswish", "Abs", "Mean", "Sum", "MaxPool1DWithIndices", "MaxPool2DWithIndices",
+    "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+})
+# Channel-wise ops that map 0 to something else: a channel may pass them, but is not zero after them.
+_CHANNELWISE_OPS = frozenset({
+    "Sigmoid", "Softplus", "Hardsigmoid", "Exp", "Div", "Pow", "Sqrt", "Rsqrt", "Log", "LogSigmoid",
+    "Sin", "Cos", "Erf",
+})
+
+
+def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """A smaller plain copy of ``model`` computing what ``model`` computes in eval mode.
+
+    ``model`` carries trained noise layers (``bmrs.attach``) whose masks mark pruned structures;
+    ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword arguments) are
+    used to trace the model.  Returns a new ``nn.Module`` in eval mode without noise layers, masked
+    channels physically removed where that is exact; ``model`` is not modified.  Raises
+    :class:`bmrs.errors.ModelError` if the model has no noise layers.
+
+    Example:
+        >>> import torch, bmrs
+        >>> from bmrs.compaction import compact, count
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 2))
+        >>> cnn = bmrs.attach(cnn)
+        >>> bmrs.noise_layers(cnn)[0][1].mask[::2] = 0      # prune every other channel
+        >>> x = torch.randn(3, 1, 6, 6)
+        >>> small = compact(cnn, x)
+        >>> small[0].out_channels, small[4].in_features
+        (4, 64)
+        >>> bool(torch.allclose(small(x), cnn.eval()(x), atol=1e-5))
+        True
+    """
+    folded = fold(model, example_inputs, caller="compact")
+    _remove_masked_channels(folded)
+    restore_requires_grad(folded)
+    mismatch = reference_mismatch(folded)
+    if not mismatch <= REL_TOL:  # never trade exactness for size: fall back to the folded model
+        warnings.warn(f"compact: removing channels changed the outputs (relative error {mismatch:.2e}); "
+                      "returning the folded model without removing channels", RuntimeWarning, stacklevel=2)
+        folded = fold(model, example_inputs, caller="compact")
+        restore_requires_grad(folded)
+    return folded.model.eval()
+
+
+def _remove_masked_channels(folded: Folded) -> None:
+    """Prune, noise layer by noise layer, every masked channel whose removal is exact."""
+    trace = folded.trace
+    records = [rec for rec in folded.records if rec.carrier is not None]
+    # original channel number of each current position of every gated node (pruning shifts positions)
+    kept = {rec.carrier: list(range(rec.theta.numel())) for rec in records}
+    for rec in records:
+        if rec.carrier.type in _BLOCKING_TYPES:
+            continue
+        masked = set((rec.theta == 0).nonzero().flatten().tolist())
+        positions = [pos for pos, orig in enumerate(kept[rec.carrier]) if orig in masked]
+        if positions:
+            _prune(trace, rec.carrier, positions, kept)
+
+
+def _prune(trace: Trace, node, positions: list[int], kept: dict) -> None:
+    graph = trace.graph
+    pruning_fn = graph.get_pruner_of_module(node.module).prune_out_channels
+    group = graph.get_pruning_group(node.module, pruning_fn, positions)
+    removable = sorted(_removable_roots(trace, group))
+    while removable:
+        group = graph.get_pruning_group(node.module, pruning_fn, removable)
+        if graph.check_pruning_group(group):
+            break
+        removable = removable[:-1]  # some layer would be left empty: keep one (all-zero) channel
+    if not removable:
+        return
+    group.prune(record_history=False)
+    for item in group:
+        target = item.dep.target
+        if target in kept and graph.is_out_channel_pruning_fn(item.dep.handler):
+            drop = set(item.idxs)
+            kept[target] = [orig for pos, orig in enumerate(kept[target]) if pos not in drop]
+
+
+# -- when is removing a channel exact? ------------------------------------------------------------
+def _removable_roots(trace: Trace, group) -> set[int]:
+    """Root channels of the group whose removal leaves every reader of the channel unchanged."""
+    graph = trace.graph
+    produced: dict = defaultdict(lambda: defaultdict(list))  # node → root → output positions
+    consumed: dict = defaultdict(lambda: defaultdict(list))  # Conv/Linear node → root → input columns
+    for item in group:
+        table = produced if graph.is_out_channel_pruning_fn(item.dep.handler) else consumed
+        for idx, root in zip(item.idxs, item.root_idxs):
+            table[item.dep.target][root].append(idx)
+    zeros = _ZeroAnalysis(trace, produced)
+    roots = {root for table in (produced, consumed) for per in table.values() for root in per}
+    return {root for root in roots if _root_removable(trace, zeros, produced, consumed, root)}
+
+
+def _root_removable(trace: Trace, zeros: "_ZeroAnalysis", produced: dict, consumed: dict, root: int) -> bool:
+    writers = [node for node, per in produced.items() if root in per and node.grad_fn not in trace.owner]
+    readers = [node for node, per in consumed.items() if root in per and node.grad_fn not in trace.owner]
+    if any(node.grad_fn in trace.output_fns for node in writers):
+        return False  # the channel is part of the model's output
+    if any(_blocks(trace, node) for node in writers + readers):
+        return False
+    return all(_reader_ignores(trace, zeros, node, per[root], root)
+               for node, per in consumed.items() if root in per)
+
+
+def _blocks(trace: Trace, node) -> bool:
+    """Whether this node makes a channel through it unremovable."""
+    if node.type in _BLOCKING_TYPES:
+        return True
+    if trace.is_module_node(node) and trace.calls[node.module].calls != 1:
+        return True
+    if node.type == OPTYPE.CONV and node.module.groups > 1:
+        return True  # torch-pruning does not map input channels of grouped convolutions correctly
+    if node.type == OPTYPE.ELEMENTWISE:
+        return op_name(node.grad_fn) not in _ZERO_PRESERVING_OPS | _CHANNELWISE_OPS
+    return False
+
+
+def _reader_ignores(trace: Trace, zeros: "_ZeroAnalysis", node, columns: list[int], root: int) -> bool:
+    """A Conv/Linear ignores input channel ``root``: its columns are zero or it reads exact zeros."""
+    if node.type not in (OPTYPE.CONV, OPTYPE.LINEAR) or not trace.is_module_node(node):
+        return False
+    if channels_zero(node.module, columns, "in"):
+        return True
+    source = trace.input_node(node.module)
+    return source is not None and zeros.is_zero(source, root)
+
+
+@torch.no_grad()
+def channels_zero(layer: nn.Module, idxs: list[int], side: str) -> bool:
+    """Whether the weights (and, for outputs, the bias) of these channels of a Conv/Linear are all zero."""
+    if isinstance(layer, nn.Linear):
+        width = layer.out_features if side == "out" else layer.in_features
+    else:
+        width = layer.out_channels if side == "out" else layer.in_channels
+    pick = torch.zeros(width, dtype=layer.weight.dtype, device=layer.weight.device)
+    pick[idxs] = 1
+    if torch.count_nonzero(layer.weight * channel_multiplier(layer, pick, side)):
+        return False
+    return side == "in" or layer.bias is None or not torch.count_nonzero(layer.bias[idxs])
+
+
+def _bias_zero(layer: nn.Module, idxs: list[int]) -> bool:
+    return layer.bias is None or not torch.count_nonzero(layer.bias.detach()[idxs])
+
+
+def _norm_zero(norm: nn.Module, idxs: list[int]) -> bool:
+    """γ = β = 0: the BatchNorm outputs exact zeros on these channels whatever its input."""
+    if norm.weight is None or norm.bias is None:
+        return False
+    return not torch.count_nonzero(norm.weight.detach()[idxs]) and not torch.count_nonzero(norm.bias.detach()[idxs])
+
+
+class _ZeroAnalysis:
+    """Is a node's output exactly zero on the channel of a given root, for every input?"""
+
+    def __init__(self, trace: Trace, produced: dict):
+        self.trace, self.produced, self.memo = trace, produced, {}
+
+    def is_zero(self, node, root: int) -> bool:
+        key = (node, root)
+        if key not in self.memo:
+            self.memo[key] = False  # a cycle is never proof of zero
+            self.memo[key] = self._compute(node, root)
+        return self.memo[key]
+
+    def _compute(self, node, root: int) -> bool:
+        idxs = self.produced.get(node, {}).get(root)
+        if idxs is None or node.grad_fn in self.trace.owner:
+            return False
+        kind, module = node.type, node.module
+        if kind in (OPTYPE.CONV, OPTYPE.LINEAR):
+            return self.trace.is_module_node(node) and channels_zero(module, idxs, "out")
+        if kind == OPTYPE.DEPTHWISE_CONV:
+            return channels_zero(module, idxs, "out") or (_bias_zero(module, idxs) and self._inputs_zero(node, root, True))
+        if kind == OPTYPE.BN:
+            return _norm_zero(module, idxs)
+        if kind == OPTYPE.PRELU:
+            return self._inputs_zero(node, root, True)
+        if kind in _PASS_TYPES:
+            return self._inputs_zero(node, root, False)
+        if kind == OPTYPE.ELEMENTWISE and op_name(node.grad_fn) in _ZERO_PRESERVING_OPS:
+            return self._inputs_zero(node, root, True, any_zero=op_name(node.grad_fn) == "Mul")
+        return False
+
+    def _inputs_zero(self, node, root: int, every: bool, any_zero: bool = False) -> bool:
+        """All inputs carrying the channel are zero on it (``every``: and every input carries it;
+        ``any_zero``: one zero factor suffices, for products)."""
+        if self.trace.is_module_node(node):
+            fns = list(self.trace.calls[node.module].in_fns)
+        else:
+            fns = [fn for fn, _ in node.grad_fn.next_functions]
+        inputs = [self.trace.node_of.get(fn) if fn is not None else None for fn in fns]
+        if not inputs or any(inp is None for inp in inputs):
+            return False  # an input without history (model input, constant) or a parameter
+        carrying = [inp for inp in inputs if root in self.produced.get(inp, {})]
+        if not carrying or (every and len(carrying) != len(inputs)):
+            return False
+        if any_zero:
+            return any(self.is_zero(inp, root) for inp in carrying)
+        return all(self.is_zero(inp, root) for inp in carrying)

@@ -1,0 +1,82 @@
+"""Count a model's parameters and operations, and how much compaction saved.
+
+``macs`` is torch-pruning's operation count per example (``tp.utils.count_ops_and_params``, divided by
+the batch size): multiply-accumulates of Conv/Linear/MultiheadAttention modules plus one operation per
+element for activation, normalisation and pooling modules.  Operations written as plain functions
+(``torch.matmul``, ``F.relu`` …) are not counted, and noise layers count zero.
+
+Example:
+    >>> import torch, bmrs
+    >>> from bmrs.compaction import count
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> stats = count(bmrs.attach(mlp), torch.randn(2, 4))
+    >>> stats["params"]                    # 4·8 + 8 + 8·3 + 3: noise-layer mu / log_sigma not counted
+    67
+    >>> stats["flops"] == 2 * stats["macs"]
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import ModelError
+from ..nn.noise import MultiplicativeNoise
+
+__all__ = ["count", "compression_report", "count_params"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of model parameters (each shared tensor once), noise-layer parameters excluded."""
+    noise = {id(p) for m in model.modules() if isinstance(m, MultiplicativeNoise) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in noise)
+
+
+def count(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """``{"params", "macs", "flops"}`` of ``model`` on ``example_inputs``; flops = 2·macs, per example.
+
+    Example:
+        >>> import torch
+        >>> from bmrs.compaction import count
+        >>> count(torch.nn.Linear(10, 5), torch.randn(1, 10))
+        {'params': 55, 'macs': 55, 'flops': 110}
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"count: expected an nn.Module, got {type(model).__name__}")
+    ops, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    macs = int(round(float(ops)))
+    return {"params": count_params(model), "macs": macs, "flops": 2 * macs}
+
+
+def _removed_pct(before: float, after: float) -> float:
+    return 100.0 * (1.0 - after / before) if before else 0.0
+
+
+def compression_report(before_model: nn.Module, after_model: nn.Module, example_inputs: Any) -> dict[str, float]:
+    """Parameters and FLOPs before and after, and the percentage of each removed.
+
+    ``parameter_compression_pct`` = 100·(1 − params_after / params_before), likewise
+    ``flops_removed_pct`` for FLOPs.
+
+    Example:
+        >>> import torch
+        >>> from bmrs.compaction import compression_report
+        >>> x = torch.randn(1, 10)
+        >>> report = compression_report(torch.nn.Linear(10, 4), torch.nn.Linear(10, 2), x)
+        >>> report["params_before"], report["params_after"], report["parameter_compression_pct"]
+        (44, 22, 50.0)
+    """
+    before, after = count(before_model, example_inputs), count(after_model, example_inputs)
+    return {
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "parameter_compression_pct": _removed_pct(before["params"], after["params"]),
+        "macs_before": before["macs"],
+        "macs_after": after["macs"],
+        "flops_before": before["flops"],
+        "flops_after": after["flops"],
+        "flops_removed_pct": _removed_pct(before["flops"], after["flops"]),
+    }

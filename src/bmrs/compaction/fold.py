@@ -1,0 +1,472 @@
+"""Fold the expected noise E[θ]·mask into the weights around each noise layer.
+
+After folding, a copy of the model *without* noise layers computes exactly what the model with its
+noise layers computes in eval mode (up to float rounding).  Where each noise layer goes:
+
+  * after a BatchNorm / LayerNorm / GroupNorm / InstanceNorm → into its affine weight and bias
+    (θ·(γ·x̂ + β) = (θγ)·x̂ + θβ; a norm without affine parameters gets them);
+  * after a Conv / Linear → into its output rows and bias;
+  * after ``nn.MultiheadAttention`` → into ``out_proj``'s rows and bias;
+  * after a ReLU / LeakyReLU / PReLU module that directly follows a Conv / Linear / BatchNorm
+    whose output feeds nothing else → into that producer (f(θh) = θ·f(h) for θ ≥ 0);
+  * after any other activation (Tanh, GELU, Sigmoid …) → into the input columns of every
+    Conv / Linear that consumes it, through max/avg pooling, ReLU and flattening (a Linear after
+    a Flatten of N×C×H×W gets each channel's block of H·W columns scaled).
+
+The consumers and producers are found with torch-pruning's dependency graph, built by tracing the
+model once on ``example_inputs``.  The result is checked against the noisy model on those inputs.
+
+Example:
+    >>> import torch, bmrs
+    >>> from bmrs.compaction import fold_noise
+    >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+    >>> folded = fold_noise(mlp, torch.randn(2, 4))
+    >>> bmrs.noise_layers(folded)
+    []
+    >>> x = torch.randn(5, 4)
+    >>> bool(torch.allclose(folded(x), mlp.eval()(x), atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from ..nn.attach import detach_noise, noise_layers
+
+__all__ = ["fold_noise"]
+
+OPTYPE = tp.ops.OPTYPE
+_CONV = nn.modules.conv._ConvNd
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+_CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)  # f(θx) = θ·f(x) for θ ≥ 0
+# autograd ops (name without "Backward<n>") that commute with a per-channel θ ≥ 0 and keep channels
+_HOMOGENEOUS_OPS = frozenset({
+    "Relu", "LeakyRelu", "Clone", "Mean", "MaxPool1DWithIndices", "MaxPool2DWithIndices",
+    "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+})
+REL_TOL = 1e-4  # self-check: max|Δout| / max|out| allowed after folding or compaction
+
+
+# -- small helpers --------------------------------------------------------------------------------
+def _forward(model: nn.Module, inputs: Any):
+    """Call the model the way torch-pruning does: dict → **kwargs, tuple/list → *args, else one arg."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    """Every tensor in a (nested) tensor / tuple / list / dict, in order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
+def output_mismatch(got: Any, want: Any) -> float:
+    """max|got − want| / max|want| over every output tensor (inf if the structures differ)."""
+    got, want = _tensors(got), _tensors(want)
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return float("inf")
+    scale = max([w.detach().abs().max().item() for w in want if w.numel()] + [1e-12])
+    diff = max([(g.detach() - w.detach()).abs().max().item() for g, w in zip(got, want) if w.numel()] + [0.0])
+    return diff / scale
+
+
+def op_name(grad_fn) -> str:
+    """'MaxPool2DWithIndicesBackward0' → 'MaxPool2DWithIndices'."""
+    return re.sub(r"Backward\d*$", "", grad_fn.name()) if grad_fn is not None else ""
+
+
+# -- weight surgery -------------------------------------------------------------------------------
+def channel_multiplier(layer: nn.Module, values: Tensor, side: str) -> Tensor:
+    """``values`` (one per output or input channel of a Conv/Linear) shaped to broadcast over its weight."""
+    weight = layer.weight
+    values = values.to(device=weight.device, dtype=weight.dtype)
+    if isinstance(layer, nn.Linear):
+        return values.view(-1, 1) if side == "out" else values.view(1, -1)
+    tail = [1] * (weight.dim() - 2)
+    # A Conv weight is (out, in/g, k…); a ConvTranspose weight is (in, out/g, k…).
+    whole_dim0 = (side == "out") != layer.transposed
+    if whole_dim0:
+        return values.view(-1, 1, *tail)
+    groups, rows, cols = layer.groups, weight.shape[0], weight.shape[1]
+    grid = values.view(groups, 1, cols).expand(groups, rows // groups, cols)
+    return grid.reshape(rows, cols, *tail)
+
+
+@torch.no_grad()
+def scale_out(layer: nn.Module, theta: Tensor) -> None:
+    """Multiply the output channel c of a Conv/Linear (weight rows and bias) by theta[c]."""
+    layer.weight.mul_(channel_multiplier(layer, theta, "out"))
+    if layer.bias is not None:
+        layer.bias.mul_(theta.to(layer.bias))
+
+
+@torch.no_grad()
+def scale_in(layer: nn.Module, scale: Tensor) -> None:
+    """Multiply the input channel (column) c of a Conv/Linear by scale[c]."""
+    layer.weight.mul_(channel_multiplier(layer, scale, "in"))
+
+
+@torch.no_grad()
+def _scale_affine(norm: nn.Module, theta: Tensor, axis: int) -> None:
+    """Multiply a norm's output by theta along ``axis`` of its affine weight, creating it if absent."""
+    shape = tuple(norm.normalized_shape) if isinstance(norm, nn.LayerNorm) else (theta.numel(),)
+    view = [1] * len(shape)
+    view[axis] = theta.numel()
+    theta = theta.reshape(view)
+    if norm.weight is None:
+        norm.weight = nn.Parameter(theta.expand(shape).clone())
+        if getattr(norm, "bias", None) is None and not isinstance(norm, nn.LayerNorm):
+            norm.bias = nn.Parameter(torch.zeros_like(norm.weight))
+        _mark_affine(norm)
+        return
+    norm.weight.mul_(theta.to(norm.weight))
+    if norm.bias is not None:
+        norm.bias.mul_(theta.to(norm.bias))
+
+
+def _mark_affine(norm: nn.Module) -> None:
+    if isinstance(norm, nn.LayerNorm):
+        norm.elementwise_affine = True
+    else:
+        norm.affine = True
+
+
+# -- tracing --------------------------------------------------------------------------------------
+@dataclass
+class ModuleCall:
+    """How a module was called while tracing (first call only, plus the number of calls)."""
+
+    calls: int = 0
+    in_fns: tuple = ()          # grad_fn of every tensor argument (None for inputs without autograd history)
+    out_fn: Any = None          # grad_fn of the (first) output tensor
+    out_ndim: int | None = None
+
+
+class Trace:
+    """torch-pruning's DependencyGraph of a model plus how each module was called while tracing it.
+
+    ``graph``: the DependencyGraph; ``calls[module]``: a :class:`ModuleCall`; ``node_of[grad_fn]``: the
+    graph node computing that autograd function; ``owner[grad_fn]``: the Conv/Linear/… node whose own
+    forward contains that function (e.g. the reshape and ``addmm`` inside a Linear on a 3-D input);
+    ``output_fns``: the autograd functions producing the model's outputs.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any):
+        self.calls: dict[nn.Module, ModuleCall] = {}
+        self.output_fns: set = set()  # grad_fns of the model's output tensors
+        handles = []
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
+            handles.append(module.register_forward_hook(self._after))
+        try:
+            with torch.enable_grad():
+                self.graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs, forward_fn=self._run, verbose=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        nodes = self.graph.module2node.values()
+        self.node_of = {node.grad_fn: node for node in nodes if node.grad_fn is not None}
+        self.owner = self._internal_functions()
+
+    def _run(self, model: nn.Module, inputs: Any):
+        out = _forward(model, inputs)
+        self.output_fns = {t.grad_fn for t in _tensors(out) if t.grad_fn is not None}
+        return out
+
+    def _before(self, module, args, kwargs):
+        call = self.calls.setdefault(module, ModuleCall())
+        call.calls += 1
+        if call.calls == 1:
+            call.in_fns = tuple(t.grad_fn for t in _tensors(list(args) + list(kwargs.values())))
+
+    def _after(self, module, args, output):
+        call = self.calls[module]
+        outs = _tensors(output)
+        if call.calls == 1 and outs:
+            call.out_fn, call.out_ndim = outs[0].grad_fn, outs[0].dim()
+
+    def module_node(self, module: nn.Module):
+        return self.graph.module2node.get(module)
+
+    def is_module_node(self, node) -> bool:
+        return isinstance(node.module, nn.Module) and node.module in self.calls
+
+    def _internal_functions(self) -> dict:
+        """Autograd functions that run inside a traced module's forward (between its inputs and output)."""
+        module_fns = {n.grad_fn for n in self.graph.module2node.values() if self.is_module_node(n)}
+        owner = {}
+        for node in self.graph.module2node.values():
+            if not self.is_module_node(node) or node.grad_fn is None:
+                continue
+            stop = set(self.calls[node.module].in_fns) | module_fns
+            stack = [fn for fn, _ in node.grad_fn.next_functions]
+            while stack:
+                fn = stack.pop()
+                if fn is None or fn in stop or fn in owner or "accumulategrad" in fn.name().lower():
+                    continue
+                owner[fn] = node
+                stack.extend(f for f, _ in fn.next_functions)
+        return owner
+
+    def input_node(self, module: nn.Module):
+        """The graph node producing the module's first tensor argument (None if untracked)."""
+        fns = self.calls[module].in_fns
+        return self.node_of.get(fns[0]) if fns else None
+
+
+# -- folding one noise layer ----------------------------------------------------------------------
+@dataclass
+class NoiseRecord:
+    """One noise layer of the working copy: where it was, its E[θ]·mask, and the graph node it gates."""
+
+    name: str
+    module: nn.Module
+    theta: Tensor
+    dim: int
+    carrier: Any = field(default=None)  # graph node whose output channels are this layer's structures
+
+
+def _describe(rec: NoiseRecord) -> str:
+    return f"{rec.name or '<root>'!r} ({type(rec.module).__name__})"
+
+
+def _channel_axis(module: nn.Module, ndim: int) -> int:
+    """The channel axis of a module's output: 1 for Conv / BatchNorm-like, the last for Linear / MHA."""
+    if isinstance(module, (_CONV,) + _CHANNEL_FIRST_NORMS):
+        return 1
+    return ndim - 1
+
+
+def _check_axis(rec: NoiseRecord, axis: int, expected: int) -> None:
+    if axis != expected:
+        raise ModelError(f"fold: the noise after {_describe(rec)} gates dim {rec.dim} but that module's "
+                         f"channels lie along dim {expected}; attach it with the default dim")
+
+
+def _fold_record(rec: NoiseRecord, trace: Trace) -> None:
+    call = trace.calls.get(rec.module)
+    if call is None or call.calls == 0 or call.out_ndim is None:
+        return  # the module never runs on these inputs: the noise has no effect
+    axis = rec.dim % call.out_ndim
+    module = rec.module
+    if isinstance(module, (nn.Linear, _CONV)):
+        _check_axis(rec, axis, _channel_axis(module, call.out_ndim))
+        scale_out(module, rec.theta)
+    elif isinstance(module, _NORMS):
+        _fold_after_norm(rec, trace, call, axis)
+    elif isinstance(module, nn.MultiheadAttention):
+        _check_axis(rec, axis, call.out_ndim - 1)
+        scale_out(module.out_proj, rec.theta)
+    else:
+        _fold_after_activation(rec, trace, call, axis)
+    rec.carrier = trace.node_of.get(call.out_fn)
+
+
+def _fold_after_norm(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int) -> None:
+    """Into the norm's affine weight and bias; a norm without them first tries its consumers' columns."""
+    norm = rec.module
+    if isinstance(norm, nn.LayerNorm):
+        offset = call.out_ndim - len(norm.normalized_shape)
+        if axis < offset:
+            raise ModelError(f"fold: the noise after {_describe(rec)} gates dim {rec.dim}, outside the "
+                             "normalised dims; attach it with the default dim")
+        axis -= offset
+    else:
+        _check_axis(rec, axis, 1)
+        axis = 0
+    if norm.weight is None and call.calls == 1:
+        try:  # keep the parameter count: scale the consumers rather than add affine parameters
+            _fold_into_consumers(rec, trace, call, axis + (offset if isinstance(norm, nn.LayerNorm) else 1))
+            return
+        except ModelError:
+            pass
+    _scale_affine(norm, rec.theta, axis)
+
+
+def _fold_after_activation(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int) -> None:
+    if call.calls != 1:
+        raise ModelError(f"fold: {_describe(rec)} runs {call.calls} times per forward pass; noise after a "
+                         "reused activation cannot be folded; give each use its own module")
+    if isinstance(rec.module, _HOMOGENEOUS_MODULES) and _fold_into_producer(rec, trace, call, axis):
+        return
+    _fold_into_consumers(rec, trace, call, axis)
+
+
+def _fold_into_producer(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int) -> bool:
+    """θ·f(W x + b) = f(θW x + θb) for positively homogeneous f: scale the producer if it feeds only f."""
+    producer, act = trace.input_node(rec.module), trace.node_of.get(call.out_fn)
+    if producer is None or act is None or not trace.is_module_node(producer):
+        return False
+    layer = producer.module
+    if not isinstance(layer, (nn.Linear, _CONV, nn.modules.batchnorm._BatchNorm)):
+        return False
+    if trace.calls[layer].calls != 1 or any(out is not act for out in producer.outputs):
+        return False
+    if _channel_axis(layer, call.out_ndim) != axis:
+        return False
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        _scale_affine(layer, rec.theta, 0)
+    else:
+        scale_out(layer, rec.theta)
+    return True
+
+
+def _fold_into_consumers(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int) -> None:
+    start = trace.node_of.get(call.out_fn)
+    if start is None:
+        raise ModelError(f"fold: cannot find where the output of {_describe(rec)} goes; "
+                         "attach the noise to the Conv/Linear before it instead")
+    consumers = _find_consumers(rec, trace, start)
+    if not consumers:
+        raise ModelError(f"fold: the output of {_describe(rec)} reaches no Conv/Linear layer; "
+                         "attach the noise to the Conv/Linear before it instead")
+    for layer, reshaped in consumers.items():
+        scale_in(layer, _column_scale(rec, layer, reshaped, axis, call.out_ndim))
+
+
+def _find_consumers(rec: NoiseRecord, trace: Trace, start) -> dict[nn.Module, bool]:
+    """Conv/Linear layers reading the noisy tensor through θ-commuting ops → whether a reshape was crossed."""
+    found: dict[nn.Module, bool] = {}
+    stack, seen = [(start, False)], set()
+    while stack:
+        node, reshaped = stack.pop()
+        for nxt in node.outputs:
+            owner = trace.owner.get(nxt.grad_fn)
+            target = owner if owner is not None else nxt
+            if target.type in (OPTYPE.CONV, OPTYPE.LINEAR) and trace.is_module_node(target):
+                _add_consumer(rec, trace, found, target.module, node, reshaped)
+            elif nxt in seen:
+                continue
+            elif owner is None and _commutes(trace, nxt):
+                seen.add(nxt)
+                stack.append((nxt, reshaped or nxt.type == OPTYPE.RESHAPE))
+            else:
+                raise ModelError(f"fold: the output of {_describe(rec)} reaches {nxt.name}, which the noise "
+                                 "cannot be folded through; attach the noise to the Conv/Linear before it")
+    return found
+
+
+def _commutes(trace: Trace, node) -> bool:
+    """Whether the op passes channels through and satisfies op(θx) = θ·op(x) for θ ≥ 0."""
+    if node.type == OPTYPE.RESHAPE:
+        return True
+    if node.type == OPTYPE.PRELU:
+        return trace.calls[node.module].calls == 1
+    if node.type != OPTYPE.ELEMENTWISE or op_name(node.grad_fn) not in _HOMOGENEOUS_OPS:
+        return False
+    return all(fn is not None for fn, _ in node.grad_fn.next_functions) and len(node.grad_fn.next_functions) == 1
+
+
+def _add_consumer(rec: NoiseRecord, trace: Trace, found: dict, layer: nn.Module, source, reshaped: bool) -> None:
+    call = trace.calls[layer]
+    if call.calls != 1 or not call.in_fns or call.in_fns[0] is not source.grad_fn or layer in found:
+        raise ModelError(f"fold: the output of {_describe(rec)} feeds {type(layer).__name__} "
+                         f"{trace.graph._module2name.get(layer, '')!r} in a way the noise cannot be folded into "
+                         "(reused layer or several paths); attach the noise to the Conv/Linear before it")
+    found[layer] = reshaped
+
+
+def _column_scale(rec: NoiseRecord, layer: nn.Module, reshaped: bool, axis: int, ndim: int) -> Tensor:
+    """Per-input-column scale of a consumer: θ itself, or θ repeated per flattened position."""
+    width = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    channels = rec.theta.numel()
+    if width == channels:
+        return rec.theta
+    if reshaped and width % channels == 0:
+        if axis == 1:            # N×C×H×W flattened: channel c owns columns [c·HW, (c+1)·HW)
+            return rec.theta.repeat_interleave(width // channels)
+        if axis == ndim - 1:     # N×T×C flattened: channel c owns columns c, c + C, c + 2C …
+            return rec.theta.repeat(width // channels)
+    raise ModelError(f"fold: cannot match the {channels} structures of {_describe(rec)} to the {width} input "
+                     f"columns of the {type(layer).__name__} consuming them; attach the noise elsewhere")
+
+
+# -- the whole fold -------------------------------------------------------------------------------
+@dataclass
+class Folded:
+    """A folded working copy, the graph traced on it, the noise records and the reference outputs."""
+
+    model: nn.Module
+    trace: Trace
+    records: list[NoiseRecord]
+    example_inputs: Any
+    reference: Any
+    requires_grad: dict[str, bool]
+
+
+def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> Folded:
+    """Deep-copy ``model``, fold its noise layers into the weights, remove them; check the outputs."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{caller}: expected an nn.Module, got {type(model).__name__}")
+    if not noise_layers(model):
+        raise ModelError(f"{caller}: the model has no noise layers; attach and train it first")
+    work = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        reference = _forward(work, example_inputs)
+        records = [NoiseRecord(name, work.get_submodule(name), noise.expected_theta().detach().clone(), noise.dim)
+                   for name, noise in noise_layers(work)]
+    detach_noise(work)
+    requires_grad = {name: p.requires_grad for name, p in work.named_parameters()}
+    for p in work.parameters():
+        p.requires_grad_(True)  # tracing follows autograd
+    trace = Trace(work, example_inputs)
+    for rec in records:
+        _fold_record(rec, trace)
+    folded = Folded(work.eval(), trace, records, example_inputs, reference, requires_grad)
+    mismatch = reference_mismatch(folded)
+    if not mismatch <= REL_TOL:
+        raise ModelError(f"{caller}: folding the noise changed the model's outputs (relative error "
+                         f"{mismatch:.2e}); this architecture is not supported, please report it")
+    return folded
+
+
+def restore_requires_grad(folded: Folded) -> None:
+    for name, p in folded.model.named_parameters():
+        p.requires_grad_(folded.requires_grad.get(name, True))
+
+
+def reference_mismatch(folded: Folded) -> float:
+    """max|Δout| / max|out| of the working copy against the noisy model on the example inputs."""
+    with torch.no_grad():
+        return output_mismatch(_forward(folded.model, folded.example_inputs), folded.reference)
+
+
+def fold_noise(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """A copy of ``model`` without noise layers computing what ``model`` computes in eval mode.
+
+    E[θ]·mask of every noise layer is folded into the neighbouring weights (see the module docstring);
+    ``model`` itself is left unchanged.  Raises :class:`bmrs.errors.ModelError` if the model has no noise
+    layers or a noise layer sits where it cannot be folded exactly.
+
+    Example:
+        >>> import torch, bmrs
+        >>> from bmrs.compaction import fold_noise
+        >>> cnn = bmrs.attach(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+        ...                                       torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2)))
+        >>> folded = fold_noise(cnn, torch.randn(1, 1, 6, 6))
+        >>> any(isinstance(m, bmrs.MultiplicativeNoise) for m in folded.modules())
+        False
+    """
+    folded = fold(model, example_inputs)
+    restore_requires_grad(folded)
+    return folded.model

@@ -1,0 +1,1 @@
+"""Experiments built on the training engine: post-training sweeps, compaction reports, reproductions."""

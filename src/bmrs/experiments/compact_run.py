@@ -1,0 +1,49 @@
+"""``bmrs compact``: a finished run → compacted model file, sizes, FLOPs and CPU latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io import save_state_dict, write_json
+from ..training.artifacts import load_run
+from .timing import median_latency
+
+__all__ = ["compact_run"]
+
+
+def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_size: int = 256,
+                data_dir: str | None = None, log=print) -> dict:
+    """Compact the run's best model; write ``compacted.safetensors`` and ``compact_report.json``.
+
+    Example:
+        >>> report = compact_run("runs/fashion-mnist-lenet5-bmrs-n-s0")   # doctest: +SKIP
+        >>> report["latency_speedup_b256"]                                # doctest: +SKIP
+    """
+    from ..compaction import compact, compression_report
+
+    run = load_run(run_dir)
+    size = run.config.image_size
+    in_channels = run.metrics["data"]["in_channels"]
+    example = torch.randn(2, in_channels, size, size)
+    compacted = compact(run.model, example)
+    report = compression_report(run.model, compacted, example)
+    for batch in sorted({1, batch_size}):
+        x = torch.randn(batch, in_channels, size, size)
+        masked_s, compact_s = median_latency(run.model, x), median_latency(compacted, x)
+        report[f"latency_masked_b{batch}_ms"] = 1000 * masked_s
+        report[f"latency_compact_b{batch}_ms"] = 1000 * compact_s
+        report[f"latency_speedup_b{batch}"] = masked_s / compact_s
+    report["threads"] = torch.get_num_threads()
+    output = Path(output) if output else Path(run_dir) / "compacted.safetensors"
+    save_state_dict(output, compacted.state_dict())
+    write_json(output.with_name("compact_report.json"), report)
+    log(f"parameters {report['params_before']:,} → {report['params_after']:,} "
+        f"({report['parameter_compression_pct']:.1f}% removed); FLOPs {report['flops_removed_pct']:.1f}% removed")
+    for batch in sorted({1, batch_size}):
+        log(f"latency batch {batch}: {report[f'latency_masked_b{batch}_ms']:.3f} ms masked → "
+            f"{report[f'latency_compact_b{batch}_ms']:.3f} ms compacted "
+            f"(×{report[f'latency_speedup_b{batch}']:.2f})")
+    log(f"compacted model: {output}")
+    return report

@@ -1,0 +1,118 @@
+"""Atomic writes and safe loads: results and checkpoints are never left half-written.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from bmrs.io import write_json, read_json
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.json"
+    >>> write_json(path, {"accuracy": 0.9})
+    >>> read_json(path)
+    {'accuracy': 0.9}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+__all__ = ["atomic_write", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
+           "save_state_dict", "load_state_dict_file", "check_writable"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); delete it and rerun") from None
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """torch.save of plain containers and tensors only (loadable with weights_only=True), atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely (weights_only=True); a truncated or foreign file gives CheckpointError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint; check the path or start without --resume") from None
+    except Exception as err:  # pickle/zip errors of a truncated or corrupt file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({first[:120]}); it is truncated or "
+                              "not a bmrs checkpoint — delete it to start over") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a bmrs checkpoint (holds a {type(state).__name__})")
+    return state
+
+
+def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as safetensors (no pickle), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors (or weights_only torch) state dict; CheckpointError if unreadable."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({str(err)[:120]}); it is truncated "
+                                  "or corrupt") from None
+    state = load_checkpoint(path)
+    return state.get("model", state)
+
+
+def check_writable(folder: str | os.PathLike, need_bytes: int = 50 * 2**20) -> Path:
+    """Create ``folder`` and make sure files can be written there, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"cannot write to output folder {folder} ({err.strerror}); pass a writable --output") from None
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if free < need_bytes:
+        raise ConfigError(f"output folder {folder} has only {free // 2**20} MiB free; need about "
+                          f"{need_bytes // 2**20} MiB — free space or pass another --output")
+    return folder

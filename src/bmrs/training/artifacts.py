@@ -1,0 +1,50 @@
+"""Reading a finished run back: its config and its masked model, rebuilt without pickle.
+
+Example:
+    >>> from bmrs.training.artifacts import load_run
+    >>> run = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0")        # doctest: +SKIP
+    >>> run.model, run.config.criterion                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import CheckpointError
+from ..io import load_state_dict_file, read_json
+from .config import TrainConfig
+from .run import METRICS, build_for
+
+__all__ = ["LoadedRun", "load_run"]
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: TrainConfig
+    metrics: dict
+    model: nn.Module  # the masked model (noise layers attached), in eval mode
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Rebuild the masked model of a finished ``bmrs train`` run from its JSON and safetensors files."""
+    path = Path(path)
+    metrics_path = path / METRICS
+    if not metrics_path.exists():
+        raise CheckpointError(f"{path}: no {METRICS} here — not a finished bmrs run (finish it with "
+                              "bmrs train --resume --output {path})")
+    metrics = read_json(metrics_path)
+    if "config" not in metrics or "data" not in metrics:
+        raise CheckpointError(f"{metrics_path}: lacks 'config'/'data'; it was not written by bmrs train")
+    config = TrainConfig.from_dict(metrics["config"])
+    model = build_for(config, metrics["data"]["in_channels"], metrics["data"]["num_classes"])
+    state = load_state_dict_file(path / "model_masked.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: saved weights do not fit the configured {config.model} "
+                              f"({str(err).splitlines()[0][:100]})") from None
+    return LoadedRun(path, config, metrics, model.eval())

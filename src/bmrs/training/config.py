@@ -1,0 +1,142 @@
+"""Everything that defines a training run, validated up front with errors that say how to fix them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS"]
+
+CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad")
+KL_REDUCTIONS = ("mean", "elbo")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _positive_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """A run: data, network, criterion and schedule.  ``validate()`` is called on construction.
+
+    Continuous pruning: after every ``prune_every`` of the first ``epochs`` epochs the criterion
+    prunes; then ``finetune_epochs`` epochs train without pruning.  The checkpoint with the best
+    validation accuracy after the last pruning step is the one tested.
+
+    Example:
+        >>> from bmrs.training import TrainConfig
+        >>> TrainConfig(model="mlp", criterion="bmrs-u", p1=4, epochs=2, finetune_epochs=1).total_epochs
+        3
+        >>> TrainConfig(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        bmrs.errors.ConfigError: batch_size must be an integer >= 1, got 0
+    """
+
+    dataset: str = "fashion-mnist"
+    model: str = "lenet5"
+    criterion: str = "bmrs-n"
+    p1: float = 8.0
+    threshold: float | None = None
+    amount: float | None = None
+    amount_schedule: list[int] | None = None
+    epochs: int = 5
+    finetune_epochs: int = 2
+    prune_every: int = 1
+    batch_size: int = 32
+    lr: float = 1.4e-3
+    seed: int = 0
+    kl_reduction: str = "mean"
+    granularity: str = "structure"
+    noise: bool = True
+    hidden: int = 150
+    layers: int = 1
+    image_size: int = 32
+    val_fraction: float = 0.2
+    train_subset: int | None = None
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
+    @property
+    def prunes(self) -> bool:
+        return self.criterion != "none"
+
+    def validate(self) -> None:
+        from ..models import MODEL_NAMES
+
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.criterion not in CRITERION_NAMES:
+            raise ConfigError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERION_NAMES)}")
+        if isinstance(self.p1, bool) or not isinstance(self.p1, (int, float)) or not 0 < self.p1 < 23:
+            raise ConfigError(f"p1 must be a number in (0, 23), got {self.p1!r}; the paper uses 8 or 4")
+        _positive_int("epochs", self.epochs, allow_zero=True)
+        _positive_int("finetune_epochs", self.finetune_epochs, allow_zero=True)
+        if self.total_epochs < 1:
+            raise ConfigError("epochs + finetune_epochs must be at least 1")
+        _positive_int("prune_every", self.prune_every)
+        _positive_int("batch_size", self.batch_size)
+        _positive_float("lr", self.lr)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if self.granularity not in ("structure", "element"):
+            raise ConfigError(f"granularity must be 'structure' or 'element', got {self.granularity!r}")
+        _positive_int("hidden", self.hidden)
+        _positive_int("layers", self.layers, allow_zero=True)
+        _positive_int("image_size", self.image_size)
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction!r}")
+        if self.train_subset is not None:
+            _positive_int("train_subset", self.train_subset)
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if self.amount is not None:
+            if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount <= 1:
+                raise ConfigError(f"amount must be a fraction in [0, 1], got {self.amount!r}")
+        if self.amount_schedule is not None:
+            if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.amount_schedule):
+                raise ConfigError("amount_schedule must be a list of non-negative structure counts")
+        if self.criterion in ("l2", "grad") and self.amount is None and self.amount_schedule is None:
+            raise ConfigError(f"criterion {self.criterion!r} ranks but has no threshold: pass --amount "
+                              "(fraction of structures to prune), e.g. --amount 0.8")
+        if self.threshold is not None and self.criterion not in ("snr", "ev"):
+            raise ConfigError("threshold applies only to the snr and ev criteria")
+        if not self.noise and self.criterion != "none":
+            raise ConfigError("pruning needs noise layers: use --criterion none with --no-noise")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**data)

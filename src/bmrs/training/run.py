@@ -1,0 +1,228 @@
+"""A whole run: continuous pruning, fine-tuning, best-checkpoint testing, compaction, artefacts.
+
+Every epoch ends with an atomic checkpoint; ``resume=True`` continues a killed run and reaches the
+same result as an uninterrupted one (each epoch reseeds from (seed, epoch), so a partly finished
+epoch is simply redone).
+
+Example:
+    >>> from bmrs.training import TrainConfig, train
+    >>> cfg = TrainConfig(model="mlp", criterion="bmrs-n", epochs=1, finetune_epochs=1, train_subset=512)
+    >>> metrics = train(cfg, "runs/example")                     # doctest: +SKIP
+    >>> metrics["test_accuracy"], metrics["parameter_compression_pct"]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..criteria import Criterion, Gradient, get_criterion
+from ..errors import CheckpointError, ConfigError
+from ..io import check_writable, load_checkpoint, save_checkpoint, save_state_dict, write_json
+from ..nn.attach import noise_layers
+from ..pruning import prune, structure_counts
+from .config import TrainConfig
+from .loop import batches, evaluate, train_epoch
+
+__all__ = ["train", "build_for", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+_RESUME_IGNORES = ("device", "threads", "data_dir", "download")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def build_for(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The network of a config (seeded), with noise layers of the configured granularity."""
+    from ..models import build_model
+
+    torch.manual_seed(config.seed)
+    kwargs = {"hidden": config.hidden, "layers": config.layers} if config.model == "mlp" else {}
+    model = build_model(config.model, in_channels, num_classes, config.image_size, noise=config.noise, **kwargs)
+    for _, noise in noise_layers(model):
+        noise.granularity = config.granularity
+    return model
+
+
+def _criterion(config: TrainConfig) -> Criterion | None:
+    if not config.prunes:
+        return None
+    if config.criterion == "bmrs-u":
+        return get_criterion("bmrs-u", p1=config.p1)
+    if config.criterion in ("snr", "ev") and config.threshold is not None:
+        return get_criterion(config.criterion, threshold=config.threshold)
+    return get_criterion(config.criterion)
+
+
+def _prune_epochs(config: TrainConfig) -> list[int]:
+    if not config.prunes:
+        return []
+    return [e for e in range(1, config.epochs + 1) if e % config.prune_every == 0]
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _RESUME_IGNORES}
+
+
+def _restore(path: Path, config: TrainConfig, model: nn.Module, optimizer) -> dict:
+    state = load_checkpoint(path)
+    for key in ("config", "model", "optimizer", "epoch", "history"):
+        if key not in state:
+            raise CheckpointError(f"{path}: not a bmrs training checkpoint (no {key!r}); delete it to start over")
+    if _comparable(state["config"]) != _comparable(config.to_dict()):
+        changed = sorted(k for k in _comparable(config.to_dict())
+                         if state["config"].get(k) != config.to_dict().get(k))
+        raise CheckpointError(f"{path}: checkpoint was made with different settings ({', '.join(changed)}); "
+                              "use the same options to resume, or another --output")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:120]}); "
+                              "it belongs to another model — use another --output") from None
+    return state
+
+
+def _prune_step(model, criterion, config, step_index, data, device) -> dict:
+    amount = None
+    if config.amount_schedule is not None:
+        schedule = config.amount_schedule
+        amount = int(schedule[min(step_index, len(schedule) - 1)]) if schedule else 0
+    elif config.amount is not None:
+        amount = float(config.amount)
+    if isinstance(criterion, Gradient):
+        criterion = Gradient()
+        gen = torch.Generator().manual_seed(epoch_seed(config.seed, 10_000 + step_index))
+        criterion.accumulate(model, batches(data.train, config.batch_size, gen, device), max_batches=50)
+    if isinstance(amount, int):
+        amount = min(amount, structure_counts(model).structures)
+    report = prune(model, criterion, amount)
+    return {"pruned": report.pruned, "newly_pruned": report.newly_pruned, "structures": report.structures}
+
+
+def train(config: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, data=None) -> dict:
+    """Train, prune, fine-tune, test and compact; write metrics.json and models into ``output``.
+
+    Returns the metrics dictionary (also written to ``output/metrics.json``).
+    """
+    from ..data import load_dataset
+
+    output = check_writable(output)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction,
+                            split_seed=config.seed, download=config.download, image_size=config.image_size,
+                            train_subset=config.train_subset, progress=progress)
+    model = build_for(config, data.in_channels, data.num_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    criterion = _criterion(config)
+    prune_epochs = _prune_epochs(config)
+    eligible_from = prune_epochs[-1] if prune_epochs else 1
+
+    ckpt_path = output / CHECKPOINT
+    start, history = 1, []
+    best = {"val_accuracy": -1.0, "epoch": 0, "state": None}
+    if resume and ckpt_path.exists():
+        state = _restore(ckpt_path, config, model, optimizer)
+        start, history = state["epoch"] + 1, state["history"]
+        best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
+                "state": state["best_state"]}
+        log(f"resuming {output} after epoch {state['epoch']}")
+    elif ckpt_path.exists() and not resume:
+        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+
+    for epoch in range(start, config.total_epochs + 1):
+        torch.manual_seed(epoch_seed(config.seed, epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        t0 = time.perf_counter()
+        stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
+                            kl_reduction=config.kl_reduction, device=device, progress=progress,
+                            desc=f"epoch {epoch}/{config.total_epochs}")
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
+        if epoch in prune_epochs:
+            t1 = time.perf_counter()
+            record.update(_prune_step(model, criterion, config, prune_epochs.index(epoch), data, device))
+            record["prune_seconds"] = time.perf_counter() - t1
+        val = evaluate(model, data.val, device=device)
+        record["val_accuracy"] = val["accuracy"]
+        record["structures_pruned"] = structure_counts(model).pruned if noise_layers(model) else 0
+        history.append(record)
+        if epoch >= eligible_from and val["accuracy"] > best["val_accuracy"]:
+            best = {"val_accuracy": val["accuracy"], "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        save_checkpoint(ckpt_path, {
+            "config": config.to_dict(), "epoch": epoch, "history": history,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
+        })
+        log(f"epoch {epoch:>3}/{config.total_epochs}  loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}"
+            f"  val acc {val['accuracy']:.4f}  pruned {record['structures_pruned']}  ({seconds:.1f}s)")
+
+    return finish(config, output, model, best, history, data, device, log)
+
+
+def finish(config, output: Path, model: nn.Module, best: dict, history: list, data, device, log) -> dict:
+    """Test the best checkpoint, compact it, save models and metrics.json."""
+    from ..compaction import compact, compression_report
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    test = evaluate(model, data.test, device=device)
+    example = data.test.tensors[0][:2].to(device)
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_top5_accuracy": test["top5_accuracy"],
+        "val_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"],
+        "epoch_seconds": sum(h["seconds"] for h in history) / max(len(history), 1),
+    }
+    if noise_layers(model):
+        counts = structure_counts(model)
+        compacted = compact(model, example)
+        sizes = compression_report(model, compacted, example)
+        compact_test = evaluate(compacted, data.test, device=device)
+        metrics.update({
+            "structures_pruned_pct": counts.pruned_pct,
+            "structures_pruned": counts.pruned,
+            "structures": counts.structures,
+            "parameter_compression_pct": sizes["parameter_compression_pct"],
+            "flops_removed_pct": sizes["flops_removed_pct"],
+            "params_before": sizes["params_before"], "params_after": sizes["params_after"],
+            "flops_before": sizes["flops_before"], "flops_after": sizes["flops_after"],
+            "compacted_test_accuracy": compact_test["accuracy"],
+            "layers": counts.as_dict()["layers"],
+        })
+        save_state_dict(output / "model_compact.safetensors", compacted.state_dict())
+    else:
+        metrics.update({"structures_pruned_pct": 0.0, "parameter_compression_pct": 0.0, "flops_removed_pct": 0.0})
+    save_state_dict(output / "model_masked.safetensors", model.state_dict())
+    metrics["data"] = {"in_channels": data.in_channels, "num_classes": data.num_classes}
+    metrics["config"] = config.to_dict()
+    metrics["history"] = history
+    write_json(output / METRICS, metrics)
+    write_json(output / "config.json", config.to_dict())
+    log(f"test accuracy {metrics['test_accuracy']:.4f} (top-5 {metrics['test_top5_accuracy']:.4f}), "
+        f"structures pruned {metrics['structures_pruned_pct']:.1f}%, parameters removed "
+        f"{metrics['parameter_compression_pct']:.1f}%, FLOPs removed {metrics['flops_removed_pct']:.1f}%")
+    log(f"results: {output / METRICS}")
+    return metrics

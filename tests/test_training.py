@@ -1,0 +1,168 @@
+"""The training engine on real Fashion-MNIST slices: pruning, compaction, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bmrs
+from bmrs.data import load_dataset
+from bmrs.training import TrainConfig, train
+from bmrs.training import run as run_module
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def fmnist_slice():
+    return load_dataset("fashion-mnist", train_subset=3000, progress=False)
+
+
+def quiet(_msg):
+    pass
+
+
+def test_config_validation_messages():
+    for kwargs, fragment in [
+        ({"p1": 23}, "p1 must be"), ({"p1": 0}, "p1 must be"), ({"epochs": -1}, "epochs must be"),
+        ({"batch_size": 0}, "batch_size must be"), ({"criterion": "magic"}, "unknown criterion"),
+        ({"model": "alexnet"}, "unknown model"), ({"lr": 0.0}, "lr must be"),
+        ({"criterion": "l2"}, "--amount"), ({"kl_reduction": "sum"}, "kl_reduction"),
+        ({"noise": False}, "pruning needs noise"),
+    ]:
+        with pytest.raises(bmrs.ConfigError, match=fragment):
+            TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("criterion,p1", [("bmrs-u", 4.0), ("bmrs-n", 8.0)])
+def test_mlp_on_real_fashion_mnist_prunes_and_compacts_exactly(fmnist_slice, tmp_path, criterion, p1):
+    cfg = TrainConfig(model="mlp", hidden=64, criterion=criterion, p1=p1, epochs=7, finetune_epochs=1,
+                      batch_size=16, lr=1e-2, train_subset=3000, seed=1)
+    metrics = train(cfg, tmp_path / "run", progress=False, log=quiet, data=fmnist_slice)
+    assert metrics["test_accuracy"] > 0.6  # chance is 0.1
+    assert metrics["compacted_test_accuracy"] == metrics["test_accuracy"]
+    if criterion == "bmrs-u":
+        # Posteriors that the data leaves prior-like put their mass on low-precision θ: pruned.
+        assert metrics["structures_pruned_pct"] > 30
+        assert 0 < metrics["parameter_compression_pct"] < 100 and metrics["flops_removed_pct"] > 0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_top5_accuracy", "val_accuracy", "structures_pruned_pct",
+                "parameter_compression_pct", "flops_removed_pct", "epoch_seconds", "config"):
+        assert key in saved
+    assert saved["config"]["criterion"] == criterion
+    assert (tmp_path / "run" / "model_masked.safetensors").exists()
+    assert (tmp_path / "run" / "model_compact.safetensors").exists()
+    assert len(saved["history"]) == 8
+    # the masks that were set are exactly the criterion's decisions on the final posteriors
+    from bmrs.training.artifacts import load_run
+    run = load_run(tmp_path / "run")
+    masks = {name: noise.mask == 0 for name, noise in bmrs.noise_layers(run.model)}
+    assert sum(int(m.sum()) for m in masks.values()) == saved["structures_pruned"]
+
+
+def test_resume_after_interruption_gives_identical_metrics(fmnist_slice, tmp_path, monkeypatch):
+    cfg = TrainConfig(model="mlp", hidden=32, criterion="snr", epochs=2, finetune_epochs=1, batch_size=128,
+                      lr=5e-3, train_subset=3000, seed=2)
+    straight = train(cfg, tmp_path / "straight", progress=False, log=quiet, data=fmnist_slice)
+
+    calls = {"n": 0}
+    real_epoch = run_module.train_epoch
+
+    def dying_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die inside the second epoch, after the first checkpoint
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_epoch", dying_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed", progress=False, log=quiet, data=fmnist_slice)
+    monkeypatch.setattr(run_module, "train_epoch", real_epoch)
+    with pytest.raises(bmrs.ConfigError, match="--resume"):
+        train(cfg, tmp_path / "killed", progress=False, log=quiet, data=fmnist_slice)
+    resumed = train(cfg, tmp_path / "killed", resume=True, progress=False, log=quiet, data=fmnist_slice)
+    for key in ("test_accuracy", "val_accuracy", "structures_pruned_pct", "parameter_compression_pct"):
+        assert resumed[key] == straight[key], key
+    assert [h["val_accuracy"] for h in resumed["history"]] == [h["val_accuracy"] for h in straight["history"]]
+
+
+def test_resume_with_other_settings_is_refused(fmnist_slice, tmp_path):
+    cfg = TrainConfig(model="mlp", hidden=16, criterion="none", epochs=1, finetune_epochs=0, batch_size=256,
+                      train_subset=3000)
+    train(cfg, tmp_path / "r", progress=False, log=quiet, data=fmnist_slice)
+    other = TrainConfig(model="mlp", hidden=16, criterion="none", epochs=1, finetune_epochs=0, batch_size=128,
+                        train_subset=3000)
+    with pytest.raises(bmrs.CheckpointError, match="batch_size"):
+        train(other, tmp_path / "r", resume=True, progress=False, log=quiet, data=fmnist_slice)
+
+
+def test_nan_loss_stops_with_the_layer_named(fmnist_slice, tmp_path):
+    cfg = TrainConfig(model="mlp", hidden=16, criterion="bmrs-n", epochs=1, finetune_epochs=0, batch_size=256,
+                      train_subset=3000)
+    model = run_module.build_for(cfg, 1, 10)
+    with torch.no_grad():
+        name, noise = bmrs.noise_layers(model)[0]
+        noise.mu[3] = float("nan")
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(bmrs.errors.TrainingError, match=rf"{name}\.bmrs_noise\.mu \(1 of 16"):
+        run_module.train_epoch(model, opt, fmnist_slice.train, batch_size=256, generator=torch.Generator(),
+                               progress=False)
+
+
+def _cli(*args, timeout=600, **kwargs):
+    return subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["train", "--p1", "30"], "p1 must be"),
+    (["train", "--epochs", "-2"], "epochs must be"),
+    (["train", "--batch-size", "0"], "batch_size must be"),
+    (["train", "--model", "alexnet"], "unknown model"),
+    (["train", "--dataset", "imagenet21k", "--output", "{tmp}/x"], "unknown dataset"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, fragment, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = _cli(*args)
+    assert result.returncode in (1, 2), result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and fragment in lines[0].lower() or fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_usage_errors_exit_2():
+    result = _cli("train", "--criterion", "magic")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert _cli("--help").returncode == 0
+
+
+def test_cli_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """A run killed with SIGKILL mid-training resumes to exactly the metrics of an uninterrupted run."""
+    common = ["--no-progress", "train", "--model", "mlp", "--hidden", "32", "--criterion", "bmrs-u", "--p1", "4",
+              "--epochs", "3", "--finetune-epochs", "1", "--batch-size", "256", "--train-subset", "4000",
+              "--threads", "1", "--seed", "3"]
+    straight = _cli(*common, "--output", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "bmrs", *common, "--output", str(tmp_path / "b")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _cli(*common, "--output", str(tmp_path / "b"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in ("test_accuracy", "val_accuracy", "structures_pruned_pct", "parameter_compression_pct"):
+        assert a[key] == b[key], key
