@@ -35,7 +35,7 @@ def load_run(path: str | Path) -> LoadedRun:
     metrics_path = path / METRICS
     if not metrics_path.exists():
         raise CheckpointError(f"{path}: no {METRICS} here — not a finished bmrs run (finish it with "
-                              "bmrs train --resume --output {path})")
+                              f"bmrs train --resume --output {path})")
     metrics = read_json(metrics_path)
     if "config" not in metrics or "data" not in metrics:
         raise CheckpointError(f"{metrics_path}: lacks 'config'/'data'; it was not written by bmrs train")
