@@ -8,6 +8,7 @@ from .reduction import delta_f, spike_prior, precision_prior
 from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers
 from . import criteria
 from .pruning import PruneReport, prune
+from .compaction import compact, count
 
 try:
     __version__ = _version("bmrs")
@@ -28,6 +29,8 @@ __all__ = [
     "criteria",
     "prune",
     "PruneReport",
+    "compact",
+    "count",
     "BMRSError",
     "CheckpointError",
     "ConfigError",
