@@ -44,7 +44,8 @@ def randomize(model: nn.Module, gen: torch.Generator, frac: float = 0.4) -> None
         for _, noise in bmrs.noise_layers(model):
             noise.mu.copy_(torch.empty(noise.num_features).uniform_(-3.0, 0.5, generator=gen))
             noise.log_sigma.copy_(torch.empty(noise.num_features).uniform_(-6.0, 0.0, generator=gen))
-            set_mask(noise, torch.randperm(noise.num_features, generator=gen)[: round(frac * noise.num_features)].tolist())
+            order = torch.randperm(noise.num_features, generator=gen)
+            set_mask(noise, order[: round(frac * noise.num_features)].tolist())
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .fold import (
-    OPTYPE, REL_TOL, Folded, Trace, channel_multiplier, fold, op_name, reference_mismatch,
+    OPTYPE, REL_TOL, Folded, Trace, fold, op_name, reference_mismatch,
     restore_requires_grad,
 )
 
@@ -51,8 +51,8 @@ _PASS_TYPES = frozenset({OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.SLI
 # Channel-wise autograd ops with op(0) = 0 (a zero channel stays zero through them).
 _ZERO_PRESERVING_OPS = frozenset({
     "Add", "Sub", "Mul", "Neg", "Clone", "Relu", "LeakyRelu", "Gelu", "Tanh", "Elu", "Silu", "Mish",
-    "Hardtanh", "Hardswish", "Abs", "Mean", "Sum", "MaxPool1DWithIndices", "MaxPool2DWithIndices",
-    "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "Hardtanh", "Hardswish", "Abs", "Mean", "Sum", "Squeeze", "Unsqueeze", "MaxPool1DWithIndices",
+    "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
     "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
 })
 # Channel-wise ops that map 0 to something else: a channel may pass them, but is not zero after them.
@@ -73,7 +73,7 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
 
     Example:
         >>> import torch, bmrs
-        >>> from bmrs.compaction import compact, count
+        >>> from bmrs.compaction import compact
         >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         ...                           torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 2))
         >>> cnn = bmrs.attach(cnn)
@@ -86,14 +86,17 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
         True
     """
     folded = fold(model, example_inputs, caller="compact")
-    _remove_masked_channels(folded)
-    restore_requires_grad(folded)
-    mismatch = reference_mismatch(folded)
-    if not mismatch <= REL_TOL:  # never trade exactness for size: fall back to the folded model
-        warnings.warn(f"compact: removing channels changed the outputs (relative error {mismatch:.2e}); "
-                      "returning the folded model without removing channels", RuntimeWarning, stacklevel=2)
+    try:
+        _remove_masked_channels(folded)
+        mismatch = reference_mismatch(folded)
+        problem = None if mismatch <= REL_TOL else f"changed the outputs (relative error {mismatch:.2e})"
+    except Exception as err:  # torch-pruning could not handle this graph
+        problem = f"failed ({type(err).__name__}: {err})"
+    if problem is not None:  # never trade exactness for size: fall back to the folded model
+        warnings.warn(f"compact: removing channels {problem}; returning the folded model with every "
+                      "channel kept", RuntimeWarning, stacklevel=2)
         folded = fold(model, example_inputs, caller="compact")
-        restore_requires_grad(folded)
+    restore_requires_grad(folded)
     return folded.model.eval()
 
 
@@ -175,24 +178,26 @@ def _reader_ignores(trace: Trace, zeros: "_ZeroAnalysis", node, columns: list[in
     """A Conv/Linear ignores input channel ``root``: its columns are zero or it reads exact zeros."""
     if node.type not in (OPTYPE.CONV, OPTYPE.LINEAR) or not trace.is_module_node(node):
         return False
-    if channels_zero(node.module, columns, "in"):
+    if zeros.channels_zero(node.module, columns, "in"):
         return True
     source = trace.input_node(node.module)
     return source is not None and zeros.is_zero(source, root)
 
 
 @torch.no_grad()
-def channels_zero(layer: nn.Module, idxs: list[int], side: str) -> bool:
-    """Whether the weights (and, for outputs, the bias) of these channels of a Conv/Linear are all zero."""
+def nonzero_channels(layer: nn.Module, side: str) -> torch.Tensor:
+    """One flag per output (weights or bias) or input channel of a Conv/Linear: has a non-zero weight."""
+    weight = layer.weight != 0  # NaN counts as non-zero
     if isinstance(layer, nn.Linear):
-        width = layer.out_features if side == "out" else layer.in_features
-    else:
-        width = layer.out_channels if side == "out" else layer.in_channels
-    pick = torch.zeros(width, dtype=layer.weight.dtype, device=layer.weight.device)
-    pick[idxs] = 1
-    if torch.count_nonzero(layer.weight * channel_multiplier(layer, pick, side)):
-        return False
-    return side == "in" or layer.bias is None or not torch.count_nonzero(layer.bias[idxs])
+        flags = weight.any(dim=1) if side == "out" else weight.any(dim=0)
+    elif (side == "out") != layer.transposed:  # the channel is weight dim 0
+        flags = weight.flatten(1).any(dim=1)
+    else:  # the channel is weight dim 1 within each group
+        groups, rows, cols = layer.groups, weight.shape[0], weight.shape[1]
+        flags = weight.reshape(groups, rows // groups, cols, -1).any(dim=3).any(dim=1).flatten()
+    if side == "out" and layer.bias is not None:
+        flags = flags | (layer.bias != 0)
+    return flags
 
 
 def _bias_zero(layer: nn.Module, idxs: list[int]) -> bool:
@@ -210,7 +215,14 @@ class _ZeroAnalysis:
     """Is a node's output exactly zero on the channel of a given root, for every input?"""
 
     def __init__(self, trace: Trace, produced: dict):
-        self.trace, self.produced, self.memo = trace, produced, {}
+        self.trace, self.produced, self.memo, self.flags = trace, produced, {}, {}
+
+    def channels_zero(self, layer: nn.Module, idxs: list[int], side: str) -> bool:
+        """Whether these channels of a Conv/Linear have all-zero weights (and bias, for outputs)."""
+        key = (layer, side)
+        if key not in self.flags:
+            self.flags[key] = nonzero_channels(layer, side)
+        return not bool(self.flags[key][idxs].any())
 
     def is_zero(self, node, root: int) -> bool:
         key = (node, root)
@@ -225,9 +237,11 @@ class _ZeroAnalysis:
             return False
         kind, module = node.type, node.module
         if kind in (OPTYPE.CONV, OPTYPE.LINEAR):
-            return self.trace.is_module_node(node) and channels_zero(module, idxs, "out")
+            return self.trace.is_module_node(node) and self.channels_zero(module, idxs, "out")
         if kind == OPTYPE.DEPTHWISE_CONV:
-            return channels_zero(module, idxs, "out") or (_bias_zero(module, idxs) and self._inputs_zero(node, root, True))
+            if self.channels_zero(module, idxs, "out"):
+                return True
+            return _bias_zero(module, idxs) and self._inputs_zero(node, root, True)
         if kind == OPTYPE.BN:
             return _norm_zero(module, idxs)
         if kind == OPTYPE.PRELU:

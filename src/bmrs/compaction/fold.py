@@ -4,7 +4,8 @@ After folding, a copy of the model *without* noise layers computes exactly what 
 noise layers computes in eval mode (up to float rounding).  Where each noise layer goes:
 
   * after a BatchNorm / LayerNorm / GroupNorm / InstanceNorm → into its affine weight and bias
-    (θ·(γ·x̂ + β) = (θγ)·x̂ + θβ; a norm without affine parameters gets them);
+    (θ·(γ·x̂ + β) = (θγ)·x̂ + θβ); a norm without affine parameters has its consumers' input columns
+    scaled instead (see the last case), or is given affine parameters where that is impossible;
   * after a Conv / Linear → into its output rows and bias;
   * after ``nn.MultiheadAttention`` → into ``out_proj``'s rows and bias;
   * after a ReLU / LeakyReLU / PReLU module that directly follows a Conv / Linear / BatchNorm
@@ -14,7 +15,8 @@ noise layers computes in eval mode (up to float rounding).  Where each noise lay
     a Flatten of N×C×H×W gets each channel's block of H·W columns scaled).
 
 The consumers and producers are found with torch-pruning's dependency graph, built by tracing the
-model once on ``example_inputs``.  The result is checked against the noisy model on those inputs.
+model once on ``example_inputs``.  The result is checked against the noisy model on those inputs and
+on random inputs of the same shapes.
 
 Example:
     >>> import torch, bmrs
@@ -228,6 +230,12 @@ class Trace:
                 stack.extend(f for f, _ in fn.next_functions)
         return owner
 
+    def label(self, node) -> str:
+        """A readable name for a graph node: the module's class and name, or the autograd op."""
+        if self.is_module_node(node):
+            return f"{type(node.module).__name__} {self.graph._module2name.get(node.module, '')!r}"
+        return f"the {op_name(node.grad_fn) or type(node.module).__name__} operation"
+
     def input_node(self, module: nn.Module):
         """The graph node producing the module's first tensor argument (None if untracked)."""
         fns = self.calls[module].in_fns
@@ -286,21 +294,20 @@ def _fold_after_norm(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int
     """Into the norm's affine weight and bias; a norm without them first tries its consumers' columns."""
     norm = rec.module
     if isinstance(norm, nn.LayerNorm):
-        offset = call.out_ndim - len(norm.normalized_shape)
-        if axis < offset:
+        weight_axis = axis - (call.out_ndim - len(norm.normalized_shape))
+        if weight_axis < 0:
             raise ModelError(f"fold: the noise after {_describe(rec)} gates dim {rec.dim}, outside the "
                              "normalised dims; attach it with the default dim")
-        axis -= offset
     else:
         _check_axis(rec, axis, 1)
-        axis = 0
+        weight_axis = 0
     if norm.weight is None and call.calls == 1:
         try:  # keep the parameter count: scale the consumers rather than add affine parameters
-            _fold_into_consumers(rec, trace, call, axis + (offset if isinstance(norm, nn.LayerNorm) else 1))
+            _fold_into_consumers(rec, trace, call, axis)
             return
         except ModelError:
             pass
-    _scale_affine(norm, rec.theta, axis)
+    _scale_affine(norm, rec.theta, weight_axis)
 
 
 def _fold_after_activation(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int) -> None:
@@ -322,6 +329,8 @@ def _fold_into_producer(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: 
         return False
     if trace.calls[layer].calls != 1 or any(out is not act for out in producer.outputs):
         return False
+    if producer.grad_fn in trace.output_fns:
+        return False
     if _channel_axis(layer, call.out_ndim) != axis:
         return False
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -340,8 +349,9 @@ def _fold_into_consumers(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis:
     if not consumers:
         raise ModelError(f"fold: the output of {_describe(rec)} reaches no Conv/Linear layer; "
                          "attach the noise to the Conv/Linear before it instead")
-    for layer, reshaped in consumers.items():
-        scale_in(layer, _column_scale(rec, layer, reshaped, axis, call.out_ndim))
+    scales = {layer: _column_scale(rec, layer, reshaped, axis, call.out_ndim) for layer, reshaped in consumers.items()}
+    for layer, scale in scales.items():
+        scale_in(layer, scale)
 
 
 def _find_consumers(rec: NoiseRecord, trace: Trace, start) -> dict[nn.Module, bool]:
@@ -350,6 +360,9 @@ def _find_consumers(rec: NoiseRecord, trace: Trace, start) -> dict[nn.Module, bo
     stack, seen = [(start, False)], set()
     while stack:
         node, reshaped = stack.pop()
+        if node.grad_fn in trace.output_fns:
+            raise ModelError(f"fold: the output of {_describe(rec)} is part of the model's output; "
+                             "attach the noise to the Conv/Linear before it instead")
         for nxt in node.outputs:
             owner = trace.owner.get(nxt.grad_fn)
             target = owner if owner is not None else nxt
@@ -361,8 +374,8 @@ def _find_consumers(rec: NoiseRecord, trace: Trace, start) -> dict[nn.Module, bo
                 seen.add(nxt)
                 stack.append((nxt, reshaped or nxt.type == OPTYPE.RESHAPE))
             else:
-                raise ModelError(f"fold: the output of {_describe(rec)} reaches {nxt.name}, which the noise "
-                                 "cannot be folded through; attach the noise to the Conv/Linear before it")
+                raise ModelError(f"fold: the output of {_describe(rec)} reaches {trace.label(nxt)}, which the "
+                                 "noise cannot be folded through; attach the noise to the Conv/Linear before it")
     return found
 
 
@@ -380,9 +393,9 @@ def _commutes(trace: Trace, node) -> bool:
 def _add_consumer(rec: NoiseRecord, trace: Trace, found: dict, layer: nn.Module, source, reshaped: bool) -> None:
     call = trace.calls[layer]
     if call.calls != 1 or not call.in_fns or call.in_fns[0] is not source.grad_fn or layer in found:
-        raise ModelError(f"fold: the output of {_describe(rec)} feeds {type(layer).__name__} "
-                         f"{trace.graph._module2name.get(layer, '')!r} in a way the noise cannot be folded into "
-                         "(reused layer or several paths); attach the noise to the Conv/Linear before it")
+        raise ModelError(f"fold: the output of {_describe(rec)} feeds {trace.label(trace.module_node(layer))} "
+                         "in a way the noise cannot be folded into (a reused layer or several paths); "
+                         "attach the noise to the Conv/Linear before it")
     found[layer] = reshaped
 
 
@@ -404,14 +417,42 @@ def _column_scale(rec: NoiseRecord, layer: nn.Module, reshaped: bool, axis: int,
 # -- the whole fold -------------------------------------------------------------------------------
 @dataclass
 class Folded:
-    """A folded working copy, the graph traced on it, the noise records and the reference outputs."""
+    """A folded working copy, the graph traced on it, the noise records, and (inputs, noisy outputs) pairs."""
 
     model: nn.Module
     trace: Trace
     records: list[NoiseRecord]
-    example_inputs: Any
-    reference: Any
+    checks: list[tuple[Any, Any]]
     requires_grad: dict[str, bool]
+
+
+def _random_like(obj: Any) -> Any:
+    """The same structure with every floating-point tensor replaced by standard normal noise
+    (from a private generator: the global random state is left alone)."""
+    if isinstance(obj, Tensor):
+        if not obj.is_floating_point():
+            return obj
+        gen = torch.Generator(device=obj.device).manual_seed(0)
+        return torch.randn(obj.shape, generator=gen, dtype=obj.dtype, device=obj.device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_random_like(item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _random_like(item) for key, item in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def _reference_checks(noisy: nn.Module, example_inputs: Any) -> list[tuple[Any, Any]]:
+    """(inputs, outputs of the noisy model in eval mode) on the example inputs and on random ones."""
+    checks = [(example_inputs, _forward(noisy, example_inputs))]
+    probe = _random_like(example_inputs)
+    try:
+        out = _forward(noisy, probe)
+    except Exception:  # the model does not accept arbitrary values (e.g. it checks its inputs)
+        return checks
+    if all(torch.isfinite(t).all() for t in _tensors(out) if t.is_floating_point()):
+        checks.append((probe, out))
+    return checks
 
 
 def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> Folded:
@@ -421,18 +462,22 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
     if not noise_layers(model):
         raise ModelError(f"{caller}: the model has no noise layers; attach and train it first")
     work = copy.deepcopy(model).eval()
+    checks = _reference_checks(work, example_inputs)
     with torch.no_grad():
-        reference = _forward(work, example_inputs)
         records = [NoiseRecord(name, work.get_submodule(name), noise.expected_theta().detach().clone(), noise.dim)
                    for name, noise in noise_layers(work)]
     detach_noise(work)
     requires_grad = {name: p.requires_grad for name, p in work.named_parameters()}
     for p in work.parameters():
         p.requires_grad_(True)  # tracing follows autograd
-    trace = Trace(work, example_inputs)
+    try:
+        trace = Trace(work, example_inputs)
+    except Exception as err:
+        raise ModelError(f"{caller}: torch-pruning could not trace the model ({type(err).__name__}: {err}); "
+                         "check example_inputs") from err
     for rec in records:
         _fold_record(rec, trace)
-    folded = Folded(work.eval(), trace, records, example_inputs, reference, requires_grad)
+    folded = Folded(work.eval(), trace, records, checks, requires_grad)
     mismatch = reference_mismatch(folded)
     if not mismatch <= REL_TOL:
         raise ModelError(f"{caller}: folding the noise changed the model's outputs (relative error "
@@ -446,9 +491,9 @@ def restore_requires_grad(folded: Folded) -> None:
 
 
 def reference_mismatch(folded: Folded) -> float:
-    """max|Δout| / max|out| of the working copy against the noisy model on the example inputs."""
+    """Worst max|Δout| / max|out| of the working copy against the noisy model over the checked inputs."""
     with torch.no_grad():
-        return output_mismatch(_forward(folded.model, folded.example_inputs), folded.reference)
+        return max(output_mismatch(_forward(folded.model, inputs), want) for inputs, want in folded.checks)
 
 
 def fold_noise(model: nn.Module, example_inputs: Any) -> nn.Module:
