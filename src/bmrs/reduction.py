@@ -210,5 +210,9 @@ def delta_f_quadrature(
     theta = torch.exp(x).clamp(min=low.exp(), max=high.exp())
     log_q = tn.log_prob_x(loc, scale, low, high, x)
     with _unvalidated(prior, reduced):  # nodes sit on the bounds, which differ by rounding per dtype
-        log_ratio = reduced.log_prob(theta).double() - prior.log_prob(theta).double()
+        if isinstance(prior, TruncatedLogUniform):  # exact in float64 whatever the prior's dtype
+            log_prior = -torch.log(prior.width.double()) - x
+        else:
+            log_prior = prior.log_prob(theta).double()
+        log_ratio = reduced.log_prob(theta).double() - log_prior
     return torch.logsumexp((log_w + log_q + log_ratio).flatten(0, 1), dim=0)

@@ -1,8 +1,8 @@
 """Dataset readers, downloads and the train/val/test loader used by bmrs.
 
 Example:
-    >>> from bmrs.data import load_dataset
-    >>> splits = load_dataset("fashion-mnist")  # doctest: +SKIP
+    from bmrs.data import load_dataset
+    splits = load_dataset("fashion-mnist")
 """
 
 from bmrs.data.cifar import CIFAR10_CLASSES, SafeUnpickler, read_cifar10, read_cifar_batch, safe_unpickle

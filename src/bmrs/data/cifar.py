@@ -8,8 +8,8 @@ Pickles are loaded with :class:`SafeUnpickler`, which only resolves the handful 
 functions needed to rebuild arrays; anything else (``os.system``, ``eval``, ...) is refused.
 
 Example:
-    >>> images, labels = read_cifar10("data/cifar10", train=False)  # doctest: +SKIP
-    >>> images.shape, labels.shape  # doctest: +SKIP
+    images, labels = read_cifar10("data/cifar10", train=False)
+    images.shape, labels.shape
     (torch.Size([10000, 3, 32, 32]), torch.Size([10000]))
 """
 
@@ -164,8 +164,8 @@ def read_cifar_batch(path: str | os.PathLike, num_classes: int = 10) -> tuple[to
     """Read one CIFAR batch file: returns (images uint8 N x 3 x 32 x 32, labels int64 N).
 
     Example:
-        >>> x, y = read_cifar_batch("data/cifar-10-batches-py/test_batch")  # doctest: +SKIP
-        >>> x.shape  # doctest: +SKIP
+        x, y = read_cifar_batch("data/cifar-10-batches-py/test_batch")
+        x.shape
         torch.Size([10000, 3, 32, 32])
     """
     path = Path(path)
@@ -227,8 +227,8 @@ def read_cifar10(root: str | os.PathLike, train: bool) -> tuple[torch.Tensor, to
     Returns (images uint8 N x 3 x 32 x 32, labels int64 N).
 
     Example:
-        >>> x, y = read_cifar10("data", train=True)  # doctest: +SKIP
-        >>> x.shape, int(y.max())  # doctest: +SKIP
+        x, y = read_cifar10("data", train=True)
+        x.shape, int(y.max())
         (torch.Size([50000, 3, 32, 32]), 9)
     """
     root = Path(root)

@@ -6,8 +6,8 @@ file, or the complete verified new file, never a partial one. :func:`download_da
 files of a dataset listed in :data:`SOURCES` and extracts archives safely.
 
 Example:
-    >>> from bmrs.data.download import download_dataset
-    >>> folder = download_dataset("mnist", "~/data")  # doctest: +SKIP
+    from bmrs.data.download import download_dataset
+    folder = download_dataset("mnist", "~/data")
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def sha256_of(path: str | os.PathLike) -> str:
     """Return the SHA-256 hex digest of a file, read in chunks.
 
     Example:
-        >>> sha256_of("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")[:8]  # doctest: +SKIP
+        sha256_of("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")[:8]
         '8d3605d1'
     """
     digest = hashlib.sha256()
@@ -146,8 +146,8 @@ def download(
     as it was, and :class:`~bmrs.errors.DataError` is raised.
 
     Example:
-        >>> download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "data/cifar.tar.gz",
-        ...          "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")  # doctest: +SKIP
+        download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "data/cifar.tar.gz",
+                     "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")
         PosixPath('data/cifar.tar.gz')
     """
     dest = Path(dest).expanduser()
@@ -271,7 +271,7 @@ def download_dataset(
     with the right checksum are not fetched again.
 
     Example:
-        >>> download_dataset("fashion-mnist", "~/data", progress=False)  # doctest: +SKIP
+        download_dataset("fashion-mnist", "~/data", progress=False)
         PosixPath('/home/me/data/fashion-mnist')
     """
     if name not in SOURCES:

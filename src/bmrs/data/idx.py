@@ -117,8 +117,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     :class:`~bmrs.errors.DataError` with a one-line message saying how to fix it.
 
     Example:
-        >>> images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")  # doctest: +SKIP
-        >>> images.shape, images.dtype  # doctest: +SKIP
+        images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+        images.shape, images.dtype
         (torch.Size([10000, 28, 28]), torch.uint8)
     """
     path = Path(path)

@@ -10,8 +10,8 @@ Two layouts are understood:
 Images are decoded with Pillow and converted to RGB.
 
 Example:
-    >>> images, labels, classes = read_image_folder("tiny-imagenet-200/train")  # doctest: +SKIP
-    >>> images.shape, len(classes)  # doctest: +SKIP
+    images, labels, classes = read_image_folder("tiny-imagenet-200/train")
+    images.shape, len(classes)
     (torch.Size([100000, 3, 64, 64]), 200)
 """
 
@@ -95,8 +95,8 @@ def read_image_folder(
         size: (H, W) to resize every image to; needed when the images differ in size.
 
     Example:
-        >>> x, y, classes = read_image_folder("tiny-imagenet-200/val",
-        ...                                   class_names=train_classes)  # doctest: +SKIP
+        x, y, classes = read_image_folder("tiny-imagenet-200/val",
+                                              class_names=train_classes)
     """
     try:
         import PIL  # noqa: F401

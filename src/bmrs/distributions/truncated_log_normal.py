@@ -34,7 +34,7 @@ class TruncatedLogNormal(Distribution):
         >>> import torch, bmrs
         >>> q = bmrs.TruncatedLogNormal(torch.tensor([0.0, -30.0]), torch.tensor([0.0067, 0.1]))
         >>> q.mean                                     # E[θ]; the second has collapsed onto e^-20
-        tensor([9.9467e-01, 2.0635e-09])
+        tensor([9.9468e-01, 2.0632e-09])
         >>> theta = q.rsample((4,))                     # reparameterised, shape (4, 2)
         >>> bool(((theta >= q.low.exp()) & (theta <= q.high.exp())).all())
         True

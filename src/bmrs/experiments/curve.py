@@ -6,8 +6,8 @@ and the test accuracy and the compacted network's parameter compression are reco
 BMRS_N and BMRS_U the point where ΔF ≥ 0 stops is recorded too: the threshold-free answer.
 
 Example:
-    >>> from bmrs.experiments.curve import run_curve
-    >>> result = run_curve("runs/fmnist-mlp-none-s0", ["bmrs-n", "l2"], "out", levels=11)   # doctest: +SKIP
+    from bmrs.experiments.curve import run_curve
+    result = run_curve("runs/fmnist-mlp-none-s0", ["bmrs-n", "l2"], "out", levels=11)
 """
 
 from __future__ import annotations

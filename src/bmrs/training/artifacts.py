@@ -1,9 +1,9 @@
 """Reading a finished run back: its config and its masked model, rebuilt without pickle.
 
 Example:
-    >>> from bmrs.training.artifacts import load_run
-    >>> run = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0")        # doctest: +SKIP
-    >>> run.model, run.config.criterion                               # doctest: +SKIP
+    from bmrs.training.artifacts import load_run
+    run = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
+    run.model, run.config.criterion
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ same result as an uninterrupted one (each epoch reseeds from (seed, epoch), so a
 epoch is simply redone).
 
 Example:
-    >>> from bmrs.training import TrainConfig, train
-    >>> cfg = TrainConfig(model="mlp", criterion="bmrs-n", epochs=1, finetune_epochs=1, train_subset=512)
-    >>> metrics = train(cfg, "runs/example")                     # doctest: +SKIP
-    >>> metrics["test_accuracy"], metrics["parameter_compression_pct"]   # doctest: +SKIP
+    from bmrs.training import TrainConfig, train
+    cfg = TrainConfig(model="mlp", criterion="bmrs-n", epochs=1, finetune_epochs=1, train_subset=512)
+    metrics = train(cfg, "runs/example")
+    metrics["test_accuracy"], metrics["parameter_compression_pct"]
 """
 
 from __future__ import annotations
