@@ -60,6 +60,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the noise kernels (~10-20 s once; pays off for long runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +108,7 @@ def _train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction,
         granularity=args.granularity, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
         image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
-        download=args.download, device=args.device, threads=args.threads,
+        download=args.download, device=args.device, threads=args.threads, compile=args.compile,
     )
     output = args.output or f"runs/{config.dataset}-{config.model}-{config.criterion}-s{config.seed}"
     train(config, output, resume=args.resume, progress=not args.no_progress)

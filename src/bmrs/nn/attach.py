@@ -52,6 +52,54 @@ def _apply_noise(module: nn.Module, inputs, output):
     return noise(output)
 
 
+class _NoiseBank:
+    """Draws θ for every structure-granularity noise layer of a model in one batched call per step.
+
+    Registered by ``attach`` as a forward pre-hook on the model: before each training forward it
+    samples one θ per (example, structure) for all layers at once (a few dozen tensor operations
+    instead of that many per layer) and leaves each layer its slice; a layer whose input batch does
+    not match (e.g. a sequence-first tensor) or that is called outside the model's forward samples
+    for itself.  A forward hook clears the slices afterwards.
+    """
+
+    def __init__(self, layers: list[MultiplicativeNoise]):
+        self.layers = layers
+
+    def draw(self, model: nn.Module, args) -> None:
+        self.clear()
+        if not model.training:
+            return
+        batch = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+        layers = [n for n in self.layers if n.granularity == "structure" and n.training]
+        if batch is None or not layers:
+            return
+        groups: dict[tuple, list[MultiplicativeNoise]] = {}
+        for noise in layers:
+            groups.setdefault((noise.low, noise.high, noise.mu.device), []).append(noise)
+        for (low, high, device), members in groups.items():
+            mu = torch.cat([n.mu for n in members])
+            sigma = torch.cat([n.sigma for n in members])
+            theta = members[0].draw_theta(mu, sigma, batch)
+            for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
+                noise.pending_theta = part
+
+    def clear(self, *_) -> None:
+        for noise in self.layers:
+            noise.pending_theta = None
+
+
+def _bank_draw(model: nn.Module, args):
+    bank = getattr(model, "_bmrs_bank", None)
+    if bank is not None:
+        bank.draw(model, args)
+
+
+def _bank_clear(model: nn.Module, args, output):
+    bank = getattr(model, "_bmrs_bank", None)
+    if bank is not None:
+        bank.clear()
+
+
 def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
     """(name of the module the noise follows, noise layer) for every attached noise layer, in order."""
     found = []
@@ -210,6 +258,9 @@ def attach(
             noise = noise.to(device=param.device)
         module.add_module(NOISE_ATTR, noise)
         module.register_forward_hook(_apply_noise)
+    model._bmrs_bank = _NoiseBank([noise for _, noise in noise_layers(model)])
+    model.register_forward_pre_hook(_bank_draw)
+    model.register_forward_hook(_bank_clear)
     return model
 
 
@@ -218,9 +269,12 @@ def detach_noise(model: nn.Module) -> nn.Module:
     for _, module in model.named_modules():
         if NOISE_ATTR in getattr(module, "_modules", {}):
             del module._modules[NOISE_ATTR]
-            for key, hook in list(module._forward_hooks.items()):
-                if hook is _apply_noise:
-                    del module._forward_hooks[key]
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if hook in (_apply_noise, _bank_draw, _bank_clear):
+                    del hooks[key]
+        if "_bmrs_bank" in module.__dict__:
+            del module.__dict__["_bmrs_bank"]
     return model
 
 

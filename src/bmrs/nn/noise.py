@@ -57,6 +57,7 @@ class MultiplicativeNoise(nn.Module):
         self.register_buffer("mask", torch.ones(num_features))
         self._eval_cache: tuple[tuple, Tensor] | None = None
         self.producer: str | None = None  # set by bmrs.attach: the Conv/Linear this layer gates
+        self.pending_theta: Tensor | None = None  # drawn for this layer by the model's noise bank
 
     # -- distributions ------------------------------------------------------------------------
     @property
@@ -78,8 +79,12 @@ class MultiplicativeNoise(nn.Module):
 
     def kl_of(self, mu: Tensor, sigma: Tensor) -> Tensor:
         """KL to this layer's prior of posteriors with the given parameters (any shape)."""
-        q = TruncatedLogNormal(mu, sigma, self.low, self.high, validate_args=False)
-        return torch.distributions.kl_divergence(q, self.prior()).to(mu.dtype)
+        # The prior shares this layer's bounds, so KL(q ‖ p) is KL to the uniform on [low, high]
+        # (the registered kl_divergence gives the same; calling the kernel skips its dispatch).
+        bound = dict(dtype=torch.float64, device=mu.device)
+        kl = tn.kl_to_uniform(mu.double(), sigma.double(), torch.tensor(self.low, **bound),
+                              torch.tensor(self.high, **bound))
+        return kl.to(mu.dtype)
 
     def expected_theta(self) -> Tensor:
         """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
@@ -107,20 +112,28 @@ class MultiplicativeNoise(nn.Module):
             shape[0] = values.shape[0]
         return values.reshape(shape)
 
+    def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...]) -> Tensor:
+        """Reparameterised θ (float64) of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds."""
+        shape = (batch, mu.shape[0]) if isinstance(batch, int) else tuple(batch) + (mu.shape[0],)
+        u = torch.rand(shape, dtype=torch.float64, device=mu.device)
+        bound = dict(dtype=torch.float64, device=mu.device)
+        x_log = tn.icdf_x(mu.double(), sigma.double(), torch.tensor(self.low, **bound),
+                          torch.tensor(self.high, **bound), u)
+        return x_log.exp()
+
     def sample_theta(self, x: Tensor) -> Tensor:
         """A reparameterised θ broadcastable against x (per structure × example, or per element)."""
         if self.granularity == "element":
             dim = self.dim % x.dim()
-            u = torch.rand(x.shape, dtype=torch.float64, device=x.device).movedim(dim, -1)
+            shape = x.movedim(dim, -1).shape[:-1]
+            theta = self.draw_theta(self.mu, self.sigma, shape).to(x.dtype) * self.mask.to(x.dtype)
+            return theta.movedim(-1, dim)
+        pending, self.pending_theta = self.pending_theta, None
+        if pending is not None and pending.shape[0] == x.shape[0]:
+            theta = pending
         else:
-            u = torch.rand((x.shape[0], self.num_features), dtype=torch.float64, device=x.device)
-        x_log = tn.icdf_x(self.mu.double(), self.sigma.double(),
-                          torch.tensor(self.low, dtype=torch.float64, device=x.device),
-                          torch.tensor(self.high, dtype=torch.float64, device=x.device), u)
-        theta = x_log.exp().to(x.dtype) * self.mask.to(x.dtype)
-        if self.granularity == "element":
-            return theta.movedim(-1, self.dim % x.dim())
-        return self._view(theta, x)
+            theta = self.draw_theta(self.mu, self.sigma, x.shape[0])
+        return self._view(theta.to(x.dtype) * self.mask.to(x.dtype), x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:

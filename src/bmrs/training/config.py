@@ -70,6 +70,7 @@ class TrainConfig:
     download: bool = False
     device: str = "auto"
     threads: int | None = None
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

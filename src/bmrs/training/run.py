@@ -33,7 +33,7 @@ __all__ = ["train", "build_for", "resolve_device", "epoch_seed", "CHECKPOINT", "
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
-_RESUME_IGNORES = ("device", "threads", "data_dir", "download")
+_RESUME_IGNORES = ("device", "threads", "data_dir", "download", "compile")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +128,9 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.compile:
+        from .._compile import set_compile
+        set_compile(True)
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction,
                             split_seed=config.seed, download=config.download, image_size=config.image_size,
