@@ -106,19 +106,41 @@ def delta_f(posterior: TruncatedLogNormal, prior: TruncatedLogUniform, reduced: 
     """
     _check_supports(posterior, prior, reduced)
     if isinstance(reduced, TruncatedLogNormal):
-        value = _delta_f_normal(posterior, prior, reduced)
+        closed_form = _delta_f_normal
     elif isinstance(reduced, TruncatedLogUniform):
-        value = _delta_f_uniform(posterior, prior, reduced)
+        closed_form = _delta_f_uniform
     else:
-        value = delta_f_quadrature(posterior, prior, reduced)
-    return posterior._out(value)
+        return posterior._out(delta_f_quadrature(posterior, prior, reduced))
+    if _no_gradients(posterior) and posterior.batch_shape.numel() > _CHUNK and reduced.batch_shape.numel() == 1 \
+            and prior.batch_shape.numel() == 1:
+        return posterior._out(_in_chunks(closed_form, posterior, prior, reduced))
+    return posterior._out(closed_form(posterior, prior, reduced))
+
+
+_CHUNK = 2**16  # elements per pass: keeps the ~100 elementwise passes inside the CPU caches
+
+
+def _in_chunks(closed_form, q: TruncatedLogNormal, p, r) -> Tensor:
+    """Evaluate a closed form over a large batch in cache-sized chunks (no gradients)."""
+    shape = q.batch_shape
+    params = [t.reshape(-1) for t in torch.broadcast_tensors(*q._x64)]
+    out = torch.empty(shape.numel(), dtype=torch.float64)
+    for start in range(0, out.numel(), _CHUNK):
+        part = TruncatedLogNormal(*(t[start:start + _CHUNK] for t in params), validate_args=False)
+        out[start:start + _CHUNK] = closed_form(part, p, r)
+    return out.reshape(shape)
+
+
+def _no_gradients(q: TruncatedLogNormal) -> bool:
+    """Whether ΔF may take the fast regime-first path (it has no gradients)."""
+    return not (torch.is_grad_enabled() and (q.loc.requires_grad or q.scale.requires_grad))
 
 
 def _delta_f_uniform(q: TruncatedLogNormal, p: TruncatedLogUniform, r: TruncatedLogUniform) -> Tensor:
     """ΔF_U = ln q(a′ ≤ x ≤ b′) + ln(b − a) − ln(b′ − a′)."""
     loc, scale, low, high = q._x64
     r_low, r_high = r.low.double(), r.high.double()
-    log_mass = tn.log_mass(loc, scale, low, high, r_low, r_high)
+    log_mass = tn.log_mass(loc, scale, low, high, r_low, r_high, fast=_no_gradients(q))
     return log_mass + torch.log(p.width.double()) - torch.log(r_high - r_low)
 
 
@@ -138,13 +160,14 @@ def _delta_f_normal(q: TruncatedLogNormal, p: TruncatedLogUniform, r: TruncatedL
     sigma_t = sigma * s / torch.sqrt(v)
     lo_t, hi_t = torch.maximum(low, r_low), torch.minimum(high, r_high)
 
-    z_q = interval_parts(low, high, mu, sigma)
+    fast = _no_gradients(q)
+    z_q = interval_parts(low, high, mu, sigma, fast=fast)
     # x − μ̃ = [(x − μ)s² + (x − m)σ²]/v keeps an end that equals m exact (a rounded μ̃ would not).
     def standardize(x):
         return ((x - mu) * var_r + (x - m) * var_q) / (v * sigma_t)
 
-    z_t = interval_parts(lo_t, hi_t, mu_t, sigma_t, standardized=(standardize(lo_t), standardize(hi_t)))
-    z_p = interval_parts(r_low, r_high, m, s)
+    z_t = interval_parts(lo_t, hi_t, mu_t, sigma_t, standardized=(standardize(lo_t), standardize(hi_t)), fast=fast)
+    z_p = interval_parts(r_low, r_high, m, s, fast=fast)
 
     t_mid = ~(z_t.lower_tail | z_t.upper_tail)
     d_e = z_q.anchor - mu

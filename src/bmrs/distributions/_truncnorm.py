@@ -144,16 +144,20 @@ def mean_log(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return torch.where(tail, tail_mean, loc + scale * shift)
 
 
-def log_mass(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """ln q(lo ≤ x ≤ hi); the interval is clipped to [low, high] and an empty one gives −inf."""
+def log_mass(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, lo: Tensor, hi: Tensor,
+             fast: bool = False) -> Tensor:
+    """ln q(lo ≤ x ≤ hi); the interval is clipped to [low, high] and an empty one gives −inf.
+
+    ``fast``: evaluate each element's regime only (no gradients needed; see ``interval_parts``).
+    """
     lo = torch.maximum(torch.as_tensor(lo, dtype=loc.dtype), low)
     hi = torch.minimum(torch.as_tensor(hi, dtype=loc.dtype), high)
     lo, hi, loc, scale, low, high = torch.broadcast_tensors(lo, hi, loc, scale, low, high)
     empty = hi <= lo
     hi_safe = torch.where(empty, high, hi)
     lo_safe = torch.where(empty, low, lo)
-    whole = interval_parts(low, high, loc, scale)
-    sub = interval_parts(lo_safe, hi_safe, loc, scale)
+    whole = interval_parts(low, high, loc, scale, fast=fast)
+    sub = interval_parts(lo_safe, hi_safe, loc, scale, fast=fast)
     value = half_sq_gap(sub.anchor, whole.anchor, loc, scale) + sub.rest - whole.rest
     return torch.where(empty, torch.full_like(value, -math.inf), value)
 
