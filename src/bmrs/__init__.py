@@ -6,7 +6,7 @@ from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .errors import BMRSError, CheckpointError, ConfigError, DataError, ModelError
 from .reduction import delta_f, spike_prior, precision_prior
 from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers
-from . import criteria
+from . import criteria, _compile
 from .pruning import PruneReport, prune
 from .compaction import compact, count
 

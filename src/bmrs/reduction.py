@@ -123,10 +123,12 @@ _CHUNK = 2**16  # elements per pass: keeps the ~100 elementwise passes inside th
 def _in_chunks(closed_form, q: TruncatedLogNormal, p, r) -> Tensor:
     """Evaluate a closed form over a large batch in cache-sized chunks (no gradients)."""
     shape = q.batch_shape
-    params = [t.reshape(-1) for t in torch.broadcast_tensors(*q._x64)]
+    # full-size parameters are flattened (a view when contiguous); scalar ones stay scalars
+    params = [t.reshape(-1) if t.numel() == 1 else t.broadcast_to(shape).reshape(-1) for t in q._x64]
     out = torch.empty(shape.numel(), dtype=torch.float64)
     for start in range(0, out.numel(), _CHUNK):
-        part = TruncatedLogNormal(*(t[start:start + _CHUNK] for t in params), validate_args=False)
+        part = TruncatedLogNormal(*(t if t.numel() == 1 else t[start:start + _CHUNK] for t in params),
+                                  validate_args=False)
         out[start:start + _CHUNK] = closed_form(part, p, r)
     return out.reshape(shape)
 

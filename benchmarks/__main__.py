@@ -1,0 +1,246 @@
+"""bmrs benchmarks, measured side by side in one run: ``python -m benchmarks [--quick] [--compile]``.
+
+1. training step with noise layers ÷ without (LeNet5 b64/b32, Fashion-MNIST MLP b128, 3×1000 MLP b256)
+2. eval forward with noise layers (E[θ] cached) ÷ without (LeNet5)
+3. ΔF throughput (BMRS_N, BMRS_U) at 1e4, 1e6, 1e7 structures in float64, and the extra peak memory
+4. compacted ÷ masked inference latency at batch 1 and 256 beside the FLOP ratio, after a real run
+5. wall time of a continuous-pruning run ÷ training the plain network for the same epochs
+
+Medians over repeats after warm-up.  Writes docs/benchmarks.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bmrs
+from bmrs.compaction import compact, compression_report
+from bmrs.experiments.timing import median_latency
+from bmrs.io import atomic_write, write_json
+from bmrs.training import TrainConfig, train
+from bmrs.training.run import build_for
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP_CASES = [  # name, model, kwargs, batch
+    ("lenet5_b64", "lenet5", {}, 64),
+    ("lenet5_b32", "lenet5", {}, 32),
+    ("mlp_fmnist_b128", "mlp", {"hidden": 150, "layers": 1}, 128),
+    ("mlp1000_b256", "mlp", {"hidden": 1000, "layers": 2}, 256),
+]
+
+
+def _model(name: str, noise: bool, **kw) -> torch.nn.Module:
+    cfg = TrainConfig(model=name, criterion="bmrs-n" if noise else "none", noise=noise, **kw)
+    return build_for(cfg, 1, 10)
+
+
+def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def train_step_ratios(repeats: int) -> dict:
+    out = {}
+    for key, name, kw, batch in STEP_CASES:
+        x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
+        times = {}
+        for noise in (False, True):
+            model = _model(name, noise, **kw)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+            def step():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if noise:
+                    loss = loss + bmrs.kl_loss(model)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            times[noise] = _median_ms(step, repeats)
+        out[key] = {"plain_ms": times[False], "noise_ms": times[True], "ratio": times[True] / times[False]}
+        print(f"  train step {key:16s} {times[False]:7.2f} ms plain, {times[True]:7.2f} ms noise "
+              f"(×{times[True] / times[False]:.2f})", flush=True)
+    return out
+
+
+def eval_ratio(repeats: int) -> dict:
+    x = torch.randn(256, 1, 32, 32)
+    plain, noisy = _model("lenet5", False).eval(), _model("lenet5", True).eval()
+    with torch.no_grad():
+        t_plain = _median_ms(lambda: plain(x), repeats)
+        t_noise = _median_ms(lambda: noisy(x), repeats)
+    print(f"  eval lenet5 b256: {t_plain:.2f} ms plain, {t_noise:.2f} ms noise (×{t_noise / t_plain:.3f})")
+    return {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": t_noise / t_plain}
+
+
+_DELTA_F_SNIPPET = """
+import resource, sys, time, torch, bmrs
+n, which = int(sys.argv[1]), sys.argv[2]
+g = torch.Generator().manual_seed(0)
+mu = torch.empty(n, dtype=torch.float64).uniform_(-25, 5, generator=g)
+sigma = torch.empty(n, dtype=torch.float64).uniform_(-8, 3, generator=g).exp()
+q = bmrs.TruncatedLogNormal(mu, sigma, validate_args=False)
+p = bmrs.TruncatedLogUniform()
+r = bmrs.spike_prior() if which == "n" else bmrs.precision_prior(8)
+bmrs.delta_f(bmrs.TruncatedLogNormal(mu[:1000], sigma[:1000]), p, r)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reps = 1 if n >= 10**7 else (3 if n >= 10**6 else 50)
+times = []
+for _ in range(reps):
+    t = time.perf_counter(); out = bmrs.delta_f(q, p, r); times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(sorted(times)[len(times) // 2], (peak - base) / 1024)
+"""
+
+
+def delta_f_throughput(sizes: list[int]) -> dict:
+    out = {}
+    for which in ("n", "u"):
+        for n in sizes:
+            # a fresh process per size, so that peak memory is that of this evaluation alone
+            res = subprocess.run([sys.executable, "-c", _DELTA_F_SNIPPET, str(n), which], capture_output=True,
+                                 text=True, check=True)
+            seconds, extra_mib = (float(v) for v in res.stdout.split())
+            out[f"{which}_{n:.0e}"] = {"structures": n, "per_second": n / seconds, "extra_mib": extra_mib}
+            print(f"  ΔF BMRS_{which.upper()} {n:>9,d}: {n / seconds / 1e6:6.1f} M structures/s, "
+                  f"+{extra_mib:.0f} MiB peak", flush=True)
+    return out
+
+
+def _pruned_models(quick: bool) -> dict:
+    """LeNet5 and the MLPs after a real pruning run on a Fashion-MNIST slice (quick: random masks)."""
+    models = {}
+    specs = [("lenet5", "lenet5", {}), ("mlp_fmnist", "mlp", {"hidden": 150, "layers": 1}),
+             ("mlp1000", "mlp", {"hidden": 1000, "layers": 2})]
+    for key, name, kw in specs:
+        if quick:
+            model = _model(name, True, **kw)
+            g = torch.Generator().manual_seed(0)
+            for _, noise in bmrs.noise_layers(model):
+                noise.mask.copy_((torch.rand(noise.num_features, generator=g) > 0.8).float())
+        else:
+            # BMRS_U (p1 = 4) is the criterion that prunes in a short run (exact BMRS_N prunes only
+            # what the data pushes towards θ = 0, which takes the full schedule; see docs/results).
+            cfg = TrainConfig(model=name, criterion="bmrs-u", p1=4, epochs=6, finetune_epochs=1, batch_size=32,
+                              lr=1e-2, train_subset=6000, seed=0, **kw)
+            train(cfg, f"/tmp/bmrs-bench-{key}", progress=False, log=lambda *_: None,
+                  resume=Path(f"/tmp/bmrs-bench-{key}/checkpoint.pt").exists())
+            from bmrs.training.artifacts import load_run
+            model = load_run(f"/tmp/bmrs-bench-{key}").model
+        models[key] = model.eval()
+    return models
+
+
+def compaction_latency(quick: bool) -> dict:
+    out = {}
+    for key, model in _pruned_models(quick).items():
+        example = torch.randn(2, 1, 32, 32)
+        small = compact(model, example)
+        sizes = compression_report(model, small, example)
+        flop_ratio = sizes["flops_before"] / sizes["flops_after"]
+        row = {"flop_ratio": flop_ratio, "parameter_compression_pct": sizes["parameter_compression_pct"]}
+        for batch in (1, 256):
+            x = torch.randn(batch, 1, 32, 32)
+            masked, compacted = median_latency(model, x, repeats=30), median_latency(small, x, repeats=30)
+            row[f"b{batch}"] = {"masked_ms": 1000 * masked, "compact_ms": 1000 * compacted,
+                                "speedup": masked / compacted, "speedup_over_flop_ratio": masked / compacted / flop_ratio}
+        out[key] = row
+        print(f"  compaction {key:11s} FLOPs ÷{flop_ratio:5.2f}: b256 ×{row['b256']['speedup']:.2f} "
+              f"({row['b256']['speedup_over_flop_ratio']:.2f} of the FLOP ratio), b1 ×{row['b1']['speedup']:.2f}")
+    return out
+
+
+def continuous_run_ratio(quick: bool) -> dict:
+    subset, epochs = (1500, 1) if quick else (6000, 4)
+    common = dict(model="lenet5", batch_size=32, train_subset=subset, seed=0, lr=1e-2)
+    runs = {"plain": TrainConfig(criterion="none", noise=False, epochs=epochs, finetune_epochs=0, **common),
+            "pruning": TrainConfig(criterion="bmrs-u", p1=4, epochs=epochs - 1 if epochs > 1 else 1,
+                                   finetune_epochs=1 if epochs > 1 else 0, **common)}
+    seconds = {}
+    for key, cfg in runs.items():
+        folder = Path(f"/tmp/bmrs-bench-run-{key}-{time.time_ns()}")
+        start = time.perf_counter()
+        train(cfg, folder, progress=False, log=lambda *_: None)
+        seconds[key] = time.perf_counter() - start
+    ratio = seconds["pruning"] / seconds["plain"]
+    print(f"  continuous run lenet5 ({epochs} epochs, {subset} examples): {seconds['plain']:.1f} s plain, "
+          f"{seconds['pruning']:.1f} s with pruning (×{ratio:.2f})")
+    return {"plain_s": seconds["plain"], "pruning_s": seconds["pruning"], "ratio": ratio, "epochs": epochs,
+            "train_examples": subset}
+
+
+def summary(results: dict) -> dict:
+    s = results["train_step"]
+    return {
+        "train_step_ratio_lenet5_b64": s["lenet5_b64"]["ratio"],
+        "train_step_ratio_lenet5_b32": s["lenet5_b32"]["ratio"],
+        "train_step_ratio_mlp_fmnist_b128": s["mlp_fmnist_b128"]["ratio"],
+        "train_step_ratio_mlp1000_b256": s["mlp1000_b256"]["ratio"],
+        "eval_ratio_lenet5": results["eval"]["ratio"],
+        "delta_f_per_second_1e6": results["delta_f"]["n_1e+06"]["per_second"],
+        "delta_f_u_per_second_1e6": results["delta_f"]["u_1e+06"]["per_second"],
+        "delta_f_1e7_extra_mib": max(results["delta_f"].get(k, {}).get("extra_mib", 0.0) for k in ("n_1e+07", "u_1e+07")),
+        "compact_speedup_over_flop_ratio_lenet5_b256": results["compaction"]["lenet5"]["b256"]["speedup_over_flop_ratio"],
+        "compact_speedup_over_flop_ratio_mlp1000_b256": results["compaction"]["mlp1000"]["b256"]["speedup_over_flop_ratio"],
+        "continuous_run_time_ratio_lenet5": results["continuous_run"]["ratio"],
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = ["# bmrs benchmarks", "", f"Machine: {results['machine']}; torch {results['torch']}, "
+             f"{results['threads']} threads; compile {'on' if results['compile'] else 'off'}; "
+             f"{'quick' if results['quick'] else 'full'} run. Command: `{results['command']}`.", "",
+             "| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3g} |" for k, v in results["summary"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a rough version in under a minute")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the noise kernels")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--output", default=str(ROOT / "docs"), help="folder for benchmarks.json/.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bmrs._compile.set_compile(args.compile)
+    results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {platform.system()}",
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
+               "compile": args.compile, "command": "python -m benchmarks" + (" --quick" if args.quick else "")
+               + (" --compile" if args.compile else "")}
+    print("training step (forward, loss with KL, backward, Adam):")
+    results["train_step"] = train_step_ratios(repeats=10 if args.quick else 50)
+    print("eval forward:")
+    results["eval"] = eval_ratio(repeats=10 if args.quick else 50)
+    print("ΔF throughput (float64):")
+    results["delta_f"] = delta_f_throughput([10**4, 10**6] if args.quick else [10**4, 10**6, 10**7])
+    print("compacted vs masked latency:")
+    results["compaction"] = compaction_latency(args.quick)
+    print("continuous-pruning run wall time:")
+    results["continuous_run"] = continuous_run_ratio(args.quick)
+    results["summary"] = summary(results)
+    out = Path(args.output)
+    name = "benchmarks-quick" if args.quick else "benchmarks"
+    write_json(out / f"{name}.json", results)
+    atomic_write(out / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown(results)))
+    print(f"written {out / name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
