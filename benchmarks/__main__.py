@@ -89,7 +89,7 @@ def eval_ratio(repeats: int) -> dict:
 
 
 _DELTA_F_SNIPPET = """
-import resource, sys, time, torch, bmrs
+import sys, time, torch, bmrs
 n, which = int(sys.argv[1]), sys.argv[2]
 g = torch.Generator().manual_seed(0)
 mu = torch.empty(n, dtype=torch.float64).uniform_(-25, 5, generator=g)
@@ -98,13 +98,18 @@ q = bmrs.TruncatedLogNormal(mu, sigma, validate_args=False)
 p = bmrs.TruncatedLogUniform()
 r = bmrs.spike_prior() if which == "n" else bmrs.precision_prior(8)
 bmrs.delta_f(bmrs.TruncatedLogNormal(mu[:1000], sigma[:1000]), p, r)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(field):  # kB, from /proc/self/status
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(field + ":")))
+
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
 reps = 1 if n >= 10**7 else (3 if n >= 10**6 else 50)
 times = []
 for _ in range(reps):
     t = time.perf_counter(); out = bmrs.delta_f(q, p, r); times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(sorted(times)[len(times) // 2], (peak - base) / 1024)
+    del out
+print(sorted(times)[len(times) // 2], (status("VmHWM") - base) / 1024)
 """
 
 

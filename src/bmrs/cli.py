@@ -46,6 +46,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--granularity", default="structure", choices=("structure", "element"),
                    help="one noise sample per example and structure, or per element (default: structure)")
     g.add_argument("--no-noise", action="store_true", help="train the plain network (criterion none only)")
+    g.add_argument("--low", type=float, default=-20.0, help="lower bound of ln θ (default: -20)")
+    g.add_argument("--high", type=float, default=0.0, help="upper bound of ln θ (default: 0)")
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=5, help="epochs with pruning after every --prune-every (default: 5)")
     g.add_argument("--finetune-epochs", type=int, default=2, help="epochs without pruning afterwards (default: 2)")
@@ -106,7 +108,7 @@ def _train(args) -> int:
         dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
         amount=args.amount, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction,
-        granularity=args.granularity, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
+        granularity=args.granularity, low=args.low, high=args.high, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
         image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
         download=args.download, device=args.device, threads=args.threads, compile=args.compile,
     )

@@ -60,6 +60,8 @@ class TrainConfig:
     seed: int = 0
     kl_reduction: str = "mean"
     granularity: str = "structure"
+    low: float = -20.0
+    high: float = 0.0
     noise: bool = True
     hidden: int = 150
     layers: int = 1
@@ -106,6 +108,13 @@ class TrainConfig:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
         if self.granularity not in ("structure", "element"):
             raise ConfigError(f"granularity must be 'structure' or 'element', got {self.granularity!r}")
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number (a bound of ln θ), got {value!r}")
+        if not self.low < 0.0 <= self.high:
+            raise ConfigError(f"the noise bounds must satisfy low < 0 <= high (θ starts at 1), got "
+                              f"low={self.low}, high={self.high}; the paper uses -20 and 0")
         _positive_int("hidden", self.hidden)
         _positive_int("layers", self.layers, allow_zero=True)
         _positive_int("image_size", self.image_size)

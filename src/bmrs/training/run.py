@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,6 +56,7 @@ def build_for(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Mod
     model = build_model(config.model, in_channels, num_classes, config.image_size, noise=config.noise, **kwargs)
     for _, noise in noise_layers(model):
         noise.granularity = config.granularity
+        noise.low, noise.high = float(config.low), float(config.high)
     return model
 
 

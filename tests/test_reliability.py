@@ -1,0 +1,151 @@
+"""Reliability: corrupt checkpoints, unwritable outputs, SIGKILL at several points, safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bmrs
+from bmrs.io import check_writable, load_checkpoint
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "bmrs"
+SMALL = ["--no-progress", "train", "--model", "mlp", "--hidden", "16", "--epochs", "2", "--finetune-epochs", "1",
+         "--batch-size", "256", "--train-subset", "2000", "--threads", "1"]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result, code: int, fragment: str) -> None:
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("bmrs: error:"), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    result = cli(*SMALL, "--criterion", "bmrs-u", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_every_torch_load_is_weights_only():
+    for path in SRC.rglob("*.py"):
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", path.read_text()):
+            assert "weights_only=True" in match.group(1), f"{path}: {match.group(0)}"
+
+
+def test_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path):
+    ckpt = finished_run / "checkpoint.pt"
+    broken = tmp_path / "r"
+    broken.mkdir()
+    (broken / "checkpoint.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
+    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(broken), "--resume"), 1, "truncated")
+    with pytest.raises(bmrs.CheckpointError):
+        load_checkpoint(broken / "checkpoint.pt")
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(finished_run, tmp_path):
+    state = load_checkpoint(finished_run / "checkpoint.pt")
+    state["model"] = {k.replace("1.", "9.", 1): v for k, v in state["model"].items()}  # foreign layout
+    folder = tmp_path / "r"
+    folder.mkdir()
+    torch.save(state, folder / "checkpoint.pt")
+    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, "another model")
+
+
+def test_resume_with_other_settings_names_them(finished_run):
+    result = cli(*SMALL, "--criterion", "bmrs-u", "--lr", "0.5", "--output", str(finished_run), "--resume")
+    one_line_error(result, 1, "lr")
+
+
+def test_unwritable_output_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    start = time.perf_counter()
+    one_line_error(cli(*SMALL, "--output", str(blocker / "run")), 2, "cannot write to output folder")
+    assert time.perf_counter() - start < 60
+
+
+def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda _: Full())
+    with pytest.raises(bmrs.ConfigError, match="MiB free"):
+        check_writable(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["train", "--p1", "23"], 2, "p1 must be"),
+    (["train", "--p1", "0"], 2, "p1 must be"),
+    (["train", "--low", "0", "--high", "-1"], 2, "low < 0 <= high"),
+    (["train", "--epochs", "-1"], 2, "epochs must be"),
+    (["train", "--batch-size", "0"], 2, "batch_size must be"),
+    (["train", "--model", "alexnet"], 2, "unknown model"),
+    (["train", "--criterion", "l2"], 2, "--amount"),
+    (["train", "--dataset", "mnist", "--data-dir", "{empty}", "--output", "{tmp}/o"], 1, "mnist"),
+    (["compact", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
+    (["curve", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
+])
+def test_cli_bad_input(args, code, fragment, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{empty}", str(empty)) for a in args]
+    env_free = {k: v for k, v in os.environ.items() if k != "BMRS_DATA_DIR"}
+    result = subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=300,
+                            env=env_free)
+    one_line_error(result, code, fragment)
+
+
+def test_debug_shows_the_traceback():
+    result = cli("--debug", "train", "--p1", "30")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_compact_of_a_run_without_noise_is_a_clear_error(tmp_path):
+    out = tmp_path / "plain"
+    assert cli(*SMALL, "--criterion", "none", "--no-noise", "--output", str(out)).returncode == 0
+    one_line_error(cli("compact", "--run", str(out)), 1, "no noise layers")
+
+
+@pytest.mark.parametrize("kill_after_checkpoints,extra_delay", [(1, 0.0), (1, 0.4), (2, 0.1), (3, 0.0)])
+def test_sigkill_at_several_points_resumes_to_identical_metrics(tmp_path, kill_after_checkpoints, extra_delay):
+    common = [*SMALL, "--criterion", "bmrs-u", "--p1", "4", "--epochs", "3", "--seed", "5"]
+    reference = tmp_path / "reference"
+    assert cli(*common, "--output", str(reference)).returncode == 0
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen([sys.executable, "-m", "bmrs", *common, "--output", str(victim)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, seen, last = victim / "checkpoint.pt", 0, None
+    deadline = time.time() + 300
+    while seen < kill_after_checkpoints and proc.poll() is None and time.time() < deadline:
+        if ckpt.exists() and ckpt.stat().st_mtime_ns != last:
+            last, seen = ckpt.stat().st_mtime_ns, seen + 1
+        time.sleep(0.01)
+    time.sleep(extra_delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = cli(*common, "--output", str(victim), "--resume")
+    assert result.returncode == 0, result.stderr
+    a = json.loads((reference / "metrics.json").read_text())
+    b = json.loads((victim / "metrics.json").read_text())
+    for key in ("test_accuracy", "val_accuracy", "structures_pruned_pct", "parameter_compression_pct"):
+        assert a[key] == b[key], key
+    assert [h["val_accuracy"] for h in a["history"]] == [h["val_accuracy"] for h in b["history"]]
+    leftovers = [p.name for p in victim.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
