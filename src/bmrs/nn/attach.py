@@ -64,6 +64,10 @@ class _NoiseBank:
 
     def __init__(self, layers: list[MultiplicativeNoise]):
         self.layers = layers
+        # (first row, global batch size) when this process holds a slice of a larger global batch
+        # (distributed training): θ is drawn for the whole global batch and the slice kept, so the
+        # random stream and every example's θ match a single process.
+        self.shard: tuple[int, int] | None = None
 
     def draw(self, model: nn.Module, args) -> None:
         self.clear()
@@ -76,10 +80,11 @@ class _NoiseBank:
         groups: dict[tuple, list[MultiplicativeNoise]] = {}
         for noise in layers:
             groups.setdefault((noise.low, noise.high, noise.mu.device), []).append(noise)
+        first, total = self.shard if self.shard is not None else (0, batch)
         for (low, high, device), members in groups.items():
             mu = torch.cat([n.mu for n in members])
             sigma = torch.cat([n.sigma for n in members])
-            theta = members[0].draw_theta(mu, sigma, batch)
+            theta = members[0].draw_theta(mu, sigma, total)[first:first + batch]
             for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
                 noise.pending_theta = part
 

@@ -50,26 +50,46 @@ def check_finite(model: nn.Module, loss: Tensor, where: str) -> None:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: TensorDataset, *,
                 batch_size: int, generator: torch.Generator, kl_reduction: str = "mean",
-                device="cpu", progress: bool = True, desc: str = "train") -> dict[str, float]:
-    """One pass of cross-entropy + KL (when the model has noise layers) with Adam-style updates."""
+                device="cpu", progress: bool = True, desc: str = "train", dist=None,
+                forward: nn.Module | None = None) -> dict[str, float]:
+    """One pass of cross-entropy + KL (when the model has noise layers) with Adam-style updates.
+
+    With ``dist`` (a DistContext) each process trains on its slice of every global batch through
+    ``forward`` (the DDP wrapper of ``model``); the cross-entropy is scaled so that the averaged
+    gradient is that of the global-batch mean.  Statistics are this process's.
+    """
     model.train()
+    forward = forward or model
     has_noise = bool(noise_layers(model))
+    bank = getattr(model, "_bmrs_bank", None)
     num_train = len(dataset)
     totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "correct": 0, "seen": 0}
     steps = math.ceil(num_train / batch_size)
     bar = tqdm(batches(dataset, batch_size, generator, device), total=steps, desc=desc, leave=False,
                disable=not progress, unit="batch")
     for step, (x, y) in enumerate(bar):
-        logits = model(x)
-        ce = nn.functional.cross_entropy(logits, y)
+        scale = 1.0
+        if dist is not None and dist.active:
+            part = dist.local_slice(len(y))
+            scale = dist.world * (part.stop - part.start) / len(y)
+            if bank is not None:
+                bank.shard = (part.start, len(y))
+            x, y = x[part], y[part]
+        try:
+            logits = forward(x)
+        finally:
+            if bank is not None:
+                bank.shard = None
+        # (a process whose slice of a short last batch is empty still joins the gradient average)
+        ce = nn.functional.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
         kl = kl_loss(model, kl_reduction, num_train) if has_noise else torch.zeros((), device=ce.device)
-        loss = ce + kl
+        loss = ce * scale + kl
         check_finite(model, loss, f"{desc}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         n = len(y)
-        totals["loss"] += loss.item() * n
+        totals["loss"] += (ce.item() + kl.item()) * n
         totals["ce"] += ce.item() * n
         totals["kl"] += kl.item() * n
         totals["correct"] += int((logits.argmax(1) == y).sum())

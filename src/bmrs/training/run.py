@@ -26,6 +26,7 @@ from ..io import check_writable, load_checkpoint, save_checkpoint, save_state_di
 from ..nn.attach import noise_layers
 from ..pruning import prune, structure_counts
 from .config import TrainConfig
+from .distributed import setup_distributed
 from .loop import batches, evaluate, train_epoch
 
 __all__ = ["train", "build_for", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
@@ -124,8 +125,15 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     """
     from ..data import load_dataset
 
-    output = check_writable(output)
     device = resolve_device(config.device)
+    dist = setup_distributed(device)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if dist.is_main:
+        check_writable(output)
+    output = Path(output)
+    if not dist.is_main:
+        log = _silent
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.compile:
@@ -137,6 +145,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
                             train_subset=config.train_subset, progress=progress)
     model = build_for(config, data.in_channels, data.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    forward = dist.wrap(model, device)
     criterion = _criterion(config)
     prune_epochs = _prune_epochs(config)
     eligible_from = prune_epochs[-1] if prune_epochs else 1
@@ -152,20 +161,23 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         log(f"resuming {output} after epoch {state['epoch']}")
     elif ckpt_path.exists() and not resume:
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+    dist.barrier()  # no rank may see a checkpoint that rank 0 writes before all have looked
 
     for epoch in range(start, config.total_epochs + 1):
         torch.manual_seed(epoch_seed(config.seed, epoch))
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         t0 = time.perf_counter()
         stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
-                            kl_reduction=config.kl_reduction, device=device, progress=progress,
-                            desc=f"epoch {epoch}/{config.total_epochs}")
+                            kl_reduction=config.kl_reduction, device=device, progress=progress and dist.is_main,
+                            desc=f"epoch {epoch}/{config.total_epochs}", dist=dist, forward=forward)
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
         if epoch in prune_epochs:
             t1 = time.perf_counter()
             record.update(_prune_step(model, criterion, config, prune_epochs.index(epoch), data, device))
+            dist.broadcast_masks(model)
             record["prune_seconds"] = time.perf_counter() - t1
+        dist.check_agreement(model, f"epoch {epoch}")
         val = evaluate(model, data.val, device=device)
         record["val_accuracy"] = val["accuracy"]
         record["structures_pruned"] = structure_counts(model).pruned if noise_layers(model) else 0
@@ -173,15 +185,23 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         if epoch >= eligible_from and val["accuracy"] > best["val_accuracy"]:
             best = {"val_accuracy": val["accuracy"], "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        save_checkpoint(ckpt_path, {
-            "config": config.to_dict(), "epoch": epoch, "history": history,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
-        })
+        if dist.is_main:
+            save_checkpoint(ckpt_path, {
+                "config": config.to_dict(), "epoch": epoch, "history": history,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
+            })
         log(f"epoch {epoch:>3}/{config.total_epochs}  loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}"
             f"  val acc {val['accuracy']:.4f}  pruned {record['structures_pruned']}  ({seconds:.1f}s)")
 
+    dist.barrier()
+    if not dist.is_main:
+        return {}
     return finish(config, output, model, best, history, data, device, log)
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 def finish(config, output: Path, model: nn.Module, best: dict, history: list, data, device, log) -> dict:
