@@ -43,6 +43,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None, help="threshold of snr (1.0) or ev (0.1)")
     g.add_argument("--amount", type=float, default=None,
                    help="fraction of structures to prune, for the ranking criteria l2 and grad")
+    g.add_argument("--amount-schedule", type=_int_list, default=None, metavar="K1,K2,...",
+                   help="structure counts to prune at each pruning step (l2/grad; e.g. to match a BMRS_N run)")
     g.add_argument("--granularity", default="structure", choices=("structure", "element"),
                    help="one noise sample per example and structure, or per element (default: structure)")
     g.add_argument("--no-noise", action="store_true", help="train the plain network (criterion none only)")
@@ -64,6 +66,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the noise kernels (~10-20 s once; pays off for long runs)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("counts must be non-negative")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--output", default=None, help="compacted model file (default: RUN/compacted.safetensors)")
     compact.add_argument("--batch-size", type=int, default=256, help="batch size for the latency measurement")
     compact.add_argument("--data-dir", default=None, help="dataset folder, as for train")
+    rep = sub.add_parser("reproduce", help="the paper's Fashion-MNIST table, figures and open questions",
+                         description="Run every method × network × seed (resumable, skipping finished runs), "
+                                     "then write the results table, CSV, plots and summary.")
+    rep.add_argument("dataset", choices=("fashion-mnist",), help="the dataset to reproduce (fashion-mnist)")
+    rep.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    rep.add_argument("--workers", type=int, default=2, help="runs at once, one thread each (default: 2)")
+    rep.add_argument("--epochs", type=int, default=50, help="epochs with pruning (paper: 50)")
+    rep.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (paper: 10)")
+    rep.add_argument("--train-subset", type=int, default=None, help="train on N examples only (quick runs)")
+    rep.add_argument("--levels", type=int, default=21, help="levels of the post-training sweep (paper: 100)")
+    rep.add_argument("--runs", default="runs/reproduce/fashion-mnist", help="folder of the runs")
+    rep.add_argument("--report", default="docs/results", help="folder of the report")
+    rep.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     return parser
 
 
@@ -106,7 +131,7 @@ def _train(args) -> int:
 
     config = TrainConfig(
         dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
-        amount=args.amount, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
+        amount=args.amount, amount_schedule=args.amount_schedule, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction,
         granularity=args.granularity, low=args.low, high=args.high, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
         image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
@@ -134,7 +159,13 @@ def _compact(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "curve": _curve, "compact": _compact}
+def _reproduce(args) -> int:
+    from .experiments.reproduce import reproduce
+
+    return reproduce(args)
+
+
+COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": _reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,28 @@
+"""``bmrs reproduce fashion-mnist``: run the grid, then write the report (see reproduce_report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+from .reproduce_runs import grid_jobs, run_jobs
+
+__all__ = ["reproduce"]
+
+
+def reproduce(args, log=print) -> int:
+    """Run (or continue) every job of the grid, then build the report from whatever has finished."""
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    extra = ["--train-subset", str(args.train_subset)] if args.train_subset else []
+    jobs = grid_jobs(args.runs, args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs, extra=extra)
+    failed = []
+    if not args.report_only:
+        failed = run_jobs(jobs, workers=args.workers, log=log)
+    from .reproduce_report import build_report
+
+    build_report(jobs, Path(args.runs), Path(args.report), levels=args.levels, log=log)
+    if failed:
+        log(f"{len(failed)} runs failed; rerun the same command to retry them")
+        return 1
+    return 0
