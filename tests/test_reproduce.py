@@ -1,0 +1,57 @@
+"""The reproduction pipeline on a tiny grid, and its statistics (knee, mantissa test, aggregation)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from bmrs.experiments.reproduce_report import CSV_COLUMNS, aggregate, build_report, knee_distances, mantissa_test
+from bmrs.experiments.reproduce_runs import grid_jobs, run_jobs
+
+
+def test_aggregate_mean_and_sample_std():
+    rows = [{"network": "mlp", "method": "bmrs-n", "seed": s, "compression": c, "accuracy": a}
+            for s, c, a in [(0, 90.0, 80.0), (1, 92.0, 82.0), (2, 94.0, 84.0)]]
+    (row,) = aggregate(rows)
+    assert row["seeds"] == 3 and row["compression_mean"] == pytest.approx(92.0)
+    assert row["compression_std"] == pytest.approx(2.0) and row["accuracy_std"] == pytest.approx(2.0)
+    assert (row["paper_compression"], row["paper_accuracy"]) == (93.20, 84.99)
+
+
+def test_knee_of_a_piecewise_linear_curve_and_stop_distance():
+    xs = np.linspace(0, 100, 21)
+    ys = np.where(xs <= 60, 0.9 - 0.0005 * xs, 0.87 - 0.0193 * (xs - 60))  # flat, then a cliff at 60
+    result = {"points": [{"compression": float(x), "accuracy": float(y)} for x, y in zip(xs, ys)],
+              "stop": {"compression": 50.0, "accuracy": 0.875}}
+    k = knee_distances(result)
+    assert k["knee_compression"] == pytest.approx(60.0)
+    assert k["compression_from_knee"] == pytest.approx(-10.0)
+    assert k["accuracy_from_knee"] == pytest.approx(87.5 - 87.0, abs=1e-6)
+
+
+def test_mantissa_test_accepts_log_uniform_and_rejects_uniform():
+    rng = np.random.default_rng(0)
+    log_uniform = np.exp(rng.uniform(np.log(1e-6), 0.0, 5000))
+    assert mantissa_test(log_uniform)["p_value"] > 0.01
+    assert mantissa_test(rng.uniform(0.5, 1.0, 5000))["p_value"] < 1e-6  # mantissas of U(0.5, 1) are uniform, not log-uniform
+
+
+def test_tiny_grid_runs_and_reports(tmp_path):
+    jobs = grid_jobs(tmp_path / "runs", [0], networks=["mlp"], methods=["none", "plain", "bmrs-n", "l2", "bmrs-u-4"],
+                     epochs=1, finetune_epochs=1, extra=["--train-subset", "300", "--hidden", "16"])
+    assert [j.method for j in jobs].index("bmrs-n") < [j.method for j in jobs].index("l2")
+    assert run_jobs(jobs, workers=2, log=lambda *_: None) == []
+    assert all(j.done for j in jobs)
+    again = run_jobs(jobs, workers=2, log=lambda *_: None)  # finished runs are skipped
+    assert again == []
+    report = tmp_path / "report"
+    build_report(jobs, tmp_path / "runs", report, levels=3, log=lambda *_: None)
+    with open(report / "fashion-mnist.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_COLUMNS
+    assert {r["method"] for r in rows} == {"none", "bmrs-n", "l2", "bmrs-u-4"}
+    for name in ("fashion-mnist.md", "fashion-mnist-table.png", "post-training-mlp.png", "p1-sweep.png",
+                 "mantissa.png", "theta-histograms.png"):
+        assert (report / name).stat().st_size > 0, name
