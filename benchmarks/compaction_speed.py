@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 
 import bmrs
 from bmrs.compaction import compact, count
+from bmrs.experiments.timing import median_latency
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compaction_speed.json"
 PRUNED_FRACTION = 0.8
@@ -62,16 +61,8 @@ def masked_model(build, gen: torch.Generator) -> nn.Module:
     return model.eval()
 
 
-@torch.inference_mode()
 def median_ms(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * median_latency(model, x, repeats=repeats, warmup=warmup)
 
 
 def bench(name: str, threads: int, warmup: int, repeats: int) -> list[dict]:
