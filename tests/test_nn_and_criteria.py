@@ -264,3 +264,13 @@ def test_get_criterion():
         criteria.get_criterion("magic")
     with pytest.raises(bmrs.ConfigError, match="p1"):
         criteria.BMRSU(p1=23)
+
+
+def test_published_bmrs_n_adds_half_log_two_pi():
+    model = set_posteriors(bmrs.attach(small_mlp()), seed=4)
+    exact, published = criteria.BMRSN().scores(model), criteria.PublishedBMRSN().scores(model)
+    for name in exact:
+        small = exact[name].abs() < 100  # where float32 resolves the offset
+        assert torch.allclose(published[name][small] - exact[name][small],
+                              torch.full_like(exact[name][small], 0.5 * math.log(2 * math.pi)), atol=1e-4)
+    assert criteria.get_criterion("bmrs-n-published").rule(torch.tensor([-0.5]).double()).item()

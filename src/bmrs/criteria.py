@@ -39,6 +39,7 @@ __all__ = [
     "Criterion",
     "BMRSN",
     "BMRSU",
+    "PublishedBMRSN",
     "SNR",
     "ExpectedValue",
     "L2Norm",
@@ -136,6 +137,22 @@ class BMRSN(Criterion):
 
     def __repr__(self):
         return f"BMRSN(variance={self.variance:g})"
+
+
+class PublishedBMRSN(BMRSN):
+    """BMRS_N as the public reference code computes it: ΔF + ½ ln 2π (it omits the 2π).
+
+    Not the equation: kept to measure how much of the published compression that term explains.
+    """
+
+    name = "bmrs-n-published"
+    OFFSET = 0.5 * math.log(2.0 * math.pi)
+
+    def layer_scores(self, name, noise, model):
+        return super().layer_scores(name, noise, model) + self.OFFSET
+
+    def __repr__(self):
+        return f"PublishedBMRSN(variance={self.variance:g})"
 
 
 class BMRSU(Criterion):
@@ -282,6 +299,7 @@ class Gradient(Criterion):
 
 CRITERIA: dict[str, Callable[..., Criterion]] = {
     "bmrs-n": BMRSN,
+    "bmrs-n-published": PublishedBMRSN,
     "bmrs-u": BMRSU,
     "snr": SNR,
     "ev": ExpectedValue,

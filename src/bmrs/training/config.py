@@ -11,7 +11,7 @@ from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS"]
 
-CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad")
+CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad", "bmrs-n-published")
 KL_REDUCTIONS = ("mean", "elbo")
 DEVICES = ("auto", "cpu", "cuda")
 
