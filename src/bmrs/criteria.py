@@ -119,24 +119,35 @@ def _global_top(scores: dict[str, Tensor], masks: Decisions, prunability: Callab
     return out
 
 
-class BMRSN(Criterion):
+class _ModelReduction(Criterion):
+    """Criteria that score by ΔF against a reduced prior and prune where ΔF ≥ 0 (no threshold)."""
+
+    higher_prunes = True
+
+    def reduced_prior(self, noise: MultiplicativeNoise):
+        raise NotImplementedError
+
+    def layer_scores(self, name, noise, model):
+        return delta_f(noise.posterior(), noise.prior(), self.reduced_prior(noise))
+
+    def rule(self, scores):
+        return scores >= 0
+
+
+class BMRSN(_ModelReduction):
     """BMRS_N: ΔF against a truncated log-normal spike at the lower bound (variance 1e−12)."""
 
     name = "bmrs-n"
-    higher_prunes = True
 
     def __init__(self, variance: float = SPIKE_VARIANCE):
         spike_prior(variance=variance)  # validates
         self.variance = variance
 
-    def layer_scores(self, name, noise, model):
-        return delta_f(noise.posterior(), noise.prior(), spike_prior(noise.low, noise.high, self.variance))
-
-    def rule(self, scores):
-        return scores >= 0
+    def reduced_prior(self, noise):
+        return spike_prior(noise.low, noise.high, self.variance)
 
     def __repr__(self):
-        return f"BMRSN(variance={self.variance:g})"
+        return f"{type(self).__name__}(variance={self.variance:g})"
 
 
 class PublishedBMRSN(BMRSN):
@@ -151,25 +162,18 @@ class PublishedBMRSN(BMRSN):
     def layer_scores(self, name, noise, model):
         return super().layer_scores(name, noise, model) + self.OFFSET
 
-    def __repr__(self):
-        return f"PublishedBMRSN(variance={self.variance:g})"
 
-
-class BMRSU(Criterion):
+class BMRSU(_ModelReduction):
     """BMRS_U: ΔF against a log-uniform over θ ∈ [2⁻²³, 2^(−p₁)]; larger p₁ prunes less."""
 
     name = "bmrs-u"
-    higher_prunes = True
 
     def __init__(self, p1: float = 8.0):
         precision_prior(p1)  # validates
         self.p1 = p1
 
-    def layer_scores(self, name, noise, model):
-        return delta_f(noise.posterior(), noise.prior(), precision_prior(self.p1, noise.low, noise.high))
-
-    def rule(self, scores):
-        return scores >= 0
+    def reduced_prior(self, noise):
+        return precision_prior(self.p1, noise.low, noise.high)
 
     def __repr__(self):
         return f"BMRSU(p1={self.p1:g})"
