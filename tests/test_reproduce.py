@@ -55,3 +55,11 @@ def test_tiny_grid_runs_and_reports(tmp_path):
     for name in ("fashion-mnist.md", "fashion-mnist-table.png", "post-training-mlp.png", "p1-sweep.png",
                  "mantissa.png", "theta-histograms.png"):
         assert (report / name).stat().st_size > 0, name
+
+
+def test_agreement_verdicts():
+    from bmrs.experiments.reproduce_report import agreement
+    rows = aggregate([{"network": "mlp", "method": "ev", "seed": 0, "compression": 91.8, "accuracy": 85.5},
+                      {"network": "mlp", "method": "bmrs-n", "seed": 0, "compression": 0.0, "accuracy": 85.1}])
+    lines = agreement(rows)
+    assert lines[0].startswith("- mlp ev: agrees") and lines[1].startswith("- mlp bmrs-n: differs")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..io import read_json
 
-__all__ = ["NETWORKS", "METHODS", "EXTRA_METHODS", "Job", "grid_jobs", "run_jobs", "PAPER"]
+__all__ = ["NETWORKS", "METHODS", "EXTRA_METHODS", "Job", "grid_jobs", "run_jobs", "PAPER", "PAPER_STD"]
 
 NETWORKS = {
     "mlp": ["--model", "mlp", "--hidden", "150", "--layers", "1", "--batch-size", "128", "--lr", "1.5e-3"],
@@ -51,6 +51,17 @@ PAPER = {
     ("lenet5", "none"): (0.00, 89.16), ("lenet5", "l2"): (83.62, 10.00), ("lenet5", "ev"): (89.71, 50.93),
     ("lenet5", "snr"): (98.47, 17.01), ("lenet5", "bmrs-n"): (88.02, 77.90), ("lenet5", "bmrs-u-8"): (87.61, 77.23),
     ("lenet5", "bmrs-u-4"): (88.72, 81.10),
+}
+
+
+# The paper's standard deviations over ten seeds: (compression, accuracy).
+PAPER_STD = {
+    ("mlp", "none"): (0.0, 0.20), ("mlp", "l2"): (2.27, 10.22), ("mlp", "ev"): (0.81, 0.26),
+    ("mlp", "snr"): (0.00, 0.00), ("mlp", "bmrs-n"): (0.66, 0.35), ("mlp", "bmrs-u-8"): (0.81, 0.32),
+    ("mlp", "bmrs-u-4"): (0.71, 0.34),
+    ("lenet5", "none"): (0.0, 0.27), ("lenet5", "l2"): (1.69, 0.00), ("lenet5", "ev"): (0.56, 33.45),
+    ("lenet5", "snr"): (3.45, 21.03), ("lenet5", "bmrs-n"): (1.00, 2.44), ("lenet5", "bmrs-u-8"): (0.72, 3.49),
+    ("lenet5", "bmrs-u-4"): (0.73, 1.50),
 }
 
 
