@@ -57,6 +57,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
     With ``dist`` (a DistContext) each process trains on its slice of every global batch through
     ``forward`` (the DDP wrapper of ``model``); the cross-entropy is scaled so that the averaged
     gradient is that of the global-batch mean.  Statistics are this process's.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from bmrs.models import mlp
+        >>> model = mlp(in_dim=64, hidden=16)
+        >>> data = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+        >>> stats = train_epoch(model, torch.optim.Adam(model.parameters()), data, batch_size=16,
+        ...                     generator=torch.Generator().manual_seed(0), progress=False)
+        >>> sorted(stats)
+        ['accuracy', 'ce', 'kl', 'loss']
     """
     model.train()
     forward = forward or model
@@ -101,7 +112,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1024, device="cpu") -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) in eval mode (E[θ]·mask in place of the noise)."""
+    """Top-1 and top-5 accuracy (fractions) in eval mode (E[θ]·mask in place of the noise).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from bmrs.models import mlp
+        >>> data = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+        >>> sorted(evaluate(mlp(in_dim=64, hidden=16), data))
+        ['accuracy', 'top5_accuracy']
+    """
     model.eval()
     correct1 = correct5 = seen = 0
     for x, y in batches(dataset, batch_size, None, device):

@@ -121,7 +121,13 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
           log: Callable[[str], None] = print, data=None) -> dict:
     """Train, prune, fine-tune, test and compact; write metrics.json and models into ``output``.
 
-    Returns the metrics dictionary (also written to ``output/metrics.json``).
+    Returns the metrics dictionary (also written to ``output/metrics.json``); under torchrun, rank 0
+    returns it and the other ranks return an empty dict.
+
+    Example:
+        config = TrainConfig(model="mlp", criterion="bmrs-u", p1=4, epochs=50, finetune_epochs=10)
+        metrics = train(config, "runs/mlp-bmrs-u-4", resume=True)
+        print(metrics["test_accuracy"], metrics["parameter_compression_pct"])
     """
     from ..data import load_dataset
 
