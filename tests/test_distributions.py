@@ -266,3 +266,11 @@ def test_broadcasting_and_expand():
 def test_kl_is_infinite_when_posterior_leaves_prior_support():
     q = bmrs.TruncatedLogNormal(torch.tensor(-5.0), torch.tensor(1.0), low=-30.0, high=0.0)
     assert torch.distributions.kl_divergence(q, bmrs.TruncatedLogUniform(-20.0, 0.0)) == math.inf
+
+
+@pytest.mark.parametrize("low,high", [(-13.7, -0.3), (-5.3, 0.0), (-20.0, 0.0)])
+def test_float32_samples_respect_float32_support(low, high):
+    """Bounds that float32 rounds: e^low in float32 may differ from rounded float64; samples stay inside."""
+    torch.manual_seed(3)
+    q = bmrs.TruncatedLogNormal(torch.tensor([-25.0, 5.0, -7.0]), torch.tensor([1e-3, 1e-3, 3.0]), low=low, high=high)
+    assert bool(q.support.check(q.rsample((5000,))).all())

@@ -143,7 +143,9 @@ class TruncatedLogNormal(Distribution):
     def icdf(self, value: Tensor) -> Tensor:
         """θ with P(θ' ≤ θ) = value, differentiable in loc and scale."""
         u = torch.as_tensor(value).double()
-        return self._out(tn.icdf_x(*self._x64, u).exp())
+        theta = self._out(tn.icdf_x(*self._x64, u).exp())
+        # the support's ends as this dtype computes them (float32 e^low may differ from rounded float64)
+        return torch.minimum(torch.maximum(theta, self._out(self.low).exp()), self._out(self.high).exp())
 
     # -- sampling -----------------------------------------------------------------------------
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
