@@ -138,3 +138,22 @@ def test_cli_usage_errors_exit_2():
     result = _cli("train", "--criterion", "magic")
     assert result.returncode == 2 and "invalid choice" in result.stderr
     assert _cli("--help").returncode == 0
+
+
+def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    made = _cli("--no-progress", "train", "--model", "mlp", "--hidden", "16", "--criterion", "bmrs-u", "--p1", "4",
+                "--epochs", "2", "--finetune-epochs", "0", "--batch-size", "16", "--lr", "1e-2", "--train-subset", "800",
+                "--threads", "1", "--output", str(run))
+    assert made.returncode == 0, made.stderr
+    compacted = _cli("compact", "--run", str(run), "--batch-size", "8")
+    assert compacted.returncode == 0, compacted.stderr
+    report = json.loads((run / "compact_report.json").read_text())
+    assert report["params_after"] <= report["params_before"] and report["latency_speedup_b8"] > 0
+    assert (run / "compacted.safetensors").stat().st_size > 0
+    curve = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,l2")
+    assert curve.returncode == 0, curve.stderr
+    result = json.loads((run / "curve" / "curve.json").read_text())
+    assert [r["criterion"] for r in result["results"]] == ["bmrs-n", "l2"]
+    assert len(result["results"][1]["points"]) == 3 and "stop" in result["results"][0]
+    assert (run / "curve" / "curve.png").stat().st_size > 0 and (run / "curve" / "curve.csv").exists()
