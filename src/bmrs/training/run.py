@@ -253,5 +253,8 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     log(f"test accuracy {metrics['test_accuracy']:.4f} (top-5 {metrics['test_top5_accuracy']:.4f}), "
         f"structures pruned {metrics['structures_pruned_pct']:.1f}%, parameters removed "
         f"{metrics['parameter_compression_pct']:.1f}%, FLOPs removed {metrics['flops_removed_pct']:.1f}%")
+    if config.criterion == "bmrs-n" and metrics["structures_pruned_pct"] == 0.0:
+        log("exact BMRS_N pruned nothing: posteriors the data leaves prior-like keep ΔF just below 0 "
+            "(see the README); --criterion bmrs-u --p1 4 prunes them")
     log(f"results: {output / METRICS}")
     return metrics
