@@ -154,10 +154,10 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log) -> 
         log(f"post-training {network}: no finished 'none' run yet")
         return []
     cache = report / f"post-training-{network}.json"
-    if cache.exists() and read_json(cache).get("levels") == levels:
+    if cache.exists() and read_json(cache).get("levels") == levels and read_json(cache).get("weights") == "final":
         results = read_json(cache)["results"]
     else:
-        run = load_run(base)
+        run = load_run(base, final=True)
         cfg = run.config
         data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.seed,
                             image_size=cfg.image_size, train_subset=cfg.train_subset, progress=False)
@@ -167,7 +167,7 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log) -> 
                                  progress=False))
         for res in results:
             res["knee"] = knee_distances(res)
-        write_json(cache, {"levels": levels, "run": str(base), "results": results})
+        write_json(cache, {"levels": levels, "run": str(base), "weights": "final", "results": results})
     plot_curves(results, report / f"post-training-{network}.png",
                 title=f"Fashion-MNIST {network}: post-training pruning ({levels} levels, no fine-tuning)")
     return results
@@ -183,11 +183,12 @@ def _theta_histograms(runs: Path, report: Path) -> str:
         if not (before / "metrics.json").exists() or not (after / "metrics.json").exists():
             continue
         bins = np.linspace(-9, 0.1, 50)
-        ev_before = np.concatenate([n.posterior().mean.detach().double().numpy() for _, n in noise_layers(load_run(before).model)])
+        ev_before = np.concatenate([n.posterior().mean.detach().double().numpy()
+                                    for _, n in noise_layers(load_run(before, final=True).model)])
         model = load_run(after).model
         ev = np.concatenate([n.posterior().mean.detach().double().numpy() for _, n in noise_layers(model)])
         kept = np.concatenate([(n.mask > 0).numpy() for _, n in noise_layers(model)])
-        ax.hist(np.log10(ev_before), bins=bins, alpha=0.5, label="trained without pruning")
+        ax.hist(np.log10(ev_before), bins=bins, alpha=0.5, label="trained without pruning (last epoch)")
         ax.hist(np.log10(ev[kept]), bins=bins, alpha=0.6, label="BMRS_U-4: kept")
         ax.hist(np.log10(ev[~kept]), bins=bins, alpha=0.6, label="BMRS_U-4: pruned")
         ax.set_xlabel("log10 E[θ]")
@@ -250,13 +251,13 @@ def _p1_sweep(runs: Path, report: Path, log) -> str:
         base = runs / network / "none" / "seed0"
         if not (base / "metrics.json").exists():
             continue
-        run = load_run(base)
+        run = load_run(base, final=True)
         cfg = run.config
         data = load_dataset(cfg.dataset, cfg.data_dir, split_seed=cfg.seed, progress=False)
         example = data.test.tensors[0][:2]
         comps, accs = [], []
         for p1 in range(1, 23):
-            model = load_run(base).model
+            model = load_run(base, final=True).model
             prune(model, BMRSU(p1))
             comps.append(compression_report(model, compact(model, example), example)["parameter_compression_pct"])
             accs.append(100 * evaluate(model, data.test)["accuracy"])
@@ -295,7 +296,7 @@ def _mantissas(runs: Path, report: Path) -> str:
     for network in ("mlp", "lenet5"):
         for seed_dir in sorted((runs / network / "none").glob("seed*")):
             if (seed_dir / "metrics.json").exists():
-                model = load_run(seed_dir).model
+                model = load_run(seed_dir, final=True).model
                 values.append(np.concatenate([n.posterior().mean.detach().float().numpy() for _, n in noise_layers(model)]))
     if not values:
         return "no finished 'none' runs yet"
@@ -385,7 +386,7 @@ def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, lo
         "",
         "## Post-training pruning",
         "",
-        f"From the unpruned seed-0 runs, every criterion prunes the globally most prunable structures at {levels} "
+        f"From the unpruned seed-0 runs (their weights after the last epoch), every criterion prunes the globally most prunable structures at {levels} "
         "levels (no fine-tuning between levels; the paper used 100 levels with one fine-tuning epoch each). "
         "Stars mark where ΔF ≥ 0 stops. Knee: Kneedle (kneed, concave decreasing) on accuracy against compression.",
         "",
@@ -403,7 +404,7 @@ def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, lo
         "",
         "## Open questions",
         "",
-        "**p₁ for BMRS_U** (post-training on the unpruned seed-0 models): ![p1](p1-sweep.png)",
+        "**p₁ for BMRS_U** (post-training on the unpruned seed-0 models after their last epoch): ![p1](p1-sweep.png)",
         "",
         "| network | p₁ | compression % | accuracy % |",
         "|---|---|---|---|",

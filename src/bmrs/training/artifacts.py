@@ -14,9 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io import load_state_dict_file, read_json
+from ..io import load_checkpoint, load_state_dict_file, read_json
 from .config import TrainConfig
-from .run import METRICS, build_for
+from .run import CHECKPOINT, METRICS, build_for
 
 __all__ = ["LoadedRun", "load_run"]
 
@@ -29,8 +29,13 @@ class LoadedRun:
     model: nn.Module  # the masked model (noise layers attached), in eval mode
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Rebuild the masked model of a finished ``bmrs train`` run from its JSON and safetensors files."""
+def load_run(path: str | Path, final: bool = False) -> LoadedRun:
+    """Rebuild the masked model of a finished ``bmrs train`` run from its JSON and safetensors files.
+
+    ``final=True`` takes the weights of the last epoch (from checkpoint.pt, loaded with
+    weights_only=True) instead of the best-validation checkpoint that was tested: for analyses of a
+    fully trained model, such as post-training pruning.
+    """
     path = Path(path)
     metrics_path = path / METRICS
     if not metrics_path.exists():
@@ -41,7 +46,10 @@ def load_run(path: str | Path) -> LoadedRun:
         raise CheckpointError(f"{metrics_path}: lacks 'config'/'data'; it was not written by bmrs train")
     config = TrainConfig.from_dict(metrics["config"])
     model = build_for(config, metrics["data"]["in_channels"], metrics["data"]["num_classes"])
-    state = load_state_dict_file(path / "model_masked.safetensors")
+    if final:
+        state = load_checkpoint(path / CHECKPOINT)["model"]
+    else:
+        state = load_state_dict_file(path / "model_masked.safetensors")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
