@@ -202,7 +202,8 @@ def test_rsample_gradients_match_finite_differences(mu, sigma):
 
 @pytest.mark.parametrize("mu,sigma", [(-10.0, 2.0), (0.0, 0.3), (-21.0, 1.0), (2.0, 1.5)])
 def test_log_prob_cdf_and_entropy_against_scipy_quadrature(mu, sigma):
-    q = bmrs.TruncatedLogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    q = bmrs.TruncatedLogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64),
+                                validate_args=True)
 
     def density(theta):
         return float(q.log_prob(torch.tensor(theta, dtype=torch.float64)).exp())
@@ -254,7 +255,7 @@ def test_bad_bounds_give_clear_errors():
     with pytest.raises(bmrs.ConfigError, match="low must be smaller than high"):
         bmrs.TruncatedLogUniform(1.0, 1.0)
     with pytest.raises(ValueError):
-        bmrs.TruncatedLogNormal(torch.tensor(0.0), torch.tensor(-1.0))
+        bmrs.TruncatedLogNormal(torch.tensor(0.0), torch.tensor(-1.0), validate_args=True)
 
 
 def test_broadcasting_and_expand():

@@ -21,6 +21,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch.distributions import Distribution
 
 __all__ = ["set_compile", "compile_enabled", "maybe_compiled"]
 
@@ -44,6 +45,9 @@ def maybe_compiled(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         if not _state["enabled"]:
             return fn(*args, **kwargs)
+        # dynamo switches torch.distributions' default argument validation off for good when it is
+        # first used; put the user's setting back so that enabling compilation changes nothing else
+        validate = Distribution._validate_args
         if "compiled" not in cache:
             cache["compiled"] = torch.compile(fn, dynamic=True)
         compiled = cache["compiled"]
@@ -56,5 +60,7 @@ def maybe_compiled(fn: Callable) -> Callable:
             warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}); running eagerly",
                           RuntimeWarning, stacklevel=2)
             return fn(*args, **kwargs)
+        finally:
+            Distribution.set_default_validate_args(validate)
 
     return wrapper
