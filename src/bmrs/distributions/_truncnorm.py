@@ -35,7 +35,6 @@ from ._stable import (
 )
 
 __all__ = [
-    "log_normalizer",
     "log_moment",
     "log_var_ratio",
     "kl_to_uniform",
@@ -44,13 +43,6 @@ __all__ = [
     "log_prob_x",
     "icdf_x",
 ]
-
-
-def log_normalizer(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    """ln Z = ln(Φ(β) − Φ(α)); of order −1e18 for a collapsed posterior, which is correct."""
-    parts = interval_parts(low, high, loc, scale)
-    d = (parts.anchor - loc) / scale
-    return -0.5 * d * d + parts.rest
 
 
 def _moment_terms(loc, scale, low, high, k: int, parts0=None):

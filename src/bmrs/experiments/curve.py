@@ -29,9 +29,6 @@ from ..training.loop import batches, evaluate, train_epoch
 
 __all__ = ["run_curve", "sweep", "plot_curves"]
 
-RULE_CRITERIA = ("bmrs-n", "bmrs-u", "snr", "ev")
-
-
 def _criterion(name: str, p1: float):
     return get_criterion("bmrs-u", p1=p1) if name == "bmrs-u" else get_criterion(name)
 
