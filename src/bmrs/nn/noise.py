@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..distributions import TruncatedLogNormal, TruncatedLogUniform
 from ..distributions import _truncnorm as tn
+from ..distributions.fast_sample import sample_theta
 from ..distributions.truncated_log_normal import check_bounds
 from ..errors import ConfigError
 
@@ -113,13 +114,14 @@ class MultiplicativeNoise(nn.Module):
         return values.reshape(shape)
 
     def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...]) -> Tensor:
-        """Reparameterised θ (float64) of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds."""
+        """Reparameterised θ of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds.
+
+        Per-structure work runs in float64, the per-sample inversion in mu's dtype
+        (see :mod:`bmrs.distributions.fast_sample`).
+        """
         shape = (batch, mu.shape[0]) if isinstance(batch, int) else tuple(batch) + (mu.shape[0],)
-        u = torch.rand(shape, dtype=torch.float64, device=mu.device)
-        bound = dict(dtype=torch.float64, device=mu.device)
-        x_log = tn.icdf_x(mu.double(), sigma.double(), torch.tensor(self.low, **bound),
-                          torch.tensor(self.high, **bound), u)
-        return x_log.exp()
+        u = torch.rand(shape, dtype=mu.dtype, device=mu.device)
+        return sample_theta(mu, sigma, self.low, self.high, u)
 
     def sample_theta(self, x: Tensor) -> Tensor:
         """A reparameterised θ broadcastable against x (per structure × example, or per element)."""
