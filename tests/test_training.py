@@ -32,7 +32,7 @@ def test_config_validation_messages():
         ({"batch_size": 0}, "batch_size must be"), ({"criterion": "magic"}, "unknown criterion"),
         ({"model": "alexnet"}, "unknown model"), ({"lr": 0.0}, "lr must be"),
         ({"criterion": "l2"}, "--amount"), ({"kl_reduction": "sum"}, "kl_reduction"),
-        ({"noise": False}, "pruning needs noise"),
+        ({"noise": False}, "pruning needs noise"), ({"finetune": "frozen"}, "finetune must be"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)
@@ -62,6 +62,26 @@ def test_mlp_on_real_fashion_mnist_prunes_and_compacts_exactly(fmnist_slice, tmp
     run = load_run(tmp_path / "run")
     masks = {name: noise.mask == 0 for name, noise in bmrs.noise_layers(run.model)}
     assert sum(int(m.sum()) for m in masks.values()) == saved["structures_pruned"]
+
+
+def test_deterministic_finetuning_freezes_the_noise_and_drops_the_kl(fmnist_slice, tmp_path):
+    cfg = TrainConfig(model="mlp", hidden=32, criterion="bmrs-u", p1=4, epochs=2, finetune_epochs=2,
+                      batch_size=64, lr=1e-2, train_subset=3000, seed=3, finetune="deterministic")
+    seen = []
+
+    def snapshot(message):
+        if message.startswith("epoch"):
+            model = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+            seen.append({k: v.clone() for k, v in model.items() if k.endswith((".mu", ".log_sigma"))})
+
+    metrics = train(cfg, tmp_path / "run", progress=False, log=snapshot, data=fmnist_slice)
+    kls = [h["train_kl"] for h in metrics["history"]]
+    assert kls[0] > 0 and kls[1] > 0 and kls[2] == 0 and kls[3] == 0
+    # the posteriors stop moving once the pruning epochs are over; the weights keep training
+    for key in seen[1]:
+        assert torch.equal(seen[1][key], seen[3][key]) and not torch.equal(seen[0][key], seen[1][key])
+    assert metrics["history"][3]["train_ce"] != metrics["history"][2]["train_ce"]
+    assert metrics["compacted_test_accuracy"] == metrics["test_accuracy"]
 
 
 def test_resume_after_interruption_gives_identical_metrics(fmnist_slice, tmp_path, monkeypatch):

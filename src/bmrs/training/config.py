@@ -9,10 +9,13 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS"]
+__all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS", "FINETUNE_MODES"]
 
 CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad", "bmrs-n-published")
 KL_REDUCTIONS = ("mean", "elbo")
+# Fine-tuning epochs keep the noise and KL ("noisy", the paper's), or train the weights of the pruned
+# network with θ fixed at E[θ]·mask and no KL ("deterministic").
+FINETUNE_MODES = ("noisy", "deterministic")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -32,7 +35,8 @@ class TrainConfig:
     """A run: data, network, criterion and schedule.  ``validate()`` is called on construction.
 
     Continuous pruning: after every ``prune_every`` of the first ``epochs`` epochs the criterion
-    prunes; then ``finetune_epochs`` epochs train without pruning.  The checkpoint with the best
+    prunes; then ``finetune_epochs`` epochs train without pruning (``finetune="deterministic"``: with
+    θ fixed at E[θ]·mask and no KL term).  The checkpoint with the best
     validation accuracy after the last pruning step is the one tested.
 
     Example:
@@ -59,6 +63,7 @@ class TrainConfig:
     lr: float = 1.4e-3
     seed: int = 0
     kl_reduction: str = "mean"
+    finetune: str = "noisy"
     granularity: str = "structure"
     low: float = -20.0
     high: float = 0.0
@@ -106,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if self.finetune not in FINETUNE_MODES:
+            raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         if self.granularity not in ("structure", "element"):
             raise ConfigError(f"granularity must be 'structure' or 'element', got {self.granularity!r}")
         for name in ("low", "high"):

@@ -51,8 +51,11 @@ def check_finite(model: nn.Module, loss: Tensor, where: str) -> None:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: TensorDataset, *,
                 batch_size: int, generator: torch.Generator, kl_reduction: str = "mean",
                 device="cpu", progress: bool = True, desc: str = "train", dist=None,
-                forward: nn.Module | None = None) -> dict[str, float]:
+                forward: nn.Module | None = None, freeze_noise: bool = False) -> dict[str, float]:
     """One pass of cross-entropy + KL (when the model has noise layers) with Adam-style updates.
+
+    ``freeze_noise``: the noise layers act deterministically (θ = E[θ]·mask, as in evaluation) and
+    the KL term is dropped, so only the network's own weights train (deterministic fine-tuning).
 
     With ``dist`` (a DistContext) each process trains on its slice of every global batch through
     ``forward`` (the DDP wrapper of ``model``); the cross-entropy is scaled so that the averaged
@@ -71,7 +74,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
     """
     model.train()
     forward = forward or model
-    has_noise = bool(noise_layers(model))
+    layers = noise_layers(model)
+    if freeze_noise:
+        for _, noise in layers:
+            noise.eval()
+    has_noise = bool(layers) and not freeze_noise
     bank = getattr(model, "_bmrs_bank", None)
     num_train = len(dataset)
     totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "correct": 0, "seen": 0}

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 from typing import Callable
@@ -78,7 +80,12 @@ def _prune_epochs(config: TrainConfig) -> list[int]:
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _RESUME_IGNORES}
+    """The settings a resumed run must share; a key that an older checkpoint lacks takes its default."""
+    full = {**_DEFAULTS, **config}
+    return {k: v for k, v in full.items() if k not in _RESUME_IGNORES}
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def _restore(path: Path, config: TrainConfig, model: nn.Module, optimizer) -> dict:
@@ -175,7 +182,8 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         t0 = time.perf_counter()
         stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
                             kl_reduction=config.kl_reduction, device=device, progress=progress and dist.is_main,
-                            desc=f"epoch {epoch}/{config.total_epochs}", dist=dist, forward=forward)
+                            desc=f"epoch {epoch}/{config.total_epochs}", dist=dist, forward=forward,
+                            freeze_noise=config.finetune == "deterministic" and epoch > config.epochs)
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
         if epoch in prune_epochs:
