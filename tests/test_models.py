@@ -91,7 +91,7 @@ def test_resnet18_shape_and_noise_after_every_bn():
 def test_resnet50_shape_count_and_noise(r50):
     assert own_parameter_count(r50) == 25_557_032
     assert len(bmrs.noise_layers(r50)) == 53 == len(bn_names(r50))
-    assert len(r50.state_dict()) - 3 * 53 == 320  # torchvision's resnet50 state dict has 320 entries
+    assert len(r50.state_dict()) - 4 * 53 == 320  # mu, log_sigma, mask, kept_index per noise layer; torchvision's resnet50 state dict has 320 entries
     r50.eval()
     with torch.no_grad():
         assert r50(torch.randn(2, 3, 32, 32)).shape == (2, 1000)

@@ -84,30 +84,60 @@ def test_deterministic_finetuning_freezes_the_noise_and_drops_the_kl(fmnist_slic
     assert metrics["compacted_test_accuracy"] == metrics["test_accuracy"]
 
 
-def test_resume_after_interruption_gives_identical_metrics(fmnist_slice, tmp_path, monkeypatch):
-    cfg = TrainConfig(model="mlp", hidden=32, criterion="snr", epochs=2, finetune_epochs=1, batch_size=128,
-                      lr=5e-3, train_subset=3000, seed=2)
-    straight = train(cfg, tmp_path / "straight", progress=False, log=quiet, data=fmnist_slice)
-
+def _killed_in_epoch(epoch: int, cfg, output, data, monkeypatch) -> None:
+    """Run ``cfg`` until a KeyboardInterrupt inside epoch ``epoch``, as a killed process would stop."""
     calls = {"n": 0}
     real_epoch = run_module.train_epoch
 
     def dying_epoch(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # die inside the second epoch, after the first checkpoint
+        if calls["n"] == epoch:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "train_epoch", dying_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "killed", progress=False, log=quiet, data=fmnist_slice)
+        train(cfg, output, progress=False, log=quiet, data=data)
     monkeypatch.setattr(run_module, "train_epoch", real_epoch)
+
+
+def test_resume_after_interruption_gives_identical_metrics(fmnist_slice, tmp_path, monkeypatch):
+    cfg = TrainConfig(model="mlp", hidden=32, criterion="snr", epochs=2, finetune_epochs=1, batch_size=128,
+                      lr=5e-3, train_subset=3000, seed=2)
+    straight = train(cfg, tmp_path / "straight", progress=False, log=quiet, data=fmnist_slice)
+
+    _killed_in_epoch(2, cfg, tmp_path / "killed", fmnist_slice, monkeypatch)  # after the first checkpoint
     with pytest.raises(bmrs.ConfigError, match="--resume"):
         train(cfg, tmp_path / "killed", progress=False, log=quiet, data=fmnist_slice)
     resumed = train(cfg, tmp_path / "killed", resume=True, progress=False, log=quiet, data=fmnist_slice)
     for key in ("test_accuracy", "val_accuracy", "structures_pruned_pct", "parameter_compression_pct"):
         assert resumed[key] == straight[key], key
     assert [h["val_accuracy"] for h in resumed["history"]] == [h["val_accuracy"] for h in straight["history"]]
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet5"])
+def test_shrinking_during_training_matches_masking_and_resumes(fmnist_slice, tmp_path, monkeypatch, model):
+    # (E[θ] ranks by the posteriors alone; L2 would differ: weights reading removed inputs drop out of its norms)
+    cfg = TrainConfig(model=model, hidden=48, criterion="ev", amount_schedule=[20, 40, 60], epochs=3,
+                      finetune_epochs=1, batch_size=64, lr=2e-3, train_subset=3000, seed=4)
+    masked = train(cfg, tmp_path / "masked", progress=False, log=quiet, data=fmnist_slice)
+    assert masked["structures_pruned"] == 60
+    shrunk_cfg = TrainConfig(**{**cfg.to_dict(), "shrink": True})
+
+    _killed_in_epoch(3, shrunk_cfg, tmp_path / "shrunk", fmnist_slice, monkeypatch)  # holds a shrunk network
+    shrunk = train(shrunk_cfg, tmp_path / "shrunk", resume=True, progress=False, log=quiet, data=fmnist_slice)
+    # the same θ stream, KL weights and Adam moments: the same run up to floating-point summation order,
+    # whose differences (1e-7 at first, see test_shrink) SGD slowly amplifies
+    assert [h["structures_pruned"] for h in shrunk["history"]] == [h["structures_pruned"] for h in masked["history"]]
+    for got, want in zip(shrunk["history"], masked["history"]):
+        assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-2)
+        assert got["train_ce"] == pytest.approx(want["train_ce"], rel=1e-2)
+    for key in ("params_before", "params_after", "flops_before", "flops_after", "structures"):
+        assert shrunk[key] == masked[key], key
+    assert shrunk["test_accuracy"] == pytest.approx(masked["test_accuracy"], abs=1e-2)
+    from bmrs.training.artifacts import load_run
+    run = load_run(tmp_path / "shrunk")
+    assert bmrs.pruning.structure_counts(run.model).pruned == shrunk["structures_pruned"]
 
 
 def test_resume_with_other_settings_is_refused(fmnist_slice, tmp_path):

@@ -88,19 +88,23 @@ class Criterion:
         masks = {name: noise.mask.detach().cpu() == 0 for name, noise in _layers(model)}
         if amount is None:
             return {name: self.rule(s).cpu() | masks[name] for name, s in scores.items()}
-        return _global_top(scores, masks, self.prunability, amount)
+        removed = sum(noise.removed for _, noise in _layers(model))
+        return _global_top(scores, masks, self.prunability, amount, removed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-def _global_top(scores: dict[str, Tensor], masks: Decisions, prunability: Callable, amount) -> Decisions:
+def _global_top(scores: dict[str, Tensor], masks: Decisions, prunability: Callable, amount,
+                removed: int = 0) -> Decisions:
+    """``removed``: structures already taken out by ``shrink``; ``amount`` counts them as pruned."""
     total = sum(s.numel() for s in scores.values())
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 or \
             (isinstance(amount, float) and (amount > 1.0 or math.isnan(amount))) or \
-            (isinstance(amount, int) and amount > total):
-        raise ConfigError(f"amount must be a count in [0, {total}] or a fraction in [0, 1], got {amount!r}")
-    k = int(round(amount * total)) if isinstance(amount, float) else int(amount)
+            (isinstance(amount, int) and amount > total + removed):
+        raise ConfigError(f"amount must be a count in [0, {total + removed}] or a fraction in [0, 1], got {amount!r}")
+    k = int(round(amount * (total + removed))) if isinstance(amount, float) else int(amount)
+    k = max(k - removed, 0)
     names = list(scores)
     flat = torch.cat([prunability(scores[n]).cpu().double() for n in names])
     already = torch.cat([masks[n] for n in names])

@@ -69,7 +69,7 @@ class PruneReport:
 
 def structure_counts(model: nn.Module, newly_pruned: int = 0) -> PruneReport:
     """The current masks of a model as a report (no pruning)."""
-    layers = [LayerReport(name, noise.num_features, int((noise.mask == 0).sum()))
+    layers = [LayerReport(name, noise.full_features, noise.removed + int((noise.mask == 0).sum()))
               for name, noise in noise_layers(model)]
     return PruneReport(layers, newly_pruned)
 
@@ -88,7 +88,7 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
         (2, 8)
     """
     decisions = criterion.decide(model, amount)
-    before = sum(int((noise.mask == 0).sum()) for _, noise in noise_layers(model))
+    before = structure_counts(model).pruned
     for name, noise in noise_layers(model):
         prune_here = decisions[name].to(noise.mask.device)
         noise.mask.masked_fill_(prune_here, 0.0)

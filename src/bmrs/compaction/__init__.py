@@ -14,5 +14,6 @@ Example:
 from .compact import compact
 from .count import compression_report, count
 from .fold import fold_noise
+from .shrink import restore_shrunk, shrink
 
-__all__ = ["compact", "count", "compression_report", "fold_noise"]
+__all__ = ["compact", "count", "compression_report", "fold_noise", "shrink", "restore_shrunk"]

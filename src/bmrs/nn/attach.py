@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ModelError
 from .noise import MultiplicativeNoise
 
-__all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "NOISE_ATTR"]
+__all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR"]
 
 NOISE_ATTR = "bmrs_noise"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -84,13 +84,24 @@ class _NoiseBank:
         for (low, high, device), members in groups.items():
             mu = torch.cat([n.mu for n in members])
             sigma = torch.cat([n.sigma for n in members])
-            theta = members[0].draw_theta(mu, sigma, total)[first:first + batch]
+            theta = members[0].draw_theta(mu, sigma, total, _bank_columns(members))[first:first + batch]
             for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
                 noise.pending_theta = part
 
     def clear(self, *_) -> None:
         for noise in self.layers:
             noise.pending_theta = None
+
+
+def _bank_columns(members: list[MultiplicativeNoise]) -> tuple[int, Tensor] | None:
+    """(full width, kept columns) of the concatenated layers when ``shrink`` has narrowed any of them."""
+    if not any(n.removed for n in members):
+        return None
+    offsets, index = 0, []
+    for noise in members:
+        index.append(noise.kept_index + offsets)
+        offsets += noise.full_features
+    return offsets, torch.cat(index)
 
 
 def _bank_draw(model: nn.Module, args):
@@ -255,18 +266,26 @@ def attach(
             f"attach: found nothing to attach noise to in {type(model).__name__} (no Conv/Linear/BatchNorm "
             "layer other than the output layer); pass targets=[...] naming the layers to gate"
         )
+    entries = []
     for name, module, features, dim, producer in chosen:
         noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity)
         noise.producer = producer  # the Conv/Linear whose output structures this layer gates
         param = next(module.parameters(), None)
         if param is not None:
             noise = noise.to(device=param.device)
+        entries.append((module, noise))
+    install_noise(model, entries)
+    return model
+
+
+def install_noise(model: nn.Module, entries: list[tuple[nn.Module, MultiplicativeNoise]]) -> None:
+    """Register each noise layer under its module with the forward hook, and the model's noise bank."""
+    for module, noise in entries:
         module.add_module(NOISE_ATTR, noise)
         module.register_forward_hook(_apply_noise)
     model._bmrs_bank = _NoiseBank([noise for _, noise in noise_layers(model)])
     model.register_forward_pre_hook(_bank_draw)
     model.register_forward_hook(_bank_clear)
-    return model
 
 
 def detach_noise(model: nn.Module) -> nn.Module:
@@ -304,8 +323,8 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     if reduction == "elbo" and (isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1):
         raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
     kls = _layer_kls(layers)
-    if reduction == "mean":
-        return torch.stack([kl.mean() for kl in kls]).mean()
+    if reduction == "mean":  # over each layer's original structures: removing pruned ones changes no weight
+        return torch.stack([kl.sum() / noise.full_features for kl, noise in zip(kls, layers)]).mean()
     return torch.stack([kl.sum() for kl in kls]).sum() / num_train
 
 

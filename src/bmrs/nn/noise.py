@@ -56,9 +56,47 @@ class MultiplicativeNoise(nn.Module):
         self.mu = nn.Parameter(torch.full((num_features,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((num_features,), float(init_log_sigma)))
         self.register_buffer("mask", torch.ones(num_features))
+        # Original position of each structure: the layer may have been narrowed by
+        # bmrs.compaction.shrink, which removes pruned structures physically during training.
+        self.register_buffer("kept_index", torch.arange(num_features))
+        self.full_features = num_features
         self._eval_cache: tuple[tuple, Tensor] | None = None
         self.producer: str | None = None  # set by bmrs.attach: the Conv/Linear this layer gates
         self.pending_theta: Tensor | None = None  # drawn for this layer by the model's noise bank
+
+    @property
+    def removed(self) -> int:
+        """Structures physically removed (by ``shrink``): pruned, and no longer here."""
+        return self.full_features - self.num_features
+
+    def narrowed(self, keep: Tensor) -> "MultiplicativeNoise":
+        """A copy holding only the structures at positions ``keep`` (original positions remembered).
+
+        Example:
+            >>> import torch, bmrs
+            >>> small = bmrs.MultiplicativeNoise(5).narrowed(torch.tensor([1, 3]))
+            >>> small.num_features, small.full_features, small.kept_index.tolist(), small.removed
+            (2, 5, [1, 3], 3)
+        """
+        keep = keep.to(self.mask.device)
+        out = MultiplicativeNoise(int(keep.numel()), dim=self.dim, low=self.low, high=self.high,
+                                  granularity=self.granularity).to(self.mu.device)
+        with torch.no_grad():
+            out.mu = nn.Parameter(self.mu.detach()[keep].clone(), requires_grad=self.mu.requires_grad)
+            out.log_sigma = nn.Parameter(self.log_sigma.detach()[keep].clone(),
+                                         requires_grad=self.log_sigma.requires_grad)
+            out.mask.copy_(self.mask[keep])
+            out.kept_index.copy_(self.kept_index[keep])
+        out.full_features, out.producer = self.full_features, self.producer
+        out.train(self.training)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before kept_index existed hold every structure
+        key = prefix + "kept_index"
+        if key not in state_dict and prefix + "mask" in state_dict:
+            state_dict[key] = torch.arange(state_dict[prefix + "mask"].numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- distributions ------------------------------------------------------------------------
     @property
@@ -113,28 +151,37 @@ class MultiplicativeNoise(nn.Module):
             shape[0] = values.shape[0]
         return values.reshape(shape)
 
-    def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...]) -> Tensor:
+    def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...],
+                   columns: tuple[int, Tensor] | None = None) -> Tensor:
         """Reparameterised θ of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds.
 
         Per-structure work runs in float64, the per-sample inversion in mu's dtype
-        (see :mod:`bmrs.distributions.fast_sample`).
+        (see :mod:`bmrs.distributions.fast_sample`).  ``columns = (width, index)``: the uniforms are
+        drawn for ``width`` structures and those at ``index`` used, so that a network narrowed by
+        ``shrink`` draws exactly the θ its unshrunk, masked twin draws for the structures it kept.
         """
-        shape = (batch, mu.shape[0]) if isinstance(batch, int) else tuple(batch) + (mu.shape[0],)
+        width = mu.shape[0] if columns is None else columns[0]
+        shape = (batch, width) if isinstance(batch, int) else tuple(batch) + (width,)
         u = torch.rand(shape, dtype=mu.dtype, device=mu.device)
+        if columns is not None:
+            u = u.index_select(-1, columns[1])
         return sample_theta(mu, sigma, self.low, self.high, u)
+
+    def _columns(self) -> tuple[int, Tensor] | None:
+        return None if self.removed == 0 else (self.full_features, self.kept_index)
 
     def sample_theta(self, x: Tensor) -> Tensor:
         """A reparameterised θ broadcastable against x (per structure × example, or per element)."""
         if self.granularity == "element":
             dim = self.dim % x.dim()
             shape = x.movedim(dim, -1).shape[:-1]
-            theta = self.draw_theta(self.mu, self.sigma, shape).to(x.dtype) * self.mask.to(x.dtype)
+            theta = self.draw_theta(self.mu, self.sigma, shape, self._columns()).to(x.dtype) * self.mask.to(x.dtype)
             return theta.movedim(-1, dim)
         pending, self.pending_theta = self.pending_theta, None
         if pending is not None and pending.shape[0] == x.shape[0]:
             theta = pending
         else:
-            theta = self.draw_theta(self.mu, self.sigma, x.shape[0])
+            theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self._columns())
         return self._view(theta.to(x.dtype) * self.mask.to(x.dtype), x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,5 +191,6 @@ class MultiplicativeNoise(nn.Module):
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
+        removed = f", removed={self.removed}" if self.removed else ""
         return (f"{self.num_features}, dim={self.dim}, low={self.low:g}, high={self.high:g}, "
-                f"granularity={self.granularity!r}, kept={kept}")
+                f"granularity={self.granularity!r}, kept={kept}{removed}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from torch import nn
 
 from ..errors import CheckpointError
@@ -51,6 +53,10 @@ def load_run(path: str | Path, final: bool = False) -> LoadedRun:
     else:
         state = load_state_dict_file(path / "model_masked.safetensors")
     try:
+        if config.shrink:  # the run removed pruned structures as it went: rebuild that network
+            from ..compaction.shrink import restore_shrunk
+            example = torch.zeros(2, metrics["data"]["in_channels"], config.image_size, config.image_size)
+            model = restore_shrunk(model, state, example)
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: saved weights do not fit the configured {config.model} "

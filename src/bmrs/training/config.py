@@ -36,7 +36,8 @@ class TrainConfig:
 
     Continuous pruning: after every ``prune_every`` of the first ``epochs`` epochs the criterion
     prunes; then ``finetune_epochs`` epochs train without pruning (``finetune="deterministic"``: with
-    θ fixed at E[θ]·mask and no KL term).  The checkpoint with the best
+    θ fixed at E[θ]·mask and no KL term).  ``shrink=True`` removes pruned structures physically after
+    every pruning step (``bmrs.compaction.shrink``), so that later epochs cost less.  The checkpoint with the best
     validation accuracy after the last pruning step is the one tested.
 
     Example:
@@ -64,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     kl_reduction: str = "mean"
     finetune: str = "noisy"
+    shrink: bool = False
     granularity: str = "structure"
     low: float = -20.0
     high: float = 0.0
@@ -111,6 +113,10 @@ class TrainConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if not isinstance(self.shrink, bool):
+            raise ConfigError(f"shrink must be True or False, got {self.shrink!r}")
+        if self.shrink and not self.noise:
+            raise ConfigError("shrink removes pruned structures: it needs the noise layers (drop --no-noise)")
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         if self.granularity not in ("structure", "element"):

@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import check_writable, load_checkpoint, save_checkpoint, save_state_dict, write_json
 from ..nn.attach import noise_layers
 from ..pruning import prune, structure_counts
+from ..compaction.shrink import restore_shrunk, shrink
 from .config import TrainConfig
 from .distributed import setup_distributed
 from .loop import batches, evaluate, train_epoch
@@ -88,7 +89,8 @@ def _comparable(config: dict) -> dict:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
-def _restore(path: Path, config: TrainConfig, model: nn.Module, optimizer) -> dict:
+def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tuple[dict, nn.Module, torch.optim.Optimizer]:
+    """Load a checkpoint into ``model`` (rebuilt narrower first if it was shrunk) and a fresh optimizer."""
     state = load_checkpoint(path)
     for key in ("config", "model", "optimizer", "epoch", "history"):
         if key not in state:
@@ -99,12 +101,19 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, optimizer) -> di
         raise CheckpointError(f"{path}: checkpoint was made with different settings ({', '.join(changed)}); "
                               "use the same options to resume, or another --output")
     try:
+        if config.shrink:
+            model = restore_shrunk(model, state["model"], example)
+        optimizer = _optimizer(model, config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:120]}); "
                               "it belongs to another model — use another --output") from None
-    return state
+    return state, model, optimizer
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
 def _prune_step(model, criterion, config, step_index, data, device) -> dict:
@@ -157,8 +166,8 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
                             split_seed=config.seed, download=config.download, image_size=config.image_size,
                             train_subset=config.train_subset, progress=progress)
     model = build_for(config, data.in_channels, data.num_classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    forward = dist.wrap(model, device)
+    example = data.train.tensors[0][:2].to(device)  # traces the network when shrinking it
+    optimizer = _optimizer(model, config)
     criterion = _criterion(config)
     prune_epochs = _prune_epochs(config)
     eligible_from = prune_epochs[-1] if prune_epochs else 1
@@ -167,7 +176,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     start, history = 1, []
     best = {"val_accuracy": -1.0, "epoch": 0, "state": None}
     if resume and ckpt_path.exists():
-        state = _restore(ckpt_path, config, model, optimizer)
+        state, model, optimizer = _restore(ckpt_path, config, model, example)
         start, history = state["epoch"] + 1, state["history"]
         best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
                 "state": state["best_state"]}
@@ -175,6 +184,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     elif ckpt_path.exists() and not resume:
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
     dist.barrier()  # no rank may see a checkpoint that rank 0 writes before all have looked
+    forward = dist.wrap(model, device)
 
     for epoch in range(start, config.total_epochs + 1):
         torch.manual_seed(epoch_seed(config.seed, epoch))
@@ -190,6 +200,9 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
             t1 = time.perf_counter()
             record.update(_prune_step(model, criterion, config, prune_epochs.index(epoch), data, device))
             dist.broadcast_masks(model)
+            if config.shrink:  # remove what was pruned; later epochs run on the smaller network
+                model, optimizer = shrink(model, example, optimizer)
+                forward = dist.wrap(model, device)
             record["prune_seconds"] = time.perf_counter() - t1
         dist.check_agreement(model, f"epoch {epoch}")
         val = evaluate(model, data.val, device=device)
@@ -236,7 +249,9 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     if noise_layers(model):
         counts = structure_counts(model)
         compacted = compact(model, example)
-        sizes = compression_report(model, compacted, example)
+        # "before" is the network as built: a shrunk model has already lost what it pruned
+        full = build_for(config, data.in_channels, data.num_classes).to(device)
+        sizes = compression_report(full, compacted, example)
         compact_test = evaluate(compacted, data.test, device=device)
         metrics.update({
             "structures_pruned_pct": counts.pruned_pct,
