@@ -158,15 +158,17 @@ def _delta_f_normal(q: TruncatedLogNormal, p: TruncatedLogUniform, r: TruncatedL
     m, s, r_low, r_high = r._x64
     var_q, var_r = sigma * sigma, s * s
     v = var_q + var_r
-    mu_t = (mu * var_r + m * var_q) / v
-    sigma_t = sigma * s / torch.sqrt(v)
+    inv_v = v.reciprocal()
+    mu_t = (mu * var_r + m * var_q) * inv_v
+    sigma_t = sigma * s * inv_v.sqrt()
+    inv_vs = (v * sigma_t).reciprocal()
     lo_t, hi_t = torch.maximum(low, r_low), torch.minimum(high, r_high)
 
     fast = _no_gradients(q)
     z_q = interval_parts(low, high, mu, sigma, fast=fast)
     # x − μ̃ = [(x − μ)s² + (x − m)σ²]/v keeps an end that equals m exact (a rounded μ̃ would not).
     def standardize(x):
-        return ((x - mu) * var_r + (x - m) * var_q) / (v * sigma_t)
+        return ((x - mu) * var_r + (x - m) * var_q) * inv_vs
 
     z_t = interval_parts(lo_t, hi_t, mu_t, sigma_t, standardized=(standardize(lo_t), standardize(hi_t)), fast=fast)
     z_p = interval_parts(r_low, r_high, m, s, fast=fast)
@@ -174,8 +176,8 @@ def _delta_f_normal(q: TruncatedLogNormal, p: TruncatedLogUniform, r: TruncatedL
     t_mid = ~(z_t.lower_tail | z_t.upper_tail)
     d_e = z_q.anchor - mu
     d_p = z_p.anchor - m
-    delta_mu = torch.where(t_mid, (m - mu) * var_q / v, z_t.anchor - mu)
-    delta_m = torch.where(t_mid, (mu - m) * var_r / v, z_t.anchor - m)
+    delta_mu = torch.where(t_mid, (m - mu) * var_q * inv_v, z_t.anchor - mu)
+    delta_m = torch.where(t_mid, (mu - m) * var_r * inv_v, z_t.anchor - m)
     quad = (d_e - delta_mu) * (d_e + delta_mu) / (2.0 * var_q) - (delta_m - d_p) * (delta_m + d_p) / (2.0 * var_r)
 
     log_width = torch.log(p.width.double())

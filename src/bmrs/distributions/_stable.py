@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 SQRT2 = math.sqrt(2.0)
+INV_SQRT2 = 1.0 / SQRT2  # multiplying is ~4x cheaper than dividing in float64
 LOG_2PI = math.log(2.0 * math.pi)
 HALF_LOG_2_OVER_PI = 0.5 * math.log(2.0 / math.pi)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -61,7 +62,7 @@ def ndtr(x: Tensor) -> Tensor:
     ``torch.special.ndtr`` (2.13, CPU, float64) is 2% off at x = −8 and returns 0 below x ≈ −9,
     although Φ(−37) ≈ 6e−300 is representable; erfc keeps full relative precision there.
     """
-    return 0.5 * torch.special.erfc(-x / SQRT2)
+    return 0.5 * torch.special.erfc(x * -INV_SQRT2)
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -142,15 +143,16 @@ def interval_parts(
     every branch, so that gradients are defined.
     """
     lo, hi, loc, scale = torch.broadcast_tensors(lo, hi, loc, scale)
+    inv_scale = scale.reciprocal()
     if standardized is None:
-        l, u = (lo - loc) / scale, (hi - loc) / scale
+        l, u = (lo - loc) * inv_scale, (hi - loc) * inv_scale
     else:
         l, u = (v.expand_as(lo) for v in standardized)
     lower_tail = u <= 0
     upper_tail = (l >= 0) & ~lower_tail
     anchor = torch.where(lower_tail, hi, torch.where(upper_tail, lo, loc))
     if fast:
-        rest = _rests_by_subset(lower_tail, upper_tail, (lo - hi) / scale, l, u)
+        rest = _rests_by_subset(lower_tail, upper_tail, (lo - hi) * inv_scale, l, u)
         return IntervalParts(anchor, rest, lower_tail, upper_tail, None, None, None, l, u)
     tail = lower_tail | upper_tail
 
@@ -170,7 +172,10 @@ def _tail_rest(near: Tensor, log_ratio: Tensor, log_erfcx_near: Tensor) -> Tenso
 
 
 def _mid_rest(l: Tensor, u: Tensor) -> Tensor:
-    return torch.log1p(-ndtr(l) - ndtr(-u))
+    """ln(Φ(u) − Φ(l)) for l ≤ 0 ≤ u.  erf(u/√2) ≥ 0 ≥ erf(l/√2), so their difference adds magnitudes
+    without cancellation: full relative precision for any mass, 1e−16 absolute in ln near mass 1
+    (erf costs half of erfc)."""
+    return torch.log(0.5 * (torch.erf(u * INV_SQRT2) - torch.erf(l * INV_SQRT2)))
 
 
 def _rests_everywhere(tail, near, far, gap, l, u):
@@ -198,11 +203,11 @@ def _rests_by_subset(lower_tail, upper_tail, gap, l, u):
             continue
         near = u.index_select(0, idx) if sign > 0 else -l.index_select(0, idx)
         far = l.index_select(0, idx) if sign > 0 else -u.index_select(0, idx)
-        log_erfcx_near = log_erfcx(near / -SQRT2)
-        ratio = gap.index_select(0, idx) * (far + near) / -2.0
+        log_erfcx_near = log_erfcx(near * -INV_SQRT2)
+        ratio = gap.index_select(0, idx) * (far + near) * -0.5
         close = (ratio > _FAR_NEGLIGIBLE).nonzero().squeeze(1)
         if close.numel():
-            extra = log_erfcx(far.index_select(0, close) / -SQRT2) - log_erfcx_near.index_select(0, close)
+            extra = log_erfcx(far.index_select(0, close) * -INV_SQRT2) - log_erfcx_near.index_select(0, close)
             ratio.index_add_(0, close, extra)
         rest.index_copy_(0, idx, _tail_rest(near, ratio, log_erfcx_near))
     idx = (~(lower_tail | upper_tail)).reshape(-1).nonzero().squeeze(1)
