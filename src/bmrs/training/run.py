@@ -112,6 +112,10 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tupl
     return state, model, optimizer
 
 
+def _masked_in_place(model: nn.Module) -> int:
+    return sum(int((noise.mask == 0).sum()) for _, noise in noise_layers(model))
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=config.lr)
 
@@ -185,6 +189,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
     dist.barrier()  # no rank may see a checkpoint that rank 0 writes before all have looked
     forward = dist.wrap(model, device)
+    masked_after_shrink = 0  # masked structures that a shrink left in place (it may keep some)
 
     for epoch in range(start, config.total_epochs + 1):
         torch.manual_seed(epoch_seed(config.seed, epoch))
@@ -200,9 +205,11 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
             t1 = time.perf_counter()
             record.update(_prune_step(model, criterion, config, prune_epochs.index(epoch), data, device))
             dist.broadcast_masks(model)
-            if config.shrink:  # remove what was pruned; later epochs run on the smaller network
+            # shrink when masks changed since the last shrink (read after the broadcast: same on every rank)
+            if config.shrink and _masked_in_place(model) > masked_after_shrink:
                 model, optimizer = shrink(model, example, optimizer)
                 forward = dist.wrap(model, device)
+                masked_after_shrink = _masked_in_place(model)
             record["prune_seconds"] = time.perf_counter() - t1
         dist.check_agreement(model, f"epoch {epoch}")
         val = evaluate(model, data.val, device=device)
