@@ -33,6 +33,7 @@ def test_config_validation_messages():
         ({"model": "alexnet"}, "unknown model"), ({"lr": 0.0}, "lr must be"),
         ({"criterion": "l2"}, "--amount"), ({"kl_reduction": "sum"}, "kl_reduction"),
         ({"noise": False}, "pruning needs noise"), ({"finetune": "frozen"}, "finetune must be"),
+        ({"kl_weight": 0.0}, "kl_weight must be"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)

@@ -58,6 +58,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1.4e-3, help="Adam learning rate (default: 1.4e-3)")
     g.add_argument("--kl", dest="kl_reduction", default="mean", choices=("mean", "elbo"),
                    help="KL weighting: the paper's layer mean, or the evidence lower bound ΣKL/N (default: mean)")
+    g.add_argument("--kl-weight", type=float, default=1.0,
+                   help="multiply the KL term by this (e.g. --kl elbo --kl-weight 100: between the ELBO and the "
+                        "paper's weighting) (default: 1)")
     g.add_argument("--finetune", default="noisy", choices=("noisy", "deterministic"),
                    help="fine-tuning keeps the noise and KL (noisy, the paper's) or trains the pruned network "
                         "with θ fixed at E[θ]·mask and no KL (deterministic) (default: noisy)")
@@ -138,7 +141,7 @@ def _train(args) -> int:
     config = TrainConfig(
         dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
         amount=args.amount, amount_schedule=args.amount_schedule, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction, finetune=args.finetune, shrink=args.shrink,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction, kl_weight=args.kl_weight, finetune=args.finetune, shrink=args.shrink,
         granularity=args.granularity, low=args.low, high=args.high, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
         image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
         download=args.download, device=args.device, threads=args.threads, compile=args.compile,

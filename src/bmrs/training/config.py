@@ -64,6 +64,7 @@ class TrainConfig:
     lr: float = 1.4e-3
     seed: int = 0
     kl_reduction: str = "mean"
+    kl_weight: float = 1.0
     finetune: str = "noisy"
     shrink: bool = False
     granularity: str = "structure"
@@ -111,6 +112,7 @@ class TrainConfig:
         _positive_float("lr", self.lr)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        _positive_float("kl_weight", self.kl_weight)
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
         if not isinstance(self.shrink, bool):

@@ -49,11 +49,12 @@ def check_finite(model: nn.Module, loss: Tensor, where: str) -> None:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: TensorDataset, *,
-                batch_size: int, generator: torch.Generator, kl_reduction: str = "mean",
+                batch_size: int, generator: torch.Generator, kl_reduction: str = "mean", kl_weight: float = 1.0,
                 device="cpu", progress: bool = True, desc: str = "train", dist=None,
                 forward: nn.Module | None = None, freeze_noise: bool = False) -> dict[str, float]:
     """One pass of cross-entropy + KL (when the model has noise layers) with Adam-style updates.
 
+    ``kl_weight`` multiplies the KL term (a tempered posterior between the ELBO and the paper's weighting).
     ``freeze_noise``: the noise layers act deterministically (θ = E[θ]·mask, as in evaluation) and
     the KL term is dropped, so only the network's own weights train (deterministic fine-tuning).
 
@@ -100,7 +101,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
                 bank.shard = None
         # (a process whose slice of a short last batch is empty still joins the gradient average)
         ce = nn.functional.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
-        kl = kl_loss(model, kl_reduction, num_train) if has_noise else torch.zeros((), device=ce.device)
+        kl = kl_weight * kl_loss(model, kl_reduction, num_train) if has_noise else torch.zeros((), device=ce.device)
         loss = ce * scale + kl
         check_finite(model, loss, f"{desc}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)

@@ -196,7 +196,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         t0 = time.perf_counter()
         stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
-                            kl_reduction=config.kl_reduction, device=device, progress=progress and dist.is_main,
+                            kl_reduction=config.kl_reduction, kl_weight=config.kl_weight, device=device, progress=progress and dist.is_main,
                             desc=f"epoch {epoch}/{config.total_epochs}", dist=dist, forward=forward,
                             freeze_noise=config.finetune == "deterministic" and epoch > config.epochs)
         seconds = time.perf_counter() - t0
