@@ -64,3 +64,14 @@ def test_agreement_verdicts():
                       {"network": "mlp", "method": "bmrs-n", "seed": 0, "compression": 0.0, "accuracy": 85.1}])
     lines = agreement(rows)
     assert lines[0].startswith("- mlp ev: agrees") and lines[1].startswith("- mlp bmrs-n: differs")
+
+
+def test_goal_verdicts_against_both_unpruned_references():
+    from bmrs.experiments.reproduce_report import goal_lines
+    rows = [{"network": "mlp", "method": m, "seed": 0, "compression": c, "accuracy": a}
+            for m, c, a in [("none", 0.0, 87.0), ("plain", 0.0, 88.0), ("bmrs-n", 0.0, 86.0),
+                            ("bmrs-n-published-detft", 90.0, 86.5), ("bmrs-n-published", 91.0, 84.9)]]
+    lines = {line.split(":")[0]: line for line in goal_lines(rows)}
+    assert lines["- mlp bmrs-n-published-detft"].endswith("meets the goal")  # 0.5 and 1.5 below
+    assert lines["- mlp bmrs-n-published"].endswith("misses the goal")       # 2.1 below none
+    assert lines["- mlp bmrs-n"].endswith("misses the goal")                 # no compression

@@ -8,6 +8,7 @@ named in the summary, so a partial grid still gives a partial report.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -123,6 +124,22 @@ def goal_lines(rows: list[dict]) -> list[str]:
                          f"{r['accuracy_mean']:.2f}% accuracy ({against}; {r['seeds']} seed"
                          f"{'s' if r['seeds'] > 1 else ''}): {'meets' if met else 'misses'} the goal")
     return lines or ["- no finished BMRS_N runs yet"]
+
+
+def goal_runs_table(runs: Path, rows: list[dict]) -> str:
+    """Finished exploratory runs under ``runs/goal/<network>/<name>/seed<k>`` beside the unpruned references."""
+    refs = {(r["network"], r["method"]): r["accuracy_mean"] for r in aggregate(rows, GOAL_REFERENCES)}
+    lines = ["| network | run | seed | KL | KL weight | fine-tuning | epochs + fine-tuning | compression % | "
+             "accuracy % | vs none | vs plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted((runs / "goal").glob("*/*/seed*/metrics.json")):
+        m = json.loads(path.read_text())
+        cfg, network = m["config"], path.parts[-4]
+        acc = 100 * m["test_accuracy"]
+        vs = [f"{acc - refs[(network, ref)]:+.2f}" if (network, ref) in refs else "–" for ref in GOAL_REFERENCES]
+        lines.append(f"| {network} | {path.parts[-3]} | {cfg['seed']} | {cfg['kl_reduction']} | "
+                     f"{cfg.get('kl_weight', 1.0):g} | {cfg.get('finetune', 'noisy')} | {cfg['epochs']} + "
+                     f"{cfg['finetune_epochs']} | {m['parameter_compression_pct']:.1f} | {acc:.2f} | {' | '.join(vs)} |")
+    return "\n".join(lines) if len(lines) > 2 else "(no exploratory runs in " + str(runs / "goal") + ")"
 
 
 def _plot_table(table: list[dict], report: Path) -> None:
@@ -415,6 +432,11 @@ def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, lo
         "E[θ]·mask and no KL term (`--finetune deterministic`); `-elbo` weights the KL as Σ KL / N.",
         "",
         *goal_lines(rows),
+        "",
+        "Exploratory single runs (`runs/goal`): longer deterministic fine-tuning and a tempered KL "
+        "(`--kl elbo --kl-weight W`, between the ELBO and the paper's layer mean):",
+        "",
+        goal_runs_table(runs, rows),
         "",
         "## Post-training pruning",
         "",
