@@ -90,3 +90,20 @@ def test_batched_leading_dimensions_sum_gradients():
     sample_theta(mu, sigma, LOW, HIGH, u.reshape(12, 2)).sum().backward()
     torch.testing.assert_close(mu.grad, g_mu)
     torch.testing.assert_close(sigma.grad, g_sigma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_sample_in_float32(dtype):
+    import bmrs
+
+    noise = bmrs.MultiplicativeNoise(6, dim=-1).to(dtype)
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor([-0.7, -3.0, -10.0, 0.3, -19.0, -25.0]))
+        noise.log_sigma.copy_(torch.tensor([-1.0, 0.0, 2.0, -3.0, -1.0, -2.0]))
+    theta = noise.draw_theta(noise.mu, noise.sigma, 2000)
+    assert theta.dtype == torch.float32  # cast to the activations' dtype by the layer
+    assert torch.isfinite(theta).all() and (theta > 0).all() and (theta <= 1).all()
+    # the tail at μ = −10, σ = e² reaches far below float16's smallest normal number (6e−5)
+    assert float(theta[:, 2].min()) < 1e-6
+    theta.sum().backward()
+    assert noise.mu.grad.dtype == dtype and torch.isfinite(noise.mu.grad.float()).all()

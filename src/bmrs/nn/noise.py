@@ -162,7 +162,9 @@ class MultiplicativeNoise(nn.Module):
         """
         width = mu.shape[0] if columns is None else columns[0]
         shape = (batch, width) if isinstance(batch, int) else tuple(batch) + (width,)
-        u = torch.rand(shape, dtype=mu.dtype, device=mu.device)
+        # half-precision parameters: sample in float32 (float16 would lose the normal tails beyond 4σ)
+        dtype = mu.dtype if mu.dtype in (torch.float32, torch.float64) else torch.float32
+        u = torch.rand(shape, dtype=dtype, device=mu.device)
         if columns is not None:
             u = u.index_select(-1, columns[1])
         return sample_theta(mu, sigma, self.low, self.high, u)
