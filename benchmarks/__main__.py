@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     results["continuous_run"] = continuous_run_ratio(args.quick)
     results["summary"] = summary(results)
     out = Path(args.output)
-    name = "benchmarks-quick" if args.quick else "benchmarks"
+    name = "benchmarks" + ("-quick" if args.quick else "") + ("-compile" if args.compile else "")
     write_json(out / f"{name}.json", results)
     atomic_write(out / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown(results)))
     print(f"written {out / name}.json and .md")
