@@ -119,7 +119,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
                 continue
             drops = {m: ref["accuracy_mean"] - r["accuracy_mean"] for m, ref in refs.items()}
             met = r["compression_mean"] >= GOAL_COMPRESSION and all(d <= GOAL_DROP for d in drops.values())
-            against = ", ".join(f"{d:+.2f} below {m}" if d >= 0 else f"{-d:.2f} above {m}" for m, d in drops.items())
+            against = ", ".join(f"{d:.2f} below {m}" if d >= 0 else f"{-d:.2f} above {m}" for m, d in drops.items())
             lines.append(f"- {network} {method}: {r['compression_mean']:.1f}% compression, "
                          f"{r['accuracy_mean']:.2f}% accuracy ({against}; {r['seeds']} seed"
                          f"{'s' if r['seeds'] > 1 else ''}): {'meets' if met else 'misses'} the goal")
