@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch_pruning as tp
@@ -426,26 +426,28 @@ class Folded:
     requires_grad: dict[str, bool]
 
 
-def _random_like(obj: Any) -> Any:
-    """The same structure with every floating-point tensor replaced by standard normal noise
-    (from a private generator: the global random state is left alone)."""
+def map_floating(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """The same nested tuples/lists/dicts with ``fn`` applied to every floating-point tensor."""
     if isinstance(obj, Tensor):
-        if not obj.is_floating_point():
-            return obj
-        gen = torch.Generator(device=obj.device).manual_seed(0)
-        return torch.randn(obj.shape, generator=gen, dtype=obj.dtype, device=obj.device)
+        return fn(obj) if obj.is_floating_point() else obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_random_like(item) for item in obj)
+        return type(obj)(map_floating(item, fn) for item in obj)
     if isinstance(obj, dict):
-        return {key: _random_like(item) for key, item in obj.items()}
+        return {key: map_floating(item, fn) for key, item in obj.items()}
     return obj
+
+
+def _randn_like(t: Tensor) -> Tensor:
+    """Standard normal noise shaped like ``t``, from a private generator (the global state is left alone)."""
+    gen = torch.Generator(device=t.device).manual_seed(0)
+    return torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device)
 
 
 @torch.no_grad()
 def _reference_checks(noisy: nn.Module, example_inputs: Any) -> list[tuple[Any, Any]]:
     """(inputs, outputs of the noisy model in eval mode) on the example inputs and on random ones."""
     checks = [(example_inputs, _forward(noisy, example_inputs))]
-    probe = _random_like(example_inputs)
+    probe = map_floating(example_inputs, _randn_like)
     try:
         out = _forward(noisy, probe)
     except Exception:  # the model does not accept arbitrary values (e.g. it checks its inputs)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from ..nn.attach import NOISE_ATTR, install_noise, noise_layers
 from .compact import compact
+from .fold import map_floating
 
 __all__ = ["shrink", "restore_shrunk"]
 
@@ -47,14 +48,13 @@ def _is_noise(name: str) -> bool:
     return NOISE_ATTR in name.split(".")
 
 
-def _to_double(inputs: Any) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.double() if inputs.is_floating_point() else inputs
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_double(v) for v in inputs)
-    if isinstance(inputs, dict):
-        return {k: _to_double(v) for k, v in inputs.items()}
-    return inputs
+def _noise_prefix(name: str) -> str:
+    """State-dict prefix of the noise layer hung under module ``name``."""
+    return f"{name}.{NOISE_ATTR}" if name else NOISE_ATTR
+
+
+def _tensors_of(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return list(model.named_parameters()) + list(model.named_buffers())
 
 
 def _kept_elements(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, dict[str, Tensor]] | None:
@@ -64,7 +64,7 @@ def _kept_elements(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, di
     """
     coded = copy.deepcopy(model).double().eval()
     with torch.no_grad():
-        for name, tensor in list(coded.named_parameters()) + list(coded.named_buffers()):
+        for name, tensor in _tensors_of(coded):
             if not _is_noise(name) and tensor.is_floating_point():
                 tensor.copy_(1.0 + torch.arange(tensor.numel(), dtype=torch.float64).reshape(tensor.shape)
                              * _CODE_SCALE)
@@ -75,17 +75,19 @@ def _kept_elements(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, di
             noise.expected_theta = theta.clone  # fold θ = mask: codes pass unchanged or become 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        small = compact(coded, _to_double(example_inputs))
+        small = compact(coded, map_floating(example_inputs, Tensor.double))
     if any("compact:" in str(w.message) for w in caught):
         return None  # compaction fell back to keeping every channel: nothing to shrink safely
     kept, partial = {}, {}
-    for name, tensor in list(small.named_parameters()) + list(small.named_buffers()):
+    for name, tensor in _tensors_of(small):
         if tensor.is_floating_point():
             codes = torch.round((tensor.detach().reshape(-1) - 1.0) / _CODE_SCALE).long()
-            (kept if bool((codes >= 0).all()) else partial)[name] = codes
-    originals = dict(model.named_parameters()) | dict(model.named_buffers())
-    for name, codes in partial.items():
-        shape = dict(small.named_parameters()).get(name, dict(small.named_buffers()).get(name)).shape
+            if bool((codes >= 0).all()):
+                kept[name] = codes
+            else:
+                partial[name] = (codes, tensor.shape)
+    originals = dict(_tensors_of(model))
+    for name, (codes, shape) in partial.items():
         complete = _complete(codes, originals[name].shape, shape, name, kept)
         if complete is None:
             return None
@@ -136,9 +138,9 @@ def shrink(model: nn.Module, example_inputs: Any,
     if found is None:
         return model, optimizer
     small, kept = found
-    originals = dict(model.named_parameters()) | dict(model.named_buffers())
+    originals = dict(_tensors_of(model))
     changed = False
-    for name, tensor in list(small.named_parameters()) + list(small.named_buffers()):
+    for name, tensor in _tensors_of(small):
         source = originals[name]
         if name in kept:
             changed |= kept[name].numel() != source.numel()
@@ -168,9 +170,12 @@ def shrink(model: nn.Module, example_inputs: Any,
 def _sliced_optimizer(optimizer, model, small, kept, layers):
     new_params = dict(small.named_parameters())
     name_of = {id(p): name for name, p in model.named_parameters()}
-    noise_keep = {f"{name}.{NOISE_ATTR}" if name else NOISE_ATTR: n.kept_index
-                  for name, n in noise_layers(small)}
-    old_noise = {f"{name}.{NOISE_ATTR}" if name else NOISE_ATTR: n.kept_index for name, n in layers}
+    # a noise layer's mu / log_sigma: where each structure it keeps sat in the layer before this shrink
+    old_index = {_noise_prefix(name): noise.kept_index.tolist() for name, noise in layers}
+    noise_rows = {}
+    for name, noise in noise_layers(small):
+        position = {i: j for j, i in enumerate(old_index[_noise_prefix(name)])}
+        noise_rows[_noise_prefix(name)] = torch.tensor([position[i] for i in noise.kept_index.tolist()])
     groups = []
     for group in optimizer.param_groups:
         params = [new_params[name_of[id(p)]] for p in group["params"]]
@@ -183,21 +188,17 @@ def _sliced_optimizer(optimizer, model, small, kept, layers):
                 continue
             name = name_of[id(p)]
             target = new_params[name]
-            new.state[target] = {k: _slice_like(v, p, target, name, kept, noise_keep, old_noise)
-                                 for k, v in state.items()}
+            new.state[target] = {k: _slice_like(v, p, target, name, kept, noise_rows) for k, v in state.items()}
     return new
 
 
-def _slice_like(value, old: Tensor, new: Tensor, name: str, kept, noise_keep, old_noise):
+def _slice_like(value, old: Tensor, new: Tensor, name: str, kept, noise_rows):
     """A state tensor shaped like the old parameter, cut down like the parameter was."""
     if not isinstance(value, Tensor) or value.shape != old.shape or old.shape == new.shape:
         return value.clone() if isinstance(value, Tensor) else value
     if name in kept:
         return value.reshape(-1)[kept[name].to(value.device)].reshape(new.shape).clone()
-    owner = name.rsplit(".", 1)[0]  # a noise layer's mu / log_sigma: positions within the old layer
-    position = {int(i): j for j, i in enumerate(old_noise[owner].tolist())}
-    rows = torch.tensor([position[int(i)] for i in noise_keep[owner].tolist()], device=value.device)
-    return value[rows].clone()
+    return value[noise_rows[name.rsplit(".", 1)[0]].to(value.device)].clone()
 
 
 def restore_shrunk(model: nn.Module, state_dict: dict[str, Tensor], example_inputs: Any) -> nn.Module:
@@ -210,8 +211,7 @@ def restore_shrunk(model: nn.Module, state_dict: dict[str, Tensor], example_inpu
     narrowed = False
     with torch.no_grad():
         for name, noise in noise_layers(model):
-            key = f"{name}.{NOISE_ATTR}.kept_index" if name else f"{NOISE_ATTR}.kept_index"
-            kept = state_dict.get(key)
+            kept = state_dict.get(f"{_noise_prefix(name)}.kept_index")
             if kept is None or kept.numel() == noise.num_features:
                 continue
             narrowed = True
