@@ -141,6 +141,16 @@ def test_shrinking_during_training_matches_masking_and_resumes(fmnist_slice, tmp
     assert bmrs.pruning.structure_counts(run.model).pruned == shrunk["structures_pruned"]
 
 
+def test_resume_removes_files_half_written_by_a_killed_process(fmnist_slice, tmp_path):
+    cfg = TrainConfig(model="mlp", hidden=16, criterion="none", epochs=1, finetune_epochs=0, batch_size=256,
+                      train_subset=3000)
+    train(cfg, tmp_path / "r", progress=False, log=quiet, data=fmnist_slice)
+    stale = tmp_path / "r" / ".checkpoint.pt.k1ll3d.tmp"  # what SIGKILL inside atomic_write leaves
+    stale.write_bytes(b"half a checkpoint")
+    train(cfg, tmp_path / "r", resume=True, progress=False, log=quiet, data=fmnist_slice)
+    assert not stale.exists() and (tmp_path / "r" / "metrics.json").exists()
+
+
 def test_resume_with_other_settings_is_refused(fmnist_slice, tmp_path):
     cfg = TrainConfig(model="mlp", hidden=16, criterion="none", epochs=1, finetune_epochs=0, batch_size=256,
                       train_subset=3000)

@@ -21,7 +21,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["atomic_write", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
+__all__ = ["atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
            "save_state_dict", "load_state_dict_file", "check_writable"]
 
 
@@ -38,6 +38,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that ``atomic_write`` leaves when its process is killed mid-write.
+
+    Call it only where no other process writes (a run's own folder, before the run goes on).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / ".checkpoint.pt.x1y2.tmp").write_text("")
+        >>> remove_stale_temporaries(d)
+        ['.checkpoint.pt.x1y2.tmp']
+    """
+    removed = []
+    for tmp in sorted(Path(folder).glob(".*.tmp")):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp.name)
+    return removed
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -24,7 +24,9 @@ from torch import nn
 
 from ..criteria import Criterion, Gradient, get_criterion
 from ..errors import CheckpointError, ConfigError
-from ..io import check_writable, load_checkpoint, save_checkpoint, save_state_dict, write_json
+from ..io import (
+    check_writable, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
+)
 from ..nn.attach import noise_layers
 from ..pruning import prune, structure_counts
 from ..compaction.shrink import restore_shrunk, shrink
@@ -157,6 +159,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         device = torch.device("cuda", torch.cuda.current_device())
     if dist.is_main:
         check_writable(output)
+        remove_stale_temporaries(output)  # half-written files of a process killed mid-write
     output = Path(output)
     if not dist.is_main:
         log = _silent
