@@ -37,6 +37,7 @@ __all__ = [
     "log_inv_mills",
     "inv_mills",
     "inv_mills_excess",
+    "one_minus_t_excess",
     "half_sq_gap",
     "IntervalParts",
     "interval_parts",
@@ -88,17 +89,32 @@ def inv_mills(t: Tensor) -> Tensor:
     return SQRT_2_OVER_PI / torch.special.erfcx(t / SQRT2)
 
 
-def inv_mills_excess(t: Tensor) -> Tensor:
-    """λ(t) − t for t ≥ 0 without cancellation (≈ 1/t for large t)."""
+def _direct_or_series(t: Tensor, direct, coefs: tuple[float, ...], big_factor) -> Tensor:
+    """direct(t) up to ``_SERIES_FROM``, beyond it big_factor(t) · Σ coefs[k] t^(−2k) (Horner in 1/t²).
+    Each branch sees a harmless placeholder where the other applies, so gradients stay finite."""
     big = t > _SERIES_FROM
     t_small = torch.where(big, torch.zeros_like(t), t)
     t_big = torch.where(big, t, torch.full_like(t, 2.0 * _SERIES_FROM))
-    direct = inv_mills(t_small) - t_small
     s = 1.0 / (t_big * t_big)
     series = torch.zeros_like(t_big)
-    for coef in reversed(_H_SERIES):
+    for coef in reversed(coefs):
         series = series * s + coef
-    return torch.where(big, series / t_big, direct)
+    return torch.where(big, series * big_factor(t_big), direct(t_small))
+
+
+def inv_mills_excess(t: Tensor) -> Tensor:
+    """λ(t) − t for t ≥ 0 without cancellation (≈ 1/t for large t)."""
+    return _direct_or_series(t, lambda v: inv_mills(v) - v, _H_SERIES, torch.reciprocal)
+
+
+# G(t) = 1 − h(t) = −Σ_{k≥1} c_k t^(−2k)
+_G_SERIES = tuple(-c for c in _H_SERIES[1:])
+
+
+def one_minus_t_excess(t: Tensor) -> Tensor:
+    """G(t) = 1 − t(λ(t) − t) for t ≥ 0 (1 at t = 0, ≈ 2/t² for large t): the variance of a standard
+    normal truncated to [t, ∞), from its own series for large t so that 1 − (1 − 2/t²) is never formed."""
+    return _direct_or_series(t, lambda v: 1.0 - v * (inv_mills(v) - v), _G_SERIES, lambda v: 1.0 / (v * v))
 
 
 def half_sq_gap(x1: Tensor, x0: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
