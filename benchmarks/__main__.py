@@ -44,38 +44,45 @@ def _model(name: str, noise: bool, **kw) -> torch.nn.Module:
     return build_for(cfg, 1, 10)
 
 
-def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
+def _paired_ms(plain, noisy, rounds: int, block: int = 4, warmup: int = 5) -> tuple[float, float, float]:
+    """(plain ms, noisy ms, ratio): the two timed in alternating blocks of ``block`` calls, so that the
+    host's drift (±30% over seconds on this VM) hits both alike; medians over rounds of the block means
+    and of the per-round ratios."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        plain(), noisy()
+    times = {plain: [], noisy: []}
+    for _ in range(rounds):
+        for fn in (plain, noisy):
+            start = time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[fn].append((time.perf_counter() - start) / block * 1000)
+    ratio = statistics.median(b / a for a, b in zip(times[plain], times[noisy]))
+    return statistics.median(times[plain]), statistics.median(times[noisy]), ratio
+
+
+def _train_step(model, x, y, with_kl: bool):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if with_kl:
+            loss = loss + bmrs.kl_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 def train_step_ratios(repeats: int) -> dict:
     out = {}
     for key, name, kw, batch in STEP_CASES:
         x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
-        times = {}
-        for noise in (False, True):
-            model = _model(name, noise, **kw)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-            def step():
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                if noise:
-                    loss = loss + bmrs.kl_loss(model)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            times[noise] = _median_ms(step, repeats)
-        out[key] = {"plain_ms": times[False], "noise_ms": times[True], "ratio": times[True] / times[False]}
-        print(f"  train step {key:16s} {times[False]:7.2f} ms plain, {times[True]:7.2f} ms noise "
-              f"(×{times[True] / times[False]:.2f})", flush=True)
+        plain = _train_step(_model(name, False, **kw), x, y, False)
+        noisy = _train_step(_model(name, True, **kw), x, y, True)
+        t_plain, t_noise, ratio = _paired_ms(plain, noisy, repeats)
+        out[key] = {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": ratio}
+        print(f"  train step {key:16s} {t_plain:7.2f} ms plain, {t_noise:7.2f} ms noise (×{ratio:.2f})", flush=True)
     return out
 
 
@@ -83,10 +90,9 @@ def eval_ratio(repeats: int) -> dict:
     x = torch.randn(256, 1, 32, 32)
     plain, noisy = _model("lenet5", False).eval(), _model("lenet5", True).eval()
     with torch.no_grad():
-        t_plain = _median_ms(lambda: plain(x), repeats)
-        t_noise = _median_ms(lambda: noisy(x), repeats)
-    print(f"  eval lenet5 b256: {t_plain:.2f} ms plain, {t_noise:.2f} ms noise (×{t_noise / t_plain:.3f})")
-    return {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": t_noise / t_plain}
+        t_plain, t_noise, ratio = _paired_ms(lambda: plain(x), lambda: noisy(x), repeats)
+    print(f"  eval lenet5 b256: {t_plain:.2f} ms plain, {t_noise:.2f} ms noise (×{ratio:.3f})")
+    return {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": ratio}
 
 
 _DELTA_F_SNIPPET = """

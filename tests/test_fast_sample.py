@@ -107,3 +107,22 @@ def test_half_precision_layers_sample_in_float32(dtype):
     assert float(theta[:, 2].min()) < 1e-6
     theta.sum().backward()
     assert noise.mu.grad.dtype == dtype and torch.isfinite(noise.mu.grad.float()).all()
+
+
+def test_mask_zeroes_columns_and_leaves_live_gradients_alone():
+    """θ·mask in one pass; a masked column (here one with both ends near) must not change how the
+    live columns' gradients are formed, and gets none itself."""
+    mu = torch.tensor([0.0, -10.0, -0.7], requires_grad=True)
+    sigma = torch.tensor([math.exp(-5), 148.0, 0.45], requires_grad=True)
+    u = torch.rand(256, 3, generator=torch.Generator().manual_seed(7))
+    weights = torch.randn(256, 3, generator=torch.Generator().manual_seed(8))
+    (sample_theta(mu, sigma, LOW, HIGH, u) * weights).sum().backward()
+    ref_mu, ref_sigma = mu.grad.clone(), sigma.grad.clone()
+    mu.grad = sigma.grad = None
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    theta = sample_theta(mu, sigma, LOW, HIGH, u, mask)
+    (theta * weights).sum().backward()
+    assert (theta[:, 1] == 0).all() and float(mu.grad[1]) == 0 and float(sigma.grad[1]) == 0
+    live = [0, 2]
+    torch.testing.assert_close(mu.grad[live], ref_mu[live], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sigma.grad[live], ref_sigma[live], rtol=1e-6, atol=1e-6)

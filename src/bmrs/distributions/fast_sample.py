@@ -31,24 +31,41 @@ from torch import Tensor
 from . import _truncnorm as tn
 from ._stable import ndtr
 
-__all__ = ["sample_theta", "FAST_TAIL"]
+__all__ = ["sample_theta", "FAST_TAIL", "FAR_END"]
 
 # float32 holds normal tail masses down to Φ(−13) ≈ 6e−39 as normal numbers: an interval that starts
 # beyond 12σ in a tail is sampled in float64.
 FAST_TAIL = 12.0
 
 
+# A far end more than this many σ from every sample contributes exp(−(α² − z²)/2) < 1e−70 to the
+# gradient (float32 uniforms keep |z| below 5.5, float64 below 8.3): its terms are skipped.
+FAR_END = 20.0
+
+
+def _end_weight(end: Tensor, z: Tensor, weight: Tensor) -> Tensor:
+    """weight · φ(end)/φ(z) = weight · exp(−(end − z)(end + z)/2), the exponent capped where the factor
+    is 0 or multiplied by a vanishing weight anyway."""
+    return ((end - z) * (end + z)).mul_(-0.5).clamp_(-80.0, 80.0).exp_().mul_(weight)
+
+
 class _TailInversion(torch.autograd.Function):
-    """θ = exp(μ + σz) with Φ(z) = (1 − u)Φ(α) + uΦ(β), per sample; see the module docstring."""
+    """θ = mask · exp(μ + σz) with Φ(z) = (1 − u)Φ(α) + uΦ(β), per sample; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, mu, sigma, u, alpha, beta, cdf_alpha, cdf_gap, sf_beta, sf_gap, low, high):
+    def forward(ctx, mu, sigma, u, alpha, beta, cdf_alpha, cdf_gap, sf_beta, sf_gap, low, high, mask):
         p_low = torch.addcmul(cdf_alpha, u, cdf_gap)
         p_high = torch.addcmul(sf_beta, 1.0 - u, sf_gap)
-        below = p_low < 0.5
-        v = torch.special.ndtri(torch.where(below, p_low, p_high))
-        z = torch.where(below, v, -v).clamp_(alpha, beta)
+        # invert the smaller tail probability: z = v below the median, −v above it
+        v = torch.special.ndtri(torch.minimum(p_low, p_high))
+        z = torch.copysign(v, p_low.sub_(p_high)).clamp_(alpha, beta)
         theta = torch.addcmul(mu, sigma, z).clamp_(low, high).exp_()
+        live = torch.ones_like(alpha, dtype=torch.bool)
+        if mask is not None:
+            theta.mul_(mask)
+            live = mask != 0
+        # only live structures carry a gradient (a masked one's θ is 0 whatever it draws)
+        ctx.far_ends = (bool(((alpha > -FAR_END) & live).any()), bool(((beta < FAR_END) & live).any()))
         ctx.save_for_backward(u, z, theta, alpha, beta)
         return theta
 
@@ -57,19 +74,17 @@ class _TailInversion(torch.autograd.Function):
         u, z, theta, alpha, beta = ctx.saved_tensors
         lead = tuple(range(z.dim() - 1))
         g = grad * theta  # ∂L/∂x
-        # A_α = (1 − u) exp(−(α − z)(α + z)/2); exponents are capped where the factor is 0 or
-        # multiplied by a vanishing (1 − u) anyway.
-        a_alpha = ((alpha - z) * (alpha + z)).mul_(-0.5).clamp_(-80.0, 80.0).exp_().mul_(1.0 - u)
-        a_beta = ((beta - z) * (beta + z)).mul_(-0.5).clamp_(-80.0, 80.0).exp_().mul_(u)
-        g_alpha = (g * a_alpha).sum(lead)
-        g_beta = (g * a_beta).sum(lead)
-        grad_mu = g.sum(lead) - g_alpha - g_beta
-        grad_sigma = (g * z).sum(lead) - alpha * g_alpha - beta * g_beta
-        return grad_mu, grad_sigma, *([None] * 9)
+        grad_mu, grad_sigma = g.sum(lead), (g * z).sum(lead)
+        for end, weight, near in zip((alpha, beta), (1.0 - u, u), ctx.far_ends):
+            if near:
+                g_end = (g * _end_weight(end, z, weight)).sum(lead)
+                grad_mu = grad_mu - g_end
+                grad_sigma = grad_sigma - end * g_end
+        return grad_mu, grad_sigma, *([None] * 10)
 
 
-def sample_theta(mu: Tensor, sigma: Tensor, low: float, high: float, u: Tensor) -> Tensor:
-    """θ ~ exp(N(mu, σ²) truncated to [low, high]) for uniforms ``u`` of shape (…, len(mu)).
+def sample_theta(mu: Tensor, sigma: Tensor, low: float, high: float, u: Tensor, mask: Tensor | None = None) -> Tensor:
+    """θ ~ exp(N(mu, σ²) truncated to [low, high]) for uniforms ``u`` of shape (…, len(mu)), times ``mask``.
 
     The result has ``u``'s shape and dtype and is differentiable in ``mu`` and ``sigma`` (1-d).
     """
@@ -77,22 +92,25 @@ def sample_theta(mu: Tensor, sigma: Tensor, low: float, high: float, u: Tensor) 
         mu64, sigma64 = mu.detach().double(), sigma.detach().double()
         alpha, beta = (low - mu64) / sigma64, (high - mu64) / sigma64
         deep = (beta < -FAST_TAIL) | (alpha > FAST_TAIL)
+    mask = None if mask is None else mask.to(u.dtype)
     if bool(deep.any()):
         fast = (~deep).nonzero().squeeze(1)
         slow = deep.nonzero().squeeze(1)
-        parts = [_fast(mu[fast], sigma[fast], alpha[fast], beta[fast], low, high, u[..., fast]),
-                 _exact(mu[slow], sigma[slow], low, high, u[..., slow])]
+        exact = _exact(mu[slow], sigma[slow], low, high, u[..., slow])
+        parts = [_fast(mu[fast], sigma[fast], alpha[fast], beta[fast], low, high, u[..., fast],
+                       None if mask is None else mask[fast]),
+                 exact if mask is None else exact * mask[slow]]
         order = torch.argsort(torch.cat([fast, slow]))
         return torch.cat(parts, dim=-1).index_select(-1, order)
-    return _fast(mu, sigma, alpha, beta, low, high, u)
+    return _fast(mu, sigma, alpha, beta, low, high, u, mask)
 
 
-def _fast(mu, sigma, alpha, beta, low, high, u):
+def _fast(mu, sigma, alpha, beta, low, high, u, mask):
     dtype = u.dtype
     with torch.no_grad():
         cdf_alpha, cdf_beta, sf_alpha, sf_beta = ndtr(alpha), ndtr(beta), ndtr(-alpha), ndtr(-beta)
         pieces = [t.to(dtype) for t in (alpha, beta, cdf_alpha, cdf_beta - cdf_alpha, sf_beta, sf_alpha - sf_beta)]
-    return _TailInversion.apply(mu.to(dtype), sigma.to(dtype), u, *pieces, float(low), float(high))
+    return _TailInversion.apply(mu.to(dtype), sigma.to(dtype), u, *pieces, float(low), float(high), mask)
 
 
 def _exact(mu, sigma, low, high, u):

@@ -84,7 +84,8 @@ class _NoiseBank:
         for (low, high, device), members in groups.items():
             mu = torch.cat([n.mu for n in members])
             sigma = torch.cat([n.sigma for n in members])
-            theta = members[0].draw_theta(mu, sigma, total, _bank_columns(members))[first:first + batch]
+            mask = torch.cat([n.mask for n in members])
+            theta = members[0].draw_theta(mu, sigma, total, _bank_columns(members), mask)[first:first + batch]
             for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
                 noise.pending_theta = part
 

@@ -152,8 +152,8 @@ class MultiplicativeNoise(nn.Module):
         return values.reshape(shape)
 
     def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...],
-                   columns: tuple[int, Tensor] | None = None) -> Tensor:
-        """Reparameterised θ of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds.
+                   columns: tuple[int, Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+        """Reparameterised θ·mask of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds.
 
         Per-structure work runs in float64, the per-sample inversion in mu's dtype
         (see :mod:`bmrs.distributions.fast_sample`).  ``columns = (width, index)``: the uniforms are
@@ -167,7 +167,7 @@ class MultiplicativeNoise(nn.Module):
         u = torch.rand(shape, dtype=dtype, device=mu.device)
         if columns is not None:
             u = u.index_select(-1, columns[1])
-        return sample_theta(mu, sigma, self.low, self.high, u)
+        return sample_theta(mu, sigma, self.low, self.high, u, mask)
 
     def _columns(self) -> tuple[int, Tensor] | None:
         return None if self.removed == 0 else (self.full_features, self.kept_index)
@@ -177,14 +177,14 @@ class MultiplicativeNoise(nn.Module):
         if self.granularity == "element":
             dim = self.dim % x.dim()
             shape = x.movedim(dim, -1).shape[:-1]
-            theta = self.draw_theta(self.mu, self.sigma, shape, self._columns()).to(x.dtype) * self.mask.to(x.dtype)
+            theta = self.draw_theta(self.mu, self.sigma, shape, self._columns(), self.mask).to(x.dtype)
             return theta.movedim(-1, dim)
         pending, self.pending_theta = self.pending_theta, None
         if pending is not None and pending.shape[0] == x.shape[0]:
-            theta = pending
+            theta = pending  # the bank's draw, mask applied
         else:
-            theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self._columns())
-        return self._view(theta.to(x.dtype) * self.mask.to(x.dtype), x)
+            theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self._columns(), self.mask)
+        return self._view(theta.to(x.dtype), x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
