@@ -69,8 +69,8 @@ def ndtr(x: Tensor) -> Tensor:
 def log1mexp(x: Tensor) -> Tensor:
     """ln(1 − eˣ) for x ≤ 0, accurate near 0 and for very negative x (Mächler's switch at −ln 2)."""
     near_zero = x > -LN2
-    x_near = torch.where(near_zero, x, torch.full_like(x, -1.0))
-    x_far = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    x_near = torch.where(near_zero, x, -1.0)
+    x_far = torch.where(near_zero, -1.0, x)
     return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
@@ -93,8 +93,8 @@ def _direct_or_series(t: Tensor, direct, coefs: tuple[float, ...], big_factor) -
     """direct(t) up to ``_SERIES_FROM``, beyond it big_factor(t) · Σ coefs[k] t^(−2k) (Horner in 1/t²).
     Each branch sees a harmless placeholder where the other applies, so gradients stay finite."""
     big = t > _SERIES_FROM
-    t_small = torch.where(big, torch.zeros_like(t), t)
-    t_big = torch.where(big, t, torch.full_like(t, 2.0 * _SERIES_FROM))
+    t_small = torch.where(big, 0.0, t)
+    t_big = torch.where(big, t, 2.0 * _SERIES_FROM)
     s = 1.0 / (t_big * t_big)
     series = torch.zeros_like(t_big)
     for coef in reversed(coefs):
@@ -175,10 +175,10 @@ def interval_parts(
     # Mirror the upper tail onto the lower one: near = the end closest to the mean, both ≤ 0.
     near = torch.where(upper_tail, -l, u)
     far = torch.where(upper_tail, -u, l)
-    near = torch.where(tail, near, torch.full_like(near, -1.0))
-    far = torch.where(tail, far, torch.full_like(far, -2.0))
+    near = torch.where(tail, near, -1.0)
+    far = torch.where(tail, far, -2.0)
     # far − near = (lo − hi)/scale in both tails; taking it from x-space keeps close ends exact.
-    gap = torch.where(tail, (lo - hi) / scale, torch.full_like(l, -1.0))
+    gap = torch.where(tail, (lo - hi) / scale, -1.0)
     rest, log_ratio = _rests_everywhere(tail, near, far, gap, l, u)
     return IntervalParts(anchor, rest, lower_tail, upper_tail, -near, -far, log_ratio, l, u)
 
@@ -199,7 +199,7 @@ def _rests_everywhere(tail, near, far, gap, l, u):
     log_erfcx_near = log_erfcx(-near / SQRT2)
     log_ratio = -gap * (far + near) / 2.0 + log_erfcx(-far / SQRT2) - log_erfcx_near
     tail_rest = _tail_rest(near, log_ratio, log_erfcx_near)
-    mid_rest = _mid_rest(torch.where(tail, torch.full_like(l, -1.0), l), torch.where(tail, torch.ones_like(u), u))
+    mid_rest = _mid_rest(torch.where(tail, -1.0, l), torch.where(tail, 1.0, u))
     return torch.where(tail, tail_rest, mid_rest), log_ratio
 
 

@@ -70,7 +70,7 @@ def log_var_ratio(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tens
     """ln E[θ²] − 2 ln E[θ] = ln(1 + Var/E²), with the σ² and anchor terms cancelled analytically."""
     same1, _, gen1, rest1, parts0 = _moment_terms(loc, scale, low, high, 1)
     same2, _, gen2, rest2, _ = _moment_terms(loc, scale, low, high, 2, parts0)
-    quad = torch.where(same1 & same2, torch.zeros_like(gen1), gen2 - 2.0 * gen1)
+    quad = torch.where(same1 & same2, 0.0, gen2 - 2.0 * gen1)
     return quad + (rest2 - 2.0 * rest1)
 
 
@@ -84,9 +84,9 @@ def _tail_pieces(parts):
 
 def _mid_pieces(parts, tail):
     """α, β and ln Z in the middle regime, with placeholders where a tail formula applies."""
-    alpha = torch.where(tail, torch.full_like(parts.l, -1.0), parts.l)
-    beta = torch.where(tail, torch.ones_like(parts.u), parts.u)
-    log_z = torch.where(tail, torch.zeros_like(parts.rest), parts.rest)
+    alpha = torch.where(tail, -1.0, parts.l)
+    beta = torch.where(tail, 1.0, parts.u)
+    log_z = torch.where(tail, 0.0, parts.rest)
     return alpha, beta, log_z
 
 
@@ -230,7 +230,7 @@ def log_mass(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, lo: Tensor, 
     whole = interval_parts(low, high, loc, scale, fast=fast)
     sub = interval_parts(lo_safe, hi_safe, loc, scale, fast=fast)
     value = half_sq_gap(sub.anchor, whole.anchor, loc, scale) + sub.rest - whole.rest
-    return torch.where(empty, torch.full_like(value, -math.inf), value)
+    return torch.where(empty, -math.inf, value)
 
 
 def log_prob_x(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, x: Tensor) -> Tensor:
@@ -240,7 +240,7 @@ def log_prob_x(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, x: Tensor)
     x_safe = torch.where(outside, low, x)
     parts = interval_parts(low, high, loc, scale)
     value = half_sq_gap(x_safe, parts.anchor, loc, scale) - torch.log(scale) - 0.5 * LOG_2PI - parts.rest
-    return torch.where(outside, torch.full_like(value, -math.inf), value)
+    return torch.where(outside, -math.inf, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +305,8 @@ def _deep_tail_icdf(z, alpha_gap, beta_gap, x, alpha, beta, u, parts, gap, sigma
     deep_low = parts.lower_tail & (parts.t > _DEEP)
     deep_high = parts.upper_tail & (parts.t > _DEEP)
     deep = deep_low | deep_high
-    t = torch.where(deep, parts.t, torch.ones_like(parts.t))
-    log_r = torch.where(deep, parts.log_ratio, torch.full_like(parts.t, -1.0))
+    t = torch.where(deep, parts.t, 1.0)
+    log_r = torch.where(deep, parts.log_ratio, -1.0)
     u_frame = torch.where(deep_high, 1.0 - u, u)  # the mirrored frame runs u the other way
     y = _deep_tail_offset(t, gap, log_r, u_frame)
     z = torch.where(deep_low, beta - y, torch.where(deep_high, alpha + y, z))
