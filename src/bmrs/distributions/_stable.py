@@ -75,7 +75,13 @@ def log1mexp(x: Tensor) -> Tensor:
 
 
 def log_erfcx(z: Tensor) -> Tensor:
-    """ln erfcx(z) = ln(erfc(z)) + z² for z ≥ 0 (bounded by 0 there, ≈ −ln(z√π) for large z)."""
+    """ln erfcx(z) = ln(erfc(z)) + z² for z ≥ 0 (bounded by 0 there, ≈ −ln(z√π) for large z).
+
+    Its derivative is taken as −√2(λ(√2 z) − √2 z), never as autograd's 2z − 2/(√π erfcx(z)),
+    which cancels to nothing for large z (see :class:`_LogErfcx`).
+    """
+    if z.requires_grad and torch.is_grad_enabled():
+        return _LogErfcx.apply(z)
     return torch.log(torch.special.erfcx(z))
 
 
@@ -85,8 +91,51 @@ def log_inv_mills(t: Tensor) -> Tensor:
 
 
 def inv_mills(t: Tensor) -> Tensor:
-    """λ(t) = φ(t) / (1 − Φ(t)) for t ≥ 0; λ(0) = √(2/π), λ(t) ≈ t + 1/t for large t."""
-    return SQRT_2_OVER_PI / torch.special.erfcx(t / SQRT2)
+    """λ(t) = φ(t) / (1 − Φ(t)) for t ≥ 0; λ(0) = √(2/π), λ(t) ≈ t + 1/t for large t.
+
+    Differentiable with λ′(t) = λ(t)(λ(t) − t), the excess taken without cancellation.
+    """
+    if t.requires_grad and torch.is_grad_enabled():
+        return _InvMills.apply(t)
+    return _inv_mills_value(t)
+
+
+def _inv_mills_value(t: Tensor) -> Tensor:
+    return SQRT_2_OVER_PI / torch.special.erfcx(t * INV_SQRT2)
+
+
+class _LogErfcx(torch.autograd.Function):
+    """ln erfcx with the derivative 2z − 2/(√π erfcx(z)) = −√2 (λ(√2 z) − √2 z).
+
+    Autograd's own erfcx′(z) = 2z·erfcx(z) − 2/√π subtracts two numbers that agree to 1/(2z²):
+    at z = 1e3 it keeps 10 digits, at z = 1e7 none, and E[θ]'s gradient for a collapsed posterior
+    came out 1e10 times too large.
+    """
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return log_erfcx(z)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * (-SQRT2) * inv_mills_excess(z * SQRT2)
+
+
+class _InvMills(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        lam = inv_mills(t)
+        ctx.save_for_backward(t, lam)
+        return lam
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        t, lam = ctx.saved_tensors
+        return grad * lam * inv_mills_excess(t)
 
 
 def _direct_or_series(t: Tensor, direct, coefs: tuple[float, ...], big_factor) -> Tensor:
@@ -104,7 +153,7 @@ def _direct_or_series(t: Tensor, direct, coefs: tuple[float, ...], big_factor) -
 
 def inv_mills_excess(t: Tensor) -> Tensor:
     """λ(t) − t for t ≥ 0 without cancellation (≈ 1/t for large t)."""
-    return _direct_or_series(t, lambda v: inv_mills(v) - v, _H_SERIES, torch.reciprocal)
+    return _direct_or_series(t, lambda v: _inv_mills_value(v) - v, _H_SERIES, torch.reciprocal)
 
 
 # G(t) = 1 − h(t) = −Σ_{k≥1} c_k t^(−2k)
@@ -114,7 +163,7 @@ _G_SERIES = tuple(-c for c in _H_SERIES[1:])
 def one_minus_t_excess(t: Tensor) -> Tensor:
     """G(t) = 1 − t(λ(t) − t) for t ≥ 0 (1 at t = 0, ≈ 2/t² for large t): the variance of a standard
     normal truncated to [t, ∞), from its own series for large t so that 1 − (1 − 2/t²) is never formed."""
-    return _direct_or_series(t, lambda v: 1.0 - v * (inv_mills(v) - v), _G_SERIES, lambda v: 1.0 / (v * v))
+    return _direct_or_series(t, lambda v: 1.0 - v * (_inv_mills_value(v) - v), _G_SERIES, lambda v: 1.0 / (v * v))
 
 
 def half_sq_gap(x1: Tensor, x0: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
