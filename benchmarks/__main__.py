@@ -25,7 +25,7 @@ import torch
 
 import bmrs
 from bmrs.compaction import compact, compression_report
-from bmrs.experiments.timing import median_latency
+from bmrs.experiments.timing import alternating_times
 from bmrs.io import atomic_write, write_json
 from bmrs.training import TrainConfig, train
 from bmrs.training.run import build_for
@@ -42,23 +42,6 @@ STEP_CASES = [  # name, model, kwargs, batch
 def _model(name: str, noise: bool, **kw) -> torch.nn.Module:
     cfg = TrainConfig(model=name, criterion="bmrs-n" if noise else "none", noise=noise, **kw)
     return build_for(cfg, 1, 10)
-
-
-def _paired_ms(plain, noisy, rounds: int, block: int = 4, warmup: int = 5) -> tuple[float, float, float]:
-    """(plain ms, noisy ms, ratio): the two timed in alternating blocks of ``block`` calls, so that the
-    host's drift (±30% over seconds on this VM) hits both alike; medians over rounds of the block means
-    and of the per-round ratios."""
-    for _ in range(warmup):
-        plain(), noisy()
-    times = {plain: [], noisy: []}
-    for _ in range(rounds):
-        for fn in (plain, noisy):
-            start = time.perf_counter()
-            for _ in range(block):
-                fn()
-            times[fn].append((time.perf_counter() - start) / block * 1000)
-    ratio = statistics.median(b / a for a, b in zip(times[plain], times[noisy]))
-    return statistics.median(times[plain]), statistics.median(times[noisy]), ratio
 
 
 def _train_step(model, x, y, with_kl: bool):
@@ -80,7 +63,7 @@ def train_step_ratios(repeats: int) -> dict:
         x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
         plain = _train_step(_model(name, False, **kw), x, y, False)
         noisy = _train_step(_model(name, True, **kw), x, y, True)
-        t_plain, t_noise, ratio = _paired_ms(plain, noisy, repeats)
+        t_plain, t_noise, ratio = alternating_times(plain, noisy, repeats)
         out[key] = {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": ratio}
         print(f"  train step {key:16s} {t_plain:7.2f} ms plain, {t_noise:7.2f} ms noise (×{ratio:.2f})", flush=True)
     return out
@@ -90,7 +73,7 @@ def eval_ratio(repeats: int) -> dict:
     x = torch.randn(256, 1, 32, 32)
     plain, noisy = _model("lenet5", False).eval(), _model("lenet5", True).eval()
     with torch.no_grad():
-        t_plain, t_noise, ratio = _paired_ms(lambda: plain(x), lambda: noisy(x), repeats)
+        t_plain, t_noise, ratio = alternating_times(lambda: plain(x), lambda: noisy(x), repeats)
     print(f"  eval lenet5 b256: {t_plain:.2f} ms plain, {t_noise:.2f} ms noise (×{ratio:.3f})")
     return {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": ratio}
 
@@ -111,7 +94,7 @@ def status(field):  # kB, from /proc/self/status
 
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
-reps = 1 if n >= 10**7 else (3 if n >= 10**6 else 50)
+reps = 1 if n >= 10**7 else (7 if n >= 10**6 else 50)
 times = []
 for _ in range(reps):
     t = time.perf_counter(); out = bmrs.delta_f(q, p, r); times.append(time.perf_counter() - t)
@@ -168,9 +151,10 @@ def compaction_latency(quick: bool) -> dict:
         row = {"flop_ratio": flop_ratio, "parameter_compression_pct": sizes["parameter_compression_pct"]}
         for batch in (1, 256):
             x = torch.randn(batch, 1, 32, 32)
-            masked, compacted = median_latency(model, x, repeats=30), median_latency(small, x, repeats=30)
-            row[f"b{batch}"] = {"masked_ms": 1000 * masked, "compact_ms": 1000 * compacted,
-                                "speedup": masked / compacted, "speedup_over_flop_ratio": masked / compacted / flop_ratio}
+            with torch.no_grad():
+                compacted, masked, speedup = alternating_times(lambda: small(x), lambda: model(x), rounds=30)
+            row[f"b{batch}"] = {"masked_ms": masked, "compact_ms": compacted,
+                                "speedup": speedup, "speedup_over_flop_ratio": speedup / flop_ratio}
         out[key] = row
         print(f"  compaction {key:11s} FLOPs ÷{flop_ratio:5.2f}: b256 ×{row['b256']['speedup']:.2f} "
               f"({row['b256']['speedup_over_flop_ratio']:.2f} of the FLOP ratio), b1 ×{row['b1']['speedup']:.2f}")

@@ -8,7 +8,7 @@ import torch
 
 from ..io import save_state_dict, write_json
 from ..training.artifacts import load_run
-from .timing import median_latency
+from .timing import alternating_times
 
 __all__ = ["compact_run"]
 
@@ -29,12 +29,14 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     example = torch.randn(2, in_channels, size, size)
     compacted = compact(run.model, example)
     report = compression_report(run.model, compacted, example)
+    run.model.eval(), compacted.eval()
     for batch in sorted({1, batch_size}):
         x = torch.randn(batch, in_channels, size, size)
-        masked_s, compact_s = median_latency(run.model, x), median_latency(compacted, x)
-        report[f"latency_masked_b{batch}_ms"] = 1000 * masked_s
-        report[f"latency_compact_b{batch}_ms"] = 1000 * compact_s
-        report[f"latency_speedup_b{batch}"] = masked_s / compact_s
+        with torch.no_grad():
+            compact_ms, masked_ms, speedup = alternating_times(lambda: compacted(x), lambda: run.model(x), rounds=30)
+        report[f"latency_masked_b{batch}_ms"] = masked_ms
+        report[f"latency_compact_b{batch}_ms"] = compact_ms
+        report[f"latency_speedup_b{batch}"] = speedup
     report["threads"] = torch.get_num_threads()
     output = Path(output) if output else Path(run_dir) / "compacted.safetensors"
     save_state_dict(output, compacted.state_dict())
