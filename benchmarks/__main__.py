@@ -99,7 +99,7 @@ times = []
 for _ in range(reps):
     t = time.perf_counter(); out = bmrs.delta_f(q, p, r); times.append(time.perf_counter() - t)
     del out
-print(sorted(times)[len(times) // 2], (status("VmHWM") - base) / 1024)
+print(sorted(times)[len(times) // 2], min(times), (status("VmHWM") - base) / 1024)
 """
 
 
@@ -111,11 +111,15 @@ def delta_f_throughput(sizes: list[int]) -> dict:
             # processes below 1e7 (this VM's speed drifts by ±15% between processes): median time, max memory
             runs = [subprocess.run([sys.executable, "-c", _DELTA_F_SNIPPET, str(n), which], capture_output=True,
                                    text=True, check=True).stdout.split() for _ in range(1 if n >= 10**7 else 3)]
-            seconds = statistics.median(float(r[0]) for r in runs)
-            extra_mib = max(float(r[1]) for r in runs)
-            out[f"{which}_{n:.0e}"] = {"structures": n, "per_second": n / seconds, "extra_mib": extra_mib}
-            print(f"  ΔF BMRS_{which.upper()} {n:>9,d}: {n / seconds / 1e6:6.1f} M structures/s, "
-                  f"+{extra_mib:.0f} MiB peak", flush=True)
+            median = statistics.median(float(r[0]) for r in runs)
+            best = min(float(r[1]) for r in runs)
+            extra_mib = max(float(r[2]) for r in runs)
+            # throughput: the best time (what the code can do; slower repeats measure the host's other
+            # tenants), the median beside it
+            out[f"{which}_{n:.0e}"] = {"structures": n, "per_second": n / best, "per_second_median": n / median,
+                                       "extra_mib": extra_mib}
+            print(f"  ΔF BMRS_{which.upper()} {n:>9,d}: {n / best / 1e6:6.1f} M structures/s best, "
+                  f"{n / median / 1e6:6.1f} median, +{extra_mib:.0f} MiB peak", flush=True)
     return out
 
 
