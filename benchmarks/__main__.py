@@ -212,6 +212,9 @@ def markdown(results: dict) -> str:
     lines = ["# bmrs benchmarks", "", f"Machine: {results['machine']}; torch {results['torch']}, "
              f"{results['threads']} threads; compile {'on' if results['compile'] else 'off'}; "
              f"{'quick' if results['quick'] else 'full'} run. Command: `{results['command']}`.", "",
+             "Ratios time the two sides in alternating blocks (median of the per-round ratios), so that the "
+             "host's drift hits both alike; ΔF throughput is the best of 7 repeats in each of 3 fresh processes "
+             "(medians in the JSON). Run-to-run spread on this VM: about ±0.1 on the step ratios.", "",
              "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3g} |" for k, v in results["summary"].items()]
     return "\n".join(lines) + "\n"
