@@ -8,7 +8,9 @@ and stores nothing else; the backward pass forms the implicit-function gradients
 
     ∂x/∂μ = 1 − A_α − A_β,   ∂x/∂σ = z − αA_α − βA_β,   A_α = (1 − u)φ(α)/φ(z),  A_β = uφ(β)/φ(z)
 
-and sums them over the samples directly, so autograd records one node instead of dozens.  Structures
+and sums them over the samples directly, so autograd records one node instead of dozens.  The pruning
+mask multiplies θ in the same pass, and an end that no live structure has within ``FAR_END``
+standard deviations contributes nothing measurable, so its A terms are not formed.  Structures
 whose whole interval lies more than ``FAST_TAIL`` standard deviations into a tail (their tail masses
 would leave float32) are drawn by the exact float64 inverse CDF (:func:`_truncnorm.icdf_x`).
 
