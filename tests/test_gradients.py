@@ -110,3 +110,16 @@ def test_mean_gradient_matches_mpmath_far_into_a_tail():
         err = np.abs(got - ref)
         bad = err > 1e-7 * np.abs(ref) + 1e-14
         assert not bad.any(), [(POINTS[i], float(got[i]), ref[i]) for i in np.flatnonzero(bad)]
+
+
+def test_batches_with_every_mean_inside_take_the_short_path_to_the_same_numbers():
+    """Without any tail element the KL skips the tail frame; its values and gradients must be the
+    ones the general path gives those same posteriors in a mixed batch."""
+    inside = [i for i, (m, _) in enumerate(POINTS) if LOW < m < HIGH]
+    mu = torch.tensor([p[0] for p in POINTS], **F64)
+    sigma = torch.tensor([p[1] for p in POINTS], **F64)
+    bounds = torch.tensor(LOW, **F64), torch.tensor(HIGH, **F64)
+    mixed = tn.kl_to_uniform_with_grad(mu, sigma, *bounds)
+    alone = tn.kl_to_uniform_with_grad(mu[inside], sigma[inside], *bounds)
+    for whole, part in zip(mixed, alone):
+        torch.testing.assert_close(part, whole[inside], rtol=1e-14, atol=0)
