@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelError
-from .noise import MultiplicativeNoise
+from .noise import MultiplicativeNoise, sigma_of
 
 __all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR"]
 
@@ -323,27 +323,26 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         raise ConfigError(f"kl_loss: reduction must be 'mean' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and (isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1):
         raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
-    kls = _layer_kls(layers)
-    if reduction == "mean":  # over each layer's original structures: removing pruned ones changes no weight
-        return torch.stack([kl.sum() / noise.full_features for kl, noise in zip(kls, layers)]).mean()
-    return torch.stack([kl.sum() for kl in kls]).sum() / num_train
+    # one batched KL per (low, high) pair: the work is per operation, so concatenating all layers
+    # makes the KL of a deep network as cheap as that of one layer; the mean is a weighted sum over
+    # each layer's original structures (removing pruned ones changes no weight)
+    total = None
+    for members in _bounds_groups(layers).values():
+        mu = torch.cat([n.mu for n in members])
+        sigma = sigma_of(torch.cat([n.log_sigma for n in members]))
+        kl = members[0].kl_of(mu, sigma)
+        if reduction == "mean":
+            weights = torch.cat([torch.full((n.num_features,), 1.0 / (n.full_features * len(layers)),
+                                            dtype=kl.dtype, device=kl.device) for n in members])
+            part = (kl * weights).sum()
+        else:
+            part = kl.sum() / num_train
+        total = part if total is None else total + part
+    return total
 
 
-def _layer_kls(layers: list[MultiplicativeNoise]) -> list[Tensor]:
-    """Per-structure KL of every layer, evaluated in one batched call per (low, high) pair.
-
-    The KL of a few hundred structures costs as much as that of a few: the work is per operation,
-    so concatenating all layers makes the KL term of a deep network as cheap as that of one layer.
-    """
-    out: list[Tensor | None] = [None] * len(layers)
-    groups: dict[tuple[float, float], list[int]] = {}
-    for i, noise in enumerate(layers):
-        groups.setdefault((noise.low, noise.high), []).append(i)
-    for (low, high), idx in groups.items():
-        mu = torch.cat([layers[i].mu for i in idx])
-        sigma = torch.cat([layers[i].sigma for i in idx])
-        kl = layers[idx[0]].kl_of(mu, sigma)
-        for i, part in zip(idx, torch.split(kl, [layers[i].num_features for i in idx])):
-            out[i] = part
-    return out
-
+def _bounds_groups(layers: list[MultiplicativeNoise]) -> dict[tuple[float, float], list[MultiplicativeNoise]]:
+    groups: dict[tuple[float, float], list[MultiplicativeNoise]] = {}
+    for noise in layers:
+        groups.setdefault((noise.low, noise.high), []).append(noise)
+    return groups

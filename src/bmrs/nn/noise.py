@@ -17,6 +17,11 @@ LOG_SIGMA_RANGE = (-20.0, 5.0)
 GRANULARITIES = ("structure", "element")
 
 
+def sigma_of(log_sigma: Tensor) -> Tensor:
+    """σ from the trained log σ, clamped to LOG_SIGMA_RANGE as the published code does."""
+    return log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
+
+
 class MultiplicativeNoise(nn.Module):
     """Multiply each structure (channel, neuron, head …) along ``dim`` by a noise variable θ.
 
@@ -101,7 +106,7 @@ class MultiplicativeNoise(nn.Module):
     # -- distributions ------------------------------------------------------------------------
     @property
     def sigma(self) -> Tensor:
-        return self.log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
+        return sigma_of(self.log_sigma)
 
     def posterior(self) -> TruncatedLogNormal:
         """The truncated log-normal q(θ) of every structure (differentiable in mu and log_sigma)."""
