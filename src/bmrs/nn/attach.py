@@ -83,7 +83,7 @@ class _NoiseBank:
         first, total = self.shard if self.shard is not None else (0, batch)
         for (low, high, device), members in groups.items():
             mu = torch.cat([n.mu for n in members])
-            sigma = torch.cat([n.sigma for n in members])
+            sigma = sigma_of(torch.cat([n.log_sigma for n in members]))
             mask = torch.cat([n.mask for n in members])
             theta = members[0].draw_theta(mu, sigma, total, _bank_columns(members), mask)[first:first + batch]
             for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
