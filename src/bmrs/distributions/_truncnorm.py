@@ -161,7 +161,6 @@ class _KLToUniform(torch.autograd.Function):
                      for g, x in zip(grads, (loc, scale, low, high)))
 
 
-@maybe_compiled
 def kl_to_uniform_with_grad(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(KL, ∂KL/∂loc, ∂KL/∂scale) of :func:`kl_to_uniform`, the gradient in closed form (no autograd).
 
@@ -187,19 +186,33 @@ def kl_to_uniform_with_grad(loc: Tensor, scale: Tensor, low: Tensor, high: Tenso
     tail = lower | upper
     near = torch.where(lower, -u, l)  # distances of the ends from the mean, in σ, near end first
     far = torch.where(lower, -l, u)
-    one_sided = ~tail | ((high - low) * inv_scale * (far + near) > _FAR_NEGLIGIBLE_SQ)
-    if bool(one_sided.all()):
-        # the usual case: every tail posterior sees only its near end, so the tail frame needs no
-        # interval masses (about a quarter of the operations of the general path)
-        t = torch.where(tail, near, 0.0)
-        mid_l, mid_u = torch.where(tail, -1.0, l), torch.where(tail, 1.0, u)
-        mid = _mid_kl_terms(mid_l, mid_u, _mid_rest(mid_l, mid_u))
-        tails = _tail_kl_terms(t, 0.0, inv_mills(t), 0.0, 0.0, 0.0, upper)
-    else:
-        parts = interval_parts(low, high, loc, scale)
-        tail = parts.lower_tail | parts.upper_tail
-        mid = _mid_kl_terms(*_mid_pieces(parts, tail))
-        tails = _tail_kl_terms(*_tail_pieces(parts), parts.upper_tail)
+    # decided eagerly, so that each path is one graph when compiled
+    if bool((~tail | ((high - low) * inv_scale * (far + near) > _FAR_NEGLIGIBLE_SQ)).all()):
+        return _kl_one_sided(l, u, near, upper, tail, inv_scale, scale, low, high)
+    return _kl_general(loc, scale, low, high)
+
+
+@maybe_compiled
+def _kl_one_sided(l, u, near, upper, tail, inv_scale, scale, low, high):
+    """The usual case: every tail posterior sees only its near end, so the tail frame needs no
+    interval masses (about a quarter of the operations of the general path)."""
+    t = torch.where(tail, near, 0.0)
+    mid_l, mid_u = torch.where(tail, -1.0, l), torch.where(tail, 1.0, u)
+    mid = _mid_kl_terms(mid_l, mid_u, _mid_rest(mid_l, mid_u))
+    tails = _tail_kl_terms(t, 0.0, inv_mills(t), 0.0, 0.0, 0.0, upper)
+    return _kl_assembled(tail, tails, mid, scale, low, high, inv_scale)
+
+
+@maybe_compiled
+def _kl_general(loc, scale, low, high):
+    parts = interval_parts(low, high, loc, scale)
+    tail = parts.lower_tail | parts.upper_tail
+    mid = _mid_kl_terms(*_mid_pieces(parts, tail))
+    tails = _tail_kl_terms(*_tail_pieces(parts), parts.upper_tail)
+    return _kl_assembled(tail, tails, mid, scale, low, high, scale.reciprocal())
+
+
+def _kl_assembled(tail, tails, mid, scale, low, high, inv_scale):
     kl, h_mu, h_sigma = (torch.where(tail, x, y) for x, y in zip(tails, mid))
     return kl + torch.log(high - low) - torch.log(scale), h_mu * -inv_scale, h_sigma * -inv_scale
 
