@@ -34,7 +34,6 @@ __all__ = [
     "ndtr",
     "log1mexp",
     "log_erfcx",
-    "log_inv_mills",
     "inv_mills",
     "inv_mills_excess",
     "one_minus_t_excess",
@@ -46,7 +45,6 @@ __all__ = [
 SQRT2 = math.sqrt(2.0)
 INV_SQRT2 = 1.0 / SQRT2  # multiplying is ~4x cheaper than dividing in float64
 LOG_2PI = math.log(2.0 * math.pi)
-HALF_LOG_2_OVER_PI = 0.5 * math.log(2.0 / math.pi)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 LN2 = math.log(2.0)
 
@@ -83,11 +81,6 @@ def log_erfcx(z: Tensor) -> Tensor:
     if z.requires_grad and torch.is_grad_enabled():
         return _LogErfcx.apply(z)
     return torch.log(torch.special.erfcx(z))
-
-
-def log_inv_mills(t: Tensor) -> Tensor:
-    """ln λ(t), with λ(t) = φ(t) / (1 − Φ(t)) the inverse Mills ratio (hazard), for t ≥ 0."""
-    return HALF_LOG_2_OVER_PI - log_erfcx(t / SQRT2)
 
 
 def inv_mills(t: Tensor) -> Tensor:

@@ -62,12 +62,13 @@ class _TailInversion(torch.autograd.Function):
         v = torch.special.ndtri(torch.minimum(p_low, p_high))
         z = torch.copysign(v, p_low.sub_(p_high)).clamp_(alpha, beta)
         theta = torch.addcmul(mu, sigma, z).clamp_(low, high).exp_()
-        live = torch.ones_like(alpha, dtype=torch.bool)
+        near_alpha, near_beta = alpha > -FAR_END, beta < FAR_END
         if mask is not None:
             theta.mul_(mask)
+            # only live structures carry a gradient (a masked one's θ is 0 whatever it draws)
             live = mask != 0
-        # only live structures carry a gradient (a masked one's θ is 0 whatever it draws)
-        ctx.far_ends = (bool(((alpha > -FAR_END) & live).any()), bool(((beta < FAR_END) & live).any()))
+            near_alpha, near_beta = near_alpha & live, near_beta & live
+        ctx.far_ends = (bool(near_alpha.any()), bool(near_beta.any()))
         ctx.save_for_backward(u, z, theta, alpha, beta)
         return theta
 

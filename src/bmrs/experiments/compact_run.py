@@ -29,7 +29,8 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     example = torch.randn(2, in_channels, size, size)
     compacted = compact(run.model, example)
     report = compression_report(run.model, compacted, example)
-    run.model.eval(), compacted.eval()
+    run.model.eval()
+    compacted.eval()
     for batch in sorted({1, batch_size}):
         x = torch.randn(batch, in_channels, size, size)
         with torch.no_grad():

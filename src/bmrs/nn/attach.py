@@ -77,13 +77,9 @@ class _NoiseBank:
         layers = [n for n in self.layers if n.granularity == "structure" and n.training]
         if batch is None or not layers:
             return
-        groups: dict[tuple, list[MultiplicativeNoise]] = {}
-        for noise in layers:
-            groups.setdefault((noise.low, noise.high, noise.mu.device), []).append(noise)
         first, total = self.shard if self.shard is not None else (0, batch)
-        for (low, high, device), members in groups.items():
-            mu = torch.cat([n.mu for n in members])
-            sigma = sigma_of(torch.cat([n.log_sigma for n in members]))
+        for members in _bounds_groups(layers):
+            mu, sigma = _concat_posteriors(members)
             mask = torch.cat([n.mask for n in members])
             theta = members[0].draw_theta(mu, sigma, total, _bank_columns(members), mask)[first:first + batch]
             for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
@@ -323,14 +319,12 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         raise ConfigError(f"kl_loss: reduction must be 'mean' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and (isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1):
         raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
-    # one batched KL per (low, high) pair: the work is per operation, so concatenating all layers
+    # one batched KL per group of bounds: the work is per operation, so concatenating all layers
     # makes the KL of a deep network as cheap as that of one layer; the mean is a weighted sum over
     # each layer's original structures (removing pruned ones changes no weight)
     total = None
-    for members in _bounds_groups(layers).values():
-        mu = torch.cat([n.mu for n in members])
-        sigma = sigma_of(torch.cat([n.log_sigma for n in members]))
-        kl = members[0].kl_of(mu, sigma)
+    for members in _bounds_groups(layers):
+        kl = members[0].kl_of(*_concat_posteriors(members))
         if reduction == "mean":
             weights = torch.cat([torch.full((n.num_features,), 1.0 / (n.full_features * len(layers)),
                                             dtype=kl.dtype, device=kl.device) for n in members])
@@ -341,8 +335,14 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     return total
 
 
-def _bounds_groups(layers: list[MultiplicativeNoise]) -> dict[tuple[float, float], list[MultiplicativeNoise]]:
-    groups: dict[tuple[float, float], list[MultiplicativeNoise]] = {}
+def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[MultiplicativeNoise]]:
+    """The layers split by (low, high, device): each group's posteriors concatenate into one batched call."""
+    groups: dict[tuple, list[MultiplicativeNoise]] = {}
     for noise in layers:
-        groups.setdefault((noise.low, noise.high), []).append(noise)
-    return groups
+        groups.setdefault((noise.low, noise.high, noise.mu.device), []).append(noise)
+    return list(groups.values())
+
+
+def _concat_posteriors(members: list[MultiplicativeNoise]) -> tuple[Tensor, Tensor]:
+    """(μ, σ) of a group's layers side by side, with one log-σ clamp for all of them."""
+    return torch.cat([n.mu for n in members]), sigma_of(torch.cat([n.log_sigma for n in members]))
