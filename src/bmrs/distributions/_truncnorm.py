@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _kernels
 from .._compile import maybe_compiled
 from ._stable import (
     LOG_2PI,
@@ -40,6 +41,7 @@ __all__ = [
     "log_var_ratio",
     "kl_to_uniform",
     "kl_to_uniform_with_grad",
+    "kl_to_fixed_uniform",
     "mean_log",
     "log_mass",
     "log_prob_x",
@@ -159,6 +161,41 @@ class _KLToUniform(torch.autograd.Function):
             grads[3] = grad * d_high if need[3] else None
         return tuple(None if g is None else g.sum_to_size(x.shape)
                      for g, x in zip(grads, (loc, scale, low, high)))
+
+
+def kl_to_fixed_uniform(loc: Tensor, scale: Tensor, low: float, high: float) -> Tensor:
+    """:func:`kl_to_uniform` for fixed bounds, in loc's dtype (float64 inside), differentiable in loc and scale.
+
+    On the CPU one fused kernel call (:mod:`bmrs._kernels`) gives the value and gradient; elsewhere
+    the reference code does.
+
+    Example:
+        >>> import torch
+        >>> from bmrs.distributions import _truncnorm as tn
+        >>> kl = tn.kl_to_fixed_uniform(torch.zeros(2), torch.full((2,), 0.0067), -20.0, 0.0)
+        >>> kl.dtype, round(float(kl[0]), 3)
+        (torch.float32, 7.624)
+    """
+    if loc.dim() == 1 and scale.shape == loc.shape and _kernels.usable_for(loc, scale) is not None:
+        return _KLToFixedUniformFused.apply(loc, scale, float(low), float(high))
+    bound = dict(dtype=torch.float64, device=loc.device)
+    kl = kl_to_uniform(loc.double(), scale.double(), torch.tensor(float(low), **bound),
+                       torch.tensor(float(high), **bound))
+    return kl.to(loc.dtype)
+
+
+class _KLToFixedUniformFused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loc, scale, low, high):
+        kl, d_loc, d_scale = _kernels.get().kl_to_uniform_with_grad(loc.detach(), scale.detach(), low, high)
+        ctx.save_for_backward(d_loc, d_scale)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        d_loc, d_scale = ctx.saved_tensors
+        return grad * d_loc, grad * d_scale, None, None
 
 
 def kl_to_uniform_with_grad(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:

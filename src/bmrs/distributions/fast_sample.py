@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _kernels
 from . import _truncnorm as tn
 from ._stable import ndtr
 
@@ -90,7 +91,14 @@ def sample_theta(mu: Tensor, sigma: Tensor, low: float, high: float, u: Tensor, 
     """θ ~ exp(N(mu, σ²) truncated to [low, high]) for uniforms ``u`` of shape (…, len(mu)), times ``mask``.
 
     The result has ``u``'s shape and dtype and is differentiable in ``mu`` and ``sigma`` (1-d).
+    On the CPU the fused kernel (:mod:`bmrs._kernels`) does the same in one call.
     """
+    kernels = _kernels.usable_for(mu, sigma, u)
+    if kernels is not None and u.dim() >= 1 and u.dtype == mu.dtype \
+            and not kernels.any_deep_tail(mu.detach(), sigma.detach(), float(low), float(high), FAST_TAIL):
+        mask = None if mask is None else mask.to(u.dtype)
+        flat = _FusedTailInversion.apply(mu, sigma, u.reshape(-1, u.shape[-1]), mask, float(low), float(high))
+        return flat.reshape(u.shape)
     with torch.no_grad():
         mu64, sigma64 = mu.detach().double(), sigma.detach().double()
         alpha, beta = (low - mu64) / sigma64, (high - mu64) / sigma64
@@ -106,6 +114,25 @@ def sample_theta(mu: Tensor, sigma: Tensor, low: float, high: float, u: Tensor, 
         order = torch.argsort(torch.cat([fast, slow]))
         return torch.cat(parts, dim=-1).index_select(-1, order)
     return _fast(mu, sigma, alpha, beta, low, high, u, mask)
+
+
+class _FusedTailInversion(torch.autograd.Function):
+    """:class:`_TailInversion` with the per-structure pieces, forward and backward in the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, mu, sigma, u, mask, low, high):
+        theta, z, ends = _kernels.get().sample_forward(mu.detach(), sigma.detach(), u, mask, low, high)
+        ctx.save_for_backward(u, z, theta, ends, mask)
+        return theta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        u, z, theta, ends, mask = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return (None,) * 6
+        grad_mu, grad_sigma = _kernels.get().sample_backward(grad, u, z, theta, ends, mask)
+        return grad_mu, grad_sigma, None, None, None, None
 
 
 def _fast(mu, sigma, alpha, beta, low, high, u, mask):

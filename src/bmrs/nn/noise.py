@@ -125,10 +125,7 @@ class MultiplicativeNoise(nn.Module):
         """KL to this layer's prior of posteriors with the given parameters (any shape)."""
         # The prior shares this layer's bounds, so KL(q ‖ p) is KL to the uniform on [low, high]
         # (the registered kl_divergence gives the same; calling the kernel skips its dispatch).
-        bound = dict(dtype=torch.float64, device=mu.device)
-        kl = tn.kl_to_uniform(mu.double(), sigma.double(), torch.tensor(self.low, **bound),
-                              torch.tensor(self.high, **bound))
-        return kl.to(mu.dtype)
+        return tn.kl_to_fixed_uniform(mu.reshape(-1), sigma.reshape(-1), self.low, self.high).reshape(mu.shape)
 
     def expected_theta(self) -> Tensor:
         """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
