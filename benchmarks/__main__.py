@@ -65,8 +65,24 @@ def train_step_ratios(repeats: int) -> dict:
         noisy = _train_step(_model(name, True, **kw), x, y, True)
         t_plain, t_noise, ratio = alternating_times(plain, noisy, repeats)
         out[key] = {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": ratio}
-        print(f"  train step {key:16s} {t_plain:7.2f} ms plain, {t_noise:7.2f} ms noise (×{ratio:.2f})", flush=True)
+        line = f"  train step {key:16s} {t_plain:7.2f} ms plain, {t_noise:7.2f} ms noise (×{ratio:.2f})"
+        if bmrs._kernels.get() is not None:
+            # the same noisy step on the PyTorch reference code, beside the fused kernels
+            t_ref, t_fused, gain = alternating_times(_without_kernels(noisy), noisy, max(repeats // 2, 5))
+            out[key].update(reference_noise_ms=t_ref, kernels_noise_ms=t_fused, kernel_time_ratio=gain)
+            line += f"; reference code {t_ref:.2f} ms, kernels ×{gain:.2f} of it"
+        print(line, flush=True)
     return out
+
+
+def _without_kernels(step):
+    def run():
+        bmrs._kernels.set_enabled(False)
+        try:
+            step()
+        finally:
+            bmrs._kernels.set_enabled(True)
+    return run
 
 
 def eval_ratio(repeats: int) -> dict:
@@ -211,6 +227,7 @@ def summary(results: dict) -> dict:
 def markdown(results: dict) -> str:
     lines = ["# bmrs benchmarks", "", f"Machine: {results['machine']}; torch {results['torch']}, "
              f"{results['threads']} threads; compile {'on' if results['compile'] else 'off'}; "
+             f"fused kernels {'on' if results.get('kernels') else 'off'}; "
              f"{'quick' if results['quick'] else 'full'} run. Command: `{results['command']}`.", "",
              "Ratios time the two sides in alternating blocks (median of the per-round ratios), so that the "
              "host's drift hits both alike; ΔF throughput is the best of 7 repeats in each of 3 fresh processes "
@@ -224,15 +241,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a rough version in under a minute")
     parser.add_argument("--compile", action="store_true", help="torch.compile the noise kernels")
+    parser.add_argument("--no-kernels", action="store_true", help="the PyTorch reference code, not the fused kernels")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--output", default=str(ROOT / "docs"), help="folder for benchmarks.json/.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bmrs._compile.set_compile(args.compile)
+    bmrs._kernels.set_enabled(not args.no_kernels)
     results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {platform.system()}",
                "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
-               "compile": args.compile, "command": "python -m benchmarks" + (" --quick" if args.quick else "")
-               + (" --compile" if args.compile else "")}
+               "compile": args.compile, "kernels": bmrs._kernels.get() is not None,
+               "command": "python -m benchmarks" + (" --quick" if args.quick else "")
+               + (" --compile" if args.compile else "") + (" --no-kernels" if args.no_kernels else "")}
     print("training step (forward, loss with KL, backward, Adam):")
     results["train_step"] = train_step_ratios(repeats=10 if args.quick else 50)
     print("eval forward:")
@@ -245,7 +265,8 @@ def main(argv=None) -> int:
     results["continuous_run"] = continuous_run_ratio(args.quick)
     results["summary"] = summary(results)
     out = Path(args.output)
-    name = "benchmarks" + ("-quick" if args.quick else "") + ("-compile" if args.compile else "")
+    name = "benchmarks" + ("-quick" if args.quick else "") + ("-compile" if args.compile else "") \
+        + ("-no-kernels" if args.no_kernels else "")
     write_json(out / f"{name}.json", results)
     atomic_write(out / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown(results)))
     print(f"written {out / name}.json and .md")
