@@ -104,11 +104,6 @@ inline KLTerms tail_kl_terms(double t, double t_far, double width) {
   return {kl, h_mu, h_sigma};
 }
 
-template <typename T>
-const T* maybe_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 }  // namespace
 
 // KL(q ‖ U[low, high]) of truncated normals N(loc, scale²) on [low, high] in x = ln θ, and its
