@@ -3,16 +3,25 @@
 // Each function does in one call, element by element, what the reference PyTorch code in
 // bmrs/distributions/fast_sample.py and bmrs/distributions/_truncnorm.py does with dozens of
 // whole-tensor operations: the work is tiny, so eager PyTorch pays per operation, not per flop.
-// The special functions are PyTorch's own scalar implementations (ATen/native/Math.h), the
-// formulas are the reference code's, and tests/test_kernels.py checks the two against each other
-// and against mpmath.
+// The special functions are PyTorch's own scalar implementations (ATen/native/Math.h), except the
+// float32 sampler's vectorised Φ⁻¹ (ndtri_lower); the formulas are the reference code's, and
+// tests/test_kernels.py checks the two against each other and against mpmath.
+
+// At::vec's AVX2 implementation (SLEEF's exp and log, shipped inside libtorch) where the compiler
+// targets it; the generic one elsewhere.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
 
 #include <torch/extension.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/Math.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -153,9 +162,143 @@ bool any_deep_tail(const at::Tensor& mu_in, const at::Tensor& sigma_in, double l
   return false;
 }
 
+namespace {
+
+// Per-structure pieces of the sampling, each an array of S values (padded to whole vectors),
+// computed in float64 and rounded to T as the reference code does.
+template <typename T>
+struct Pieces {
+  int64_t padded;
+  std::vector<T> alpha, beta, cdf_alpha, gap_low, sf_beta, gap_high, mu, sigma, mask, near_alpha, near_beta;
+  std::vector<char> block_near_alpha, block_near_beta;  // any near end among a vector's structures
+
+  Pieces(const double* m, const double* s, const float* mask_or_null, int64_t S, double low, double high, int64_t width)
+      : padded((S + width - 1) / width * width) {
+    for (auto* v : {&alpha, &beta, &cdf_alpha, &gap_low, &sf_beta, &gap_high, &mu, &sigma, &mask, &near_alpha, &near_beta})
+      v->assign(padded, T(0));
+    block_near_alpha.assign(padded / width, 0);
+    block_near_beta.assign(padded / width, 0);
+    for (int64_t j = 0; j < padded; ++j) {
+      // padding lanes: a harmless interval [−1, 0] around a standard normal, masked off
+      const double mj = j < S ? m[j] : 0.0, sj = j < S ? s[j] : 1.0;
+      const double a = j < S ? (low - mj) / sj : -1.0, b = j < S ? (high - mj) / sj : 0.0;
+      const double cdf_a = ndtr(a), cdf_b = ndtr(b), sf_a = ndtr(-a), sf_b = ndtr(-b);
+      const bool live = j < S && (mask_or_null == nullptr || mask_or_null[j] != 0.0f);
+      alpha[j] = T(a); beta[j] = T(b); cdf_alpha[j] = T(cdf_a); gap_low[j] = T(cdf_b - cdf_a);
+      sf_beta[j] = T(sf_b); gap_high[j] = T(sf_a - sf_b); mu[j] = T(mj); sigma[j] = T(sj);
+      mask[j] = j < S ? (mask_or_null == nullptr ? T(1) : T(mask_or_null[j])) : T(0);
+      // an end farther than FAR_END σ (or a dead structure's) contributes nothing to the gradient
+      near_alpha[j] = T(live && a > -kFarEnd);
+      near_beta[j] = T(live && b < kFarEnd);
+      block_near_alpha[j / width] |= near_alpha[j] != T(0);
+      block_near_beta[j / width] |= near_beta[j] != T(0);
+    }
+  }
+};
+
+// Φ⁻¹(p) for float32 p ≤ 1/2, both parts accurate to a few float32 ulps (as PyTorch's ndtri):
+// p ≥ 0.02425: Giles's single-precision erfinv ("Approximating the erfinv function", 2010),
+//   Φ⁻¹(p) = √2 erfinv(2p − 1) = √2 (2p − 1) P(w − 2.5), w = −ln(4p(1 − p));
+// below: Acklam's lower-tail rational in t = √(−2 ln p) (relative error < 1.2e-9), which holds
+// down to the smallest float32 p.  Either way one log per lane.
+constexpr float kGilesCentral[] = {2.81022636e-08f, 3.43273939e-07f, -3.5233877e-06f, -4.39150654e-06f,
+                                   0.00021858087f, -0.00125372503f, -0.00417768164f, 0.246640727f, 1.50140941f};
+constexpr float kAcklamC[] = {-7.784894002430293e-03f, -3.223964580411365e-01f, -2.400758277161838e+00f,
+                              -2.549732539343734e+00f, 4.374664141464968e+00f, 2.938163982698783e+00f};
+constexpr float kAcklamD[] = {7.784695709041462e-03f, 3.224671290700398e-01f, 2.445134137142996e+00f,
+                              3.754408661907416e+00f, 1.0f};
+constexpr float kTailBelow = 0.02425f;
+constexpr float kSqrt2f = 1.41421356237309504880f;
+
+using VecF = at::vec::Vectorized<float>;
+
+template <int N>
+inline VecF horner(const VecF& x, const float (&c)[N]) {
+  VecF acc(c[0]);
+  for (int i = 1; i < N; ++i) acc = at::vec::fmadd(acc, x, VecF(c[i]));
+  return acc;
+}
+
+// Φ⁻¹(p) for float32 p in [0, 1/2] (−∞ at 0), one vector of lanes at a time
+inline VecF ndtri_lower(const VecF& p) {
+  const VecF one(1.0f);
+  const auto in_tail = p < VecF(kTailBelow);
+  const VecF tiny(std::numeric_limits<float>::denorm_min());
+  const VecF log_arg = VecF::blendv(VecF(4.0f) * p * (one - p), at::vec::maximum(p, tiny), in_tail).log();
+  const VecF central = (VecF(2.0f) * p - one) * horner(VecF(-2.5f) - log_arg, kGilesCentral) * VecF(kSqrt2f);
+  const VecF t = (VecF(-2.0f) * log_arg).sqrt();
+  const VecF tail = horner(t, kAcklamC) / horner(t, kAcklamD);
+  return VecF::blendv(VecF::blendv(central, tail, in_tail), VecF(-std::numeric_limits<float>::infinity()),
+                      p <= VecF(0.0f));
+}
+
+// weight · φ(end)/φ(z) = weight · exp(−(end − z)(end + z)/2), the exponent capped at ±80
+template <typename V>
+inline V end_weight(const V& end, const V& z, const V& weight) {
+  const V e = (end - z) * (end + z) * V(-0.5);
+  return at::vec::clamp(e, V(-80.0), V(80.0)).exp() * weight;
+}
+
+// One (row, structures j … j+lanes) block of the float32 sampler: θ and θ·∂x/∂μ, θ·∂x/∂σ.
+inline void sample_block_f32(const Pieces<float>& P, int64_t j, int64_t block, const float* u_ptr, float* th_ptr,
+                             float* wmu_ptr, float* wsig_ptr, int count, float lo, float hi) {
+  const VecF u = VecF::loadu(u_ptr, count);
+  const VecF one(1.0f);
+  const VecF alpha = VecF::loadu(&P.alpha[j]), beta = VecF::loadu(&P.beta[j]);
+  const VecF p_low = at::vec::fmadd(u, VecF::loadu(&P.gap_low[j]), VecF::loadu(&P.cdf_alpha[j]));
+  const VecF p_high = at::vec::fmadd(one - u, VecF::loadu(&P.gap_high[j]), VecF::loadu(&P.sf_beta[j]));
+  const VecF v = ndtri_lower(at::vec::minimum(p_low, p_high));
+  // the smaller tail was inverted: z = v below the median, −v above it
+  const VecF z = at::vec::clamp(VecF::blendv(VecF(0.0f) - v, v, p_low < p_high), alpha, beta);
+  const VecF x = at::vec::fmadd(VecF::loadu(&P.sigma[j]), z, VecF::loadu(&P.mu[j]));
+  const VecF theta = at::vec::clamp(x, VecF(lo), VecF(hi)).exp() * VecF::loadu(&P.mask[j]);
+  VecF d_mu = one, d_sigma = z;  // ∂x/∂μ = 1 − A_α − A_β, ∂x/∂σ = z − αA_α − βA_β
+  if (P.block_near_alpha[block]) {
+    const VecF a = end_weight(alpha, z, (one - u) * VecF::loadu(&P.near_alpha[j]));
+    d_mu = d_mu - a;
+    d_sigma = d_sigma - alpha * a;
+  }
+  if (P.block_near_beta[block]) {
+    const VecF b = end_weight(beta, z, u * VecF::loadu(&P.near_beta[j]));
+    d_mu = d_mu - b;
+    d_sigma = d_sigma - beta * b;
+  }
+  theta.store(th_ptr, count);
+  (theta * d_mu).store(wmu_ptr, count);
+  (theta * d_sigma).store(wsig_ptr, count);
+}
+
+// The same for one float64 sample, with PyTorch's scalar ndtri (float64 training asks for accuracy).
+inline void sample_one_f64(const Pieces<double>& P, int64_t j, double uk, double* th, double* wmu, double* wsig,
+                           double lo, double hi) {
+  const double p_low = P.cdf_alpha[j] + uk * P.gap_low[j];
+  const double p_high = P.sf_beta[j] + (1.0 - uk) * P.gap_high[j];
+  const double v = calc_ndtri(std::min(p_low, p_high));
+  // fmin/fmax, not std::clamp: about half the samples hit a bound, and branches mispredict
+  const double z = std::fmin(std::fmax(std::copysign(v, p_low - p_high), P.alpha[j]), P.beta[j]);
+  const double theta = std::exp(std::fmin(std::fmax(P.mu[j] + P.sigma[j] * z, lo), hi)) * P.mask[j];
+  double d_mu = 1.0, d_sigma = z;
+  for (int side = 0; side < 2; ++side) {
+    const double end = side == 0 ? P.alpha[j] : P.beta[j];
+    const double near = side == 0 ? P.near_alpha[j] : P.near_beta[j];
+    if (near == 0.0) continue;
+    const double a = (side == 0 ? 1.0 - uk : uk) * std::exp(std::fmin(std::fmax(-0.5 * (end - z) * (end + z), -80.0), 80.0));
+    d_mu -= a;
+    d_sigma -= end * a;
+  }
+  *th = theta;
+  *wmu = theta * d_mu;
+  *wsig = theta * d_sigma;
+}
+
+}  // namespace
+
 // Forward of fast_sample._TailInversion for u of shape (rows, S): per structure (float64) the ends
-// α, β and the normal masses; per sample (u's dtype) θ = mask · exp(clamp(μ + σz)), Φ(z) = (1 − u)Φ(α) + uΦ(β)
-// with the smaller tail inverted.  Returns θ, z and the ends (2, S) in float64.
+// α, β and the normal masses; per sample θ = mask · exp(clamp(μ + σz)), Φ(z) = (1 − u)Φ(α) + uΦ(β)
+// with the smaller tail inverted, and the backward's factors θ·∂x/∂μ and θ·∂x/∂σ,
+//   ∂x/∂μ = 1 − A_α − A_β,  ∂x/∂σ = z − αA_α − βA_β,  A_α = (1 − u)φ(α)/φ(z),  A_β = uφ(β)/φ(z),
+// an end skipped for structures that are masked or have it farther than FAR_END σ.
+// Returns θ, θ·∂x/∂μ, θ·∂x/∂σ, all (rows, S) in u's dtype.
 std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor& sigma_in, const at::Tensor& u_in,
                                        const c10::optional<at::Tensor>& mask_in, double low, double high) {
   const int64_t S = mu_in.numel();
@@ -164,76 +307,82 @@ std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor
   const int64_t rows = u.size(0);
   const auto mu64 = mu_in.to(at::kDouble).contiguous();
   const auto sigma64 = sigma_in.to(at::kDouble).contiguous();
-  auto ends = at::empty({2, S}, mu64.options());
-  const double *m = mu64.data_ptr<double>(), *s = sigma64.data_ptr<double>();
-  double *alpha = ends.data_ptr<double>(), *beta = alpha + S;
-  for (int64_t j = 0; j < S; ++j) {
-    alpha[j] = (low - m[j]) / s[j];
-    beta[j] = (high - m[j]) / s[j];
-  }
-  auto theta = at::empty_like(u);
-  auto z = at::empty_like(u);
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "sample_forward", [&] {
-    using T = scalar_t;
-    // per-structure pieces, rounded to T as the reference code does: α, β, Φ(α), Φ(β) − Φ(α),
-    // 1 − Φ(β), Φ(β) − Φ(α) from the upper side, μ, σ
-    std::vector<T> piece(8 * S);
-    for (int64_t j = 0; j < S; ++j) {
-      const double cdf_a = ndtr(alpha[j]), cdf_b = ndtr(beta[j]), sf_a = ndtr(-alpha[j]), sf_b = ndtr(-beta[j]);
-      T* p = piece.data() + 8 * j;
-      p[0] = T(alpha[j]); p[1] = T(beta[j]); p[2] = T(cdf_a); p[3] = T(cdf_b - cdf_a);
-      p[4] = T(sf_b); p[5] = T(sf_a - sf_b); p[6] = T(m[j]); p[7] = T(s[j]);
-    }
-    const T lo = T(low), hi = T(high);
-    const T* up = u.data_ptr<T>();
-    T *th = theta.data_ptr<T>(), *zp = z.data_ptr<T>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
+  at::Tensor mask32;
+  if (mask_in.has_value()) mask32 = mask_in->to(at::kFloat).contiguous();
+  const float* mask_ptr = mask_in.has_value() ? mask32.data_ptr<float>() : nullptr;
+  auto theta = at::empty_like(u), w_mu = at::empty_like(u), w_sigma = at::empty_like(u);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S, 1));
+  if (u.scalar_type() == at::kFloat) {
+    constexpr int64_t L = VecF::size();
+    const Pieces<float> P(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), mask_ptr, S, low, high, L);
+    const float *up = u.data_ptr<float>();
+    float *th = theta.data_ptr<float>(), *wm = w_mu.data_ptr<float>(), *ws = w_sigma.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t j = 0; j < S; ++j) {
-          const T* p = piece.data() + 8 * j;
+        for (int64_t j = 0; j < S; j += L) {
           const int64_t k = r * S + j;
-          const T uk = up[k];
-          const T p_low = p[2] + uk * p[3];
-          const T p_high = p[4] + (T(1) - uk) * p[5];
-          const T v = calc_ndtri(std::min(p_low, p_high));
-          // fmin/fmax, not std::clamp: about half the samples hit a bound, and branches mispredict
-          const T zk = std::fmin(std::fmax(std::copysign(v, p_low - p_high), p[0]), p[1]);
-          zp[k] = zk;
-          th[k] = std::fmin(std::fmax(p[6] + p[7] * zk, lo), hi);
+          sample_block_f32(P, j, j / L, up + k, th + k, wm + k, ws + k, int(std::min<int64_t>(L, S - j)),
+                           float(low), float(high));
+        }
+      }
+    });
+  } else {
+    TORCH_CHECK(u.scalar_type() == at::kDouble, "u must be float32 or float64");
+    const Pieces<double> P(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), mask_ptr, S, low, high, 1);
+    const double *up = u.data_ptr<double>();
+    double *th = theta.data_ptr<double>(), *wm = w_mu.data_ptr<double>(), *ws = w_sigma.data_ptr<double>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t k = r0 * S; k < r1 * S; ++k) sample_one_f64(P, k % S, up[k], th + k, wm + k, ws + k, low, high);
+    });
+  }
+  return {theta, w_mu, w_sigma};
+}
+
+// Backward of fast_sample._TailInversion: ∂L/∂μ = Σ_rows grad · θ∂x/∂μ and ∂L/∂σ = Σ_rows grad · θ∂x/∂σ,
+// summed in float64 over fixed blocks of rows, then over the blocks: the same result whatever the
+// number of threads.
+std::vector<at::Tensor> sample_backward(const at::Tensor& grad_in, const at::Tensor& w_mu, const at::Tensor& w_sigma) {
+  const auto grad = grad_in.contiguous();
+  const int64_t rows = grad.size(0), S = grad.size(1);
+  constexpr int64_t kRowsPerBlock = 16;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  auto partial = at::zeros({blocks, 2, S}, grad.options().dtype(at::kDouble));
+  double* part = partial.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "sample_backward", [&] {
+    const scalar_t *g = grad.data_ptr<scalar_t>(), *wm = w_mu.data_ptr<scalar_t>(), *ws = w_sigma.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S * kRowsPerBlock, 1));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double* __restrict__ acc_mu = part + b * 2 * S;
+        double* __restrict__ acc_sigma = acc_mu + S;
+        for (int64_t r = b * kRowsPerBlock; r < std::min(rows, (b + 1) * kRowsPerBlock); ++r) {
+          const scalar_t* __restrict__ gr = g + r * S;
+          const scalar_t* __restrict__ mr = wm + r * S;
+          const scalar_t* __restrict__ sr = ws + r * S;
+          for (int64_t j = 0; j < S; ++j) {
+            acc_mu[j] += double(gr[j] * mr[j]);
+            acc_sigma[j] += double(gr[j] * sr[j]);
+          }
         }
       }
     });
   });
-  theta.exp_();  // vectorised: a scalar exp in the loop above costs more than this whole pass
-  if (mask_in.has_value()) theta.mul_(mask_in->to(u.scalar_type()));
-  return {theta, z, ends};
+  const auto sums = partial.sum(0);  // (2, S)
+  return {sums[0].to(grad.scalar_type()), sums[1].to(grad.scalar_type())};
 }
 
-// Backward of fast_sample._TailInversion: ∂L/∂μ and ∂L/∂σ summed over the rows,
-//   ∂x/∂μ = 1 − A_α − A_β,  ∂x/∂σ = z − αA_α − βA_β,  A_α = (1 − u)φ(α)/φ(z),  A_β = uφ(β)/φ(z),
-// an end's A skipped when no live structure has it within FAR_END σ.  Whole-tensor (vectorised)
-// ATen calls: per element they beat a scalar loop with its exp, and from C++ they cost little each.
-std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& z,
-                                        const at::Tensor& theta, const at::Tensor& ends,
-                                        const c10::optional<at::Tensor>& mask) {
-  const auto dtype = u.scalar_type();
-  const auto gx = grad * theta;  // ∂L/∂x (θ already carries the mask)
-  auto grad_mu = gx.sum(0, false, at::kDouble);
-  auto grad_sigma = (gx * z).sum(0, false, at::kDouble);
-  const auto live = mask.has_value() ? c10::optional<at::Tensor>(mask->ne(0)) : c10::nullopt;
-  for (int side = 0; side < 2; ++side) {
-    const auto end64 = ends[side];
-    auto near = side == 0 ? end64.gt(-kFarEnd) : end64.lt(kFarEnd);
-    if (live.has_value()) near.logical_and_(*live);
-    if (!near.any().item<bool>()) continue;
-    const auto end = end64.to(dtype);
-    const auto factor = ((end - z) * (end + z)).mul_(-0.5).clamp_(-80.0, 80.0).exp_()
-                            .mul_(side == 0 ? 1.0 - u : u).mul_(gx);
-    const auto g_end = factor.sum(0, false, at::kDouble);
-    grad_mu.sub_(g_end);
-    grad_sigma.sub_(end64 * g_end);
+// Φ⁻¹(p) for float32 p ≤ 1/2 by the sampler's vectorised approximation (for tests).
+at::Tensor ndtri_lower_f32(const at::Tensor& p_in) {
+  TORCH_CHECK(p_in.scalar_type() == at::kFloat, "p must be float32");
+  const auto p = p_in.contiguous();
+  auto out = at::empty_like(p);
+  const float* src = p.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < p.numel(); i += VecF::size()) {
+    const int count = int(std::min<int64_t>(VecF::size(), p.numel() - i));
+    ndtri_lower(VecF::loadu(src + i, count)).store(dst + i, count);
   }
-  return {grad_mu.to(dtype), grad_sigma.to(dtype)};
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -241,4 +390,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("any_deep_tail", &any_deep_tail, "whether some interval lies deep in a tail");
   m.def("sample_forward", &sample_forward, "fused truncated log-normal sampling");
   m.def("sample_backward", &sample_backward, "gradient of the fused sampling");
+  m.def("ndtri_lower_f32", &ndtri_lower_f32, "the float32 sampler's inverse normal CDF, p <= 1/2");
 }

@@ -117,21 +117,21 @@ def sample_theta(mu: Tensor, sigma: Tensor, low: float, high: float, u: Tensor, 
 
 
 class _FusedTailInversion(torch.autograd.Function):
-    """:class:`_TailInversion` with the per-structure pieces, forward and backward in the fused kernel."""
+    """:class:`_TailInversion` in the fused kernel: the forward also forms θ·∂x/∂μ and θ·∂x/∂σ per
+    sample, so the backward is two weighted column sums."""
 
     @staticmethod
     def forward(ctx, mu, sigma, u, mask, low, high):
-        theta, z, ends = _kernels.get().sample_forward(mu.detach(), sigma.detach(), u, mask, low, high)
-        ctx.save_for_backward(u, z, theta, ends, mask)
+        theta, w_mu, w_sigma = _kernels.get().sample_forward(mu.detach(), sigma.detach(), u, mask, low, high)
+        ctx.save_for_backward(w_mu, w_sigma)
         return theta
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        u, z, theta, ends, mask = ctx.saved_tensors
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return (None,) * 6
-        grad_mu, grad_sigma = _kernels.get().sample_backward(grad, u, z, theta, ends, mask)
+        grad_mu, grad_sigma = _kernels.get().sample_backward(grad, *ctx.saved_tensors)
         return grad_mu, grad_sigma, None, None, None, None
 
 
