@@ -28,6 +28,7 @@ from bmrs.compaction import compact, compression_report
 from bmrs.experiments.timing import alternating_times
 from bmrs.io import atomic_write, write_json
 from bmrs.training import TrainConfig, train
+from bmrs.training.optim import make_optimizer
 from bmrs.training.run import build_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def _model(name: str, noise: bool, **kw) -> torch.nn.Module:
 
 
 def _train_step(model, x, y, with_kl: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), lr=1e-3)  # the training engine's Adam
 
     def step():
         loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -15,6 +15,7 @@ import torch
 from bmrs.data import load_dataset
 from bmrs.training import TrainConfig
 from bmrs.training.loop import train_epoch
+from bmrs.training.optim import make_optimizer
 from bmrs.training.run import build_for
 
 CASES = [("lenet5", 32, 1.4e-3), ("mlp", 128, 1.5e-3)]
@@ -23,7 +24,7 @@ CASES = [("lenet5", 32, 1.4e-3), ("mlp", 128, 1.5e-3)]
 def epoch_seconds(data, model_name: str, batch_size: int, lr: float, noise: bool) -> float:
     cfg = TrainConfig(model=model_name, criterion="bmrs-n" if noise else "none", noise=noise, batch_size=batch_size, lr=lr)
     model = build_for(cfg, data.in_channels, data.num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model.parameters(), lr=lr)
     start = time.perf_counter()
     train_epoch(model, optimizer, data.train, batch_size=batch_size, generator=torch.Generator().manual_seed(0),
                 progress=False)

@@ -18,6 +18,7 @@ import torch
 
 from bmrs.data import load_dataset
 from bmrs.training import TrainConfig, train
+from bmrs.training.optim import make_optimizer
 from bmrs.training.run import build_for
 
 CASES = [("lenet5", 32), ("mlp", 128)]
@@ -26,7 +27,7 @@ CASES = [("lenet5", 32), ("mlp", 128)]
 def step_ms(model_name: str, batch_size: int, granularity: str, steps: int = 60) -> float:
     cfg = TrainConfig(model=model_name, granularity=granularity, batch_size=batch_size)
     model = build_for(cfg, 1, 10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), lr=1e-3)
     x, y = torch.randn(batch_size, 1, 32, 32), torch.randint(0, 10, (batch_size,))
     from bmrs import kl_loss
     times = []

@@ -149,3 +149,31 @@ def test_sigkill_at_several_points_resumes_to_identical_metrics(tmp_path, kill_a
     assert [h["val_accuracy"] for h in a["history"]] == [h["val_accuracy"] for h in b["history"]]
     leftovers = [p.name for p in victim.iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
+
+
+def test_fused_adam_steps_invalidate_the_eval_cache():
+    # fused Adam writes parameters without bumping their version counters; the engine's Adam bumps them,
+    # else E[θ]·mask cached by an evaluation stays stale and an uninterrupted run differs from a resumed one
+    from bmrs.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    net = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
+    noise = bmrs.noise_layers(net)[0][1]
+    optimizer = make_optimizer(net.parameters(), lr=0.1)
+    assert optimizer.defaults["fused"]  # CPU float parameters: the fused kernel
+    net.eval()
+    noise.expected_theta()
+    net.train()
+    net(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    net.eval()
+    cached = noise.expected_theta().clone()
+    noise._eval_cache = None
+    assert torch.equal(cached, noise.expected_theta())
+
+
+def test_optimizer_falls_back_where_no_fused_kernel_exists():
+    from bmrs.training.optim import fused_supported, make_optimizer
+
+    assert not fused_supported([torch.nn.Parameter(torch.ones(2, device="meta"))])
+    assert make_optimizer([torch.nn.Parameter(torch.ones(2, device="meta"))], lr=0.1).defaults["fused"] is None

@@ -26,6 +26,7 @@ from ..io import atomic_write, write_json
 from ..pruning import prune, structure_counts
 from ..training.artifacts import load_run
 from ..training.loop import batches, evaluate, train_epoch
+from ..training.optim import make_optimizer
 
 __all__ = ["run_curve", "sweep", "plot_curves"]
 
@@ -49,7 +50,7 @@ def sweep(model, data, criterion_name: str, levels: int, *, finetune_epochs: int
         crit.accumulate(base, batches(data.train, batch_size, torch.Generator().manual_seed(seed)), max_batches=50)
     points = []
     current = copy.deepcopy(base)
-    optimizer = torch.optim.Adam(current.parameters(), lr=lr)
+    optimizer = make_optimizer(current.parameters(), lr=lr)
     total = structure_counts(current).structures
     for fraction in tqdm(np.linspace(0.0, 1.0, levels), desc=criterion_name, leave=False, disable=not progress):
         k = min(int(round(fraction * total)), total)

@@ -103,6 +103,12 @@ class MultiplicativeNoise(nn.Module):
             state_dict[key] = torch.arange(state_dict[prefix + "mask"].numel())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def train(self, mode: bool = True) -> "MultiplicativeNoise":
+        # a mode switch drops the cached E[θ]·mask: parameters written without a version bump
+        # (``.data``, some fused optimizers) cannot leave the next evaluation stale
+        self._eval_cache = None
+        return super().train(mode)
+
     # -- distributions ------------------------------------------------------------------------
     @property
     def sigma(self) -> Tensor:

@@ -33,6 +33,7 @@ from ..compaction.shrink import restore_shrunk, shrink
 from .config import TrainConfig
 from .distributed import setup_distributed
 from .loop import batches, evaluate, train_epoch
+from .optim import make_optimizer
 
 __all__ = ["train", "build_for", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
 
@@ -119,7 +120,7 @@ def _masked_in_place(model: nn.Module) -> int:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=config.lr)
+    return make_optimizer(model.parameters(), lr=config.lr)
 
 
 def _prune_step(model, criterion, config, step_index, data, device) -> dict:
