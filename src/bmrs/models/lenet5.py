@@ -17,11 +17,12 @@ def _feature_size(image_size: int) -> int:
 
 
 def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, noise: bool = True) -> nn.Sequential:
-    """conv 6 (5×5) → ReLU → noise → maxpool 2 → conv 16 (5×5) → ReLU → noise → maxpool 2 → flatten
+    """conv 6 (5×5) → ReLU → maxpool 2 → noise → conv 16 (5×5) → ReLU → maxpool 2 → noise → flatten
     → FC 120 → ReLU → noise → FC 84 → ReLU → noise → FC num_classes.
 
     ``image_size`` (square inputs, at least 16) fixes the input size of FC 120: 16·5·5 for 32×32,
-    16·4·4 for 28×28.  Noise layers come from :func:`bmrs.attach`'s default policy.
+    16·4·4 for 28×28.  Noise layers come from :func:`bmrs.attach`'s default policy: each conv's sits
+    under its ReLU (``"1.bmrs_noise"``) and is applied after the pool, where that is exact and 4× cheaper.
 
     Example:
         >>> import torch, bmrs

@@ -1,14 +1,22 @@
 """Attach noise layers to an existing model, find them again, and collect their KL.
 
-A noise layer is registered as a child ``bmrs_noise`` of the module whose output it multiplies,
-and applied by a forward hook.  The model's own parameter names are untouched, so weights saved
-before attaching (e.g. torchvision-style ResNet checkpoints) still load, and ``print(model)`` shows
-each noise layer under the module it follows.
+A noise layer is registered as a child ``bmrs_noise`` of the module whose output it multiplies
+(its host), and applied by a forward hook.  The model's own parameter names are untouched, so weights
+saved before attaching (e.g. torchvision-style ResNet checkpoints) still load, and ``print(model)``
+shows each noise layer under its host.
+
+Where the host is directly followed in an ``nn.Sequential`` by max/avg pooling (adaptive or not) and
+the noise draws one θ ≥ 0 per (example, channel) (``granularity="structure"``), the hook sits on the
+last of those pooling modules instead: pool(θ·x) = θ·pool(x), so the function, the gradients and
+the Taylor scores are the same, and the multiply runs on the smaller pooled tensor (LeNet5: 4×).
+The noise is then applied when that pooling module runs: calling the host on its own returns its
+output without noise.
 
 Default policy (``targets=None``):
   * after every BatchNorm that directly follows a Conv (ResNet: bn1, bn2, bn3, downsample BN);
   * else after every Conv / Linear, or after the activation *module* that directly follows it in
-    the same ``nn.Sequential`` (Linear → Tanh → noise, Conv → ReLU → noise);
+    the same ``nn.Sequential`` (Linear → Tanh → noise, Conv → ReLU → noise; with pooling after
+    it, Conv → ReLU (noise registered here) → MaxPool → noise applied here, as above);
   * never on the layer that produces the model's output (the last Conv/Linear registered);
   * never on layers inside ``nn.MultiheadAttention`` (its projections are not called as modules):
     target the ``MultiheadAttention`` module itself to gate its output channels.
@@ -43,6 +51,14 @@ _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
     nn.Hardtanh, nn.Hardswish, nn.Mish, nn.Softplus, nn.PReLU,
 )
+_SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+# Pooling that acts on each channel of an (N, C, *spatial) tensor alone with pool(θ·x) = θ·pool(x)
+# for θ ≥ 0: max pooling pads with −inf, average pooling is linear (zero padding included).
+_POOL_DIMS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+}
 
 
 def _apply_noise(module: nn.Module, inputs, output):
@@ -50,6 +66,39 @@ def _apply_noise(module: nn.Module, inputs, output):
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
         return (noise(output[0]),) + tuple(output[1:])
     return noise(output)
+
+
+class _NoiseAfterPool:
+    """Forward hook of a pooling module: applies the noise registered under ``host`` to its output."""
+
+    def __init__(self, host: nn.Module):
+        self.host = host
+
+    def __call__(self, module: nn.Module, inputs, output):
+        return _apply_noise(self.host, inputs, output)
+
+
+def _hook_target(host: nn.Module, noise: MultiplicativeNoise, modules: dict[str, nn.Module],
+                 places: dict[int, list]) -> nn.Module:
+    """The module whose forward hook applies ``noise``: the last of the pooling modules that directly
+    follow ``host`` in a plain ``nn.Sequential`` when θ is shared by a channel's positions, else ``host``.
+
+    ``places``: id(module) → [(parent, position)] over the model; a module used twice keeps the host.
+    """
+    spatial = _SPATIAL_DIMS.get(type(modules.get(noise.producer)))  # host output is (N, C, *spatial)
+    if noise.granularity != "structure" or noise.dim != 1 or spatial is None \
+            or len(places.get(id(host), ())) != 1:
+        return host
+    parent, position = places[id(host)][0]
+    if type(parent).forward is not nn.Sequential.forward:  # children not run one after the other
+        return host
+    target = host
+    for module in list(parent._modules.values())[position + 1:]:
+        if _POOL_DIMS.get(type(module)) != spatial or getattr(module, "return_indices", False) \
+                or len(places[id(module)]) != 1:
+            break
+        target = module
+    return target
 
 
 class _NoiseBank:
@@ -276,10 +325,16 @@ def attach(
 
 
 def install_noise(model: nn.Module, entries: list[tuple[nn.Module, MultiplicativeNoise]]) -> None:
-    """Register each noise layer under its module with the forward hook, and the model's noise bank."""
+    """Register each noise layer under its module, its forward hook (on that module or on the
+    pooling after it: see the module docstring), and the model's noise bank."""
+    modules, places = dict(model.named_modules()), {}
+    for parent in model.modules():
+        for position, child in enumerate(parent._modules.values()):
+            places.setdefault(id(child), []).append((parent, position))
     for module, noise in entries:
         module.add_module(NOISE_ATTR, noise)
-        module.register_forward_hook(_apply_noise)
+        target = _hook_target(module, noise, modules, places)
+        target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module))
     model._bmrs_bank = _NoiseBank([noise for _, noise in noise_layers(model)])
     model.register_forward_pre_hook(_bank_draw)
     model.register_forward_hook(_bank_clear)
@@ -292,7 +347,7 @@ def detach_noise(model: nn.Module) -> nn.Module:
             del module._modules[NOISE_ATTR]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if hook in (_apply_noise, _bank_draw, _bank_clear):
+                if hook in (_apply_noise, _bank_draw, _bank_clear) or isinstance(hook, _NoiseAfterPool):
                     del hooks[key]
         if "_bmrs_bank" in module.__dict__:
             del module.__dict__["_bmrs_bank"]
