@@ -9,9 +9,14 @@
 
 // At::vec's AVX2 implementation (SLEEF's exp and log, shipped inside libtorch) where the compiler
 // targets it; the generic one elsewhere.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
+#endif
 #endif
 
 #include <torch/extension.h>
