@@ -120,6 +120,30 @@ inline KLTerms tail_kl_terms(double t, double t_far, double width) {
 
 }  // namespace
 
+namespace {
+
+struct KLWithGrad {
+  double kl, d_loc, d_scale;
+};
+
+// KL(q ‖ U[low, high]) of the truncated normal N(mu, sigma²) on [low, high] and its gradient
+KLWithGrad kl_to_uniform_at(double mu, double sigma, double low, double high, double log_w) {
+  const double inv_scale = 1.0 / sigma;
+  const double l = (low - mu) * inv_scale, u = (high - mu) * inv_scale;
+  KLTerms terms;
+  if (u <= 0.0) {  // interval below the mean: near end high
+    terms = tail_kl_terms(-u, -l, (high - low) * inv_scale);
+    terms.h_mu = -terms.h_mu;
+  } else if (l >= 0.0) {  // above the mean: near end low
+    terms = tail_kl_terms(l, u, (high - low) * inv_scale);
+  } else {
+    terms = mid_kl_terms(l, u);
+  }
+  return {terms.kl + log_w - std::log(sigma), -terms.h_mu * inv_scale, -terms.h_sigma * inv_scale};
+}
+
+}  // namespace
+
 // KL(q ‖ U[low, high]) of truncated normals N(loc, scale²) on [low, high] in x = ln θ, and its
 // gradient in loc and scale (closed form): _truncnorm.kl_to_uniform_with_grad, element by element.
 // loc, scale: 1-d, same dtype (float32 or float64, computed in float64); returns three in that dtype.
@@ -136,20 +160,10 @@ std::vector<at::Tensor> kl_to_uniform_with_grad(const at::Tensor& loc_in, const 
   double *out_kl = kl.data_ptr<double>(), *out_loc = d_loc.data_ptr<double>(), *out_scale = d_scale.data_ptr<double>();
   const double log_w = std::log(high - low);
   for (int64_t i = 0; i < n; ++i) {
-    const double inv_scale = 1.0 / sigma[i];
-    const double l = (low - mu[i]) * inv_scale, u = (high - mu[i]) * inv_scale;
-    KLTerms terms;
-    if (u <= 0.0) {  // interval below the mean: near end high
-      terms = tail_kl_terms(-u, -l, (high - low) * inv_scale);
-      terms.h_mu = -terms.h_mu;
-    } else if (l >= 0.0) {  // above the mean: near end low
-      terms = tail_kl_terms(l, u, (high - low) * inv_scale);
-    } else {
-      terms = mid_kl_terms(l, u);
-    }
-    out_kl[i] = terms.kl + log_w - std::log(sigma[i]);
-    out_loc[i] = -terms.h_mu * inv_scale;
-    out_scale[i] = -terms.h_sigma * inv_scale;
+    const auto r = kl_to_uniform_at(mu[i], sigma[i], low, high, log_w);
+    out_kl[i] = r.kl;
+    out_loc[i] = r.d_loc;
+    out_scale[i] = r.d_scale;
   }
   const auto dtype = loc_in.scalar_type();
   return {kl.to(dtype), d_loc.to(dtype), d_scale.to(dtype)};
@@ -174,12 +188,15 @@ namespace {
 template <typename T>
 struct Pieces {
   int64_t padded;
-  std::vector<T> alpha, beta, cdf_alpha, gap_low, sf_beta, gap_high, mu, sigma, mask, near_alpha, near_beta;
+  std::vector<T> alpha, beta, cdf_alpha, gap_low, sf_beta, gap_high, mu, sigma, mask, near_alpha, near_beta,
+      sigma_grad;  // ∂σ/∂(the parameter trained): 1 for σ itself, σ·[log σ unclamped] for log σ
   std::vector<char> block_near_alpha, block_near_beta;  // any near end among a vector's structures
 
-  Pieces(const double* m, const double* s, const float* mask_or_null, int64_t S, double low, double high, int64_t width)
+  Pieces(const double* m, const double* s, const double* sigma_grad_or_null, const float* mask_or_null, int64_t S,
+         double low, double high, int64_t width)
       : padded((S + width - 1) / width * width) {
-    for (auto* v : {&alpha, &beta, &cdf_alpha, &gap_low, &sf_beta, &gap_high, &mu, &sigma, &mask, &near_alpha, &near_beta})
+    for (auto* v : {&alpha, &beta, &cdf_alpha, &gap_low, &sf_beta, &gap_high, &mu, &sigma, &mask, &near_alpha, &near_beta,
+                    &sigma_grad})
       v->assign(padded, T(0));
     block_near_alpha.assign(padded / width, 0);
     block_near_beta.assign(padded / width, 0);
@@ -192,6 +209,7 @@ struct Pieces {
       alpha[j] = T(a); beta[j] = T(b); cdf_alpha[j] = T(cdf_a); gap_low[j] = T(cdf_b - cdf_a);
       sf_beta[j] = T(sf_b); gap_high[j] = T(sf_a - sf_b); mu[j] = T(mj); sigma[j] = T(sj);
       mask[j] = j < S ? (mask_or_null == nullptr ? T(1) : T(mask_or_null[j])) : T(0);
+      sigma_grad[j] = j < S && sigma_grad_or_null != nullptr ? T(sigma_grad_or_null[j]) : T(1);
       // an end farther than FAR_END σ (or a dead structure's) contributes nothing to the gradient
       near_alpha[j] = T(live && a > -kFarEnd);
       near_beta[j] = T(live && b < kFarEnd);
@@ -270,7 +288,7 @@ inline void sample_block_f32(const Pieces<float>& P, int64_t j, int64_t block, c
   }
   theta.store(th_ptr, count);
   (theta * d_mu).store(wmu_ptr, count);
-  (theta * d_sigma).store(wsig_ptr, count);
+  (theta * d_sigma * VecF::loadu(&P.sigma_grad[j])).store(wsig_ptr, count);
 }
 
 // The same for one float64 sample, with PyTorch's scalar ndtri (float64 training asks for accuracy).
@@ -293,8 +311,79 @@ inline void sample_one_f64(const Pieces<double>& P, int64_t j, double uk, double
   }
   *th = theta;
   *wmu = theta * d_mu;
-  *wsig = theta * d_sigma;
+  *wsig = theta * d_sigma * P.sigma_grad[j];
 }
+
+}  // namespace
+
+namespace {
+
+// The sampler over u's rows for S structures (u: (rows, ≥ S) with unit column stride; structures
+// from column `first`), writing θ, θ·∂x/∂μ and θ·∂x/∂σ·sigma_grad into fresh (rows, S) tensors.
+std::vector<at::Tensor> sample_core(const double* m, const double* s, const double* sigma_grad, const float* mask,
+                                    int64_t S, const at::Tensor& u, int64_t first, double low, double high) {
+  TORCH_CHECK(u.dim() == 2 && u.stride(1) == 1 && first + S <= u.size(1), "u must be (rows, ≥ S), unit column stride");
+  const int64_t rows = u.size(0), stride = u.stride(0);
+  auto options = u.options().memory_format(at::MemoryFormat::Contiguous);
+  auto theta = at::empty({rows, S}, options), w_mu = at::empty({rows, S}, options), w_sigma = at::empty({rows, S}, options);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S, 1));
+  if (u.scalar_type() == at::kFloat) {
+    constexpr int64_t L = VecF::size();
+    const Pieces<float> P(m, s, sigma_grad, mask, S, low, high, L);
+    const float* up = u.data_ptr<float>() + first;
+    float *th = theta.data_ptr<float>(), *wm = w_mu.data_ptr<float>(), *ws = w_sigma.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t j = 0; j < S; j += L) {
+          const int64_t k = r * S + j;
+          sample_block_f32(P, j, j / L, up + r * stride + j, th + k, wm + k, ws + k, int(std::min<int64_t>(L, S - j)),
+                           float(low), float(high));
+        }
+      }
+    });
+  } else {
+    TORCH_CHECK(u.scalar_type() == at::kDouble, "u must be float32 or float64");
+    const Pieces<double> P(m, s, sigma_grad, mask, S, low, high, 1);
+    const double* up = u.data_ptr<double>() + first;
+    double *th = theta.data_ptr<double>(), *wm = w_mu.data_ptr<double>(), *ws = w_sigma.data_ptr<double>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t j = 0; j < S; ++j) {
+          const int64_t k = r * S + j;
+          sample_one_f64(P, j, up[r * stride + j], th + k, wm + k, ws + k, low, high);
+        }
+      }
+    });
+  }
+  return {theta, w_mu, w_sigma};
+}
+
+// A layer's μ, σ = exp(clamp(log σ, lo, hi)) and ∂σ/∂log σ (0 where the clamp is active, as
+// torch.clamp's gradient), read into float64 arrays by a plain loop (no tensor operations).
+struct SigmaOf {
+  std::vector<double> mu, sigma, sigma_grad;
+  SigmaOf(const at::Tensor& mu_in, const at::Tensor& log_sigma_in, double lo, double hi) {
+    TORCH_CHECK(mu_in.numel() == log_sigma_in.numel(), "mu and log sigma must have the same size");
+    const int64_t n = mu_in.numel();
+    mu.resize(n); sigma.resize(n); sigma_grad.resize(n);
+    const auto mu_c = mu_in.contiguous(), ls_c = log_sigma_in.to(mu_in.scalar_type()).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(mu_c.scalar_type(), "SigmaOf", [&] {
+      const scalar_t *m = mu_c.data_ptr<scalar_t>(), *ls = ls_c.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        const double l = double(ls[i]);
+        mu[i] = double(m[i]);
+        sigma[i] = std::exp(std::fmin(std::fmax(l, lo), hi));
+        sigma_grad[i] = (l >= lo && l <= hi) ? sigma[i] : 0.0;
+      }
+    });
+  }
+  bool any_deep_tail(double low, double high, double fast_tail) const {
+    for (size_t i = 0; i < mu.size(); ++i) {
+      if ((high - mu[i]) / sigma[i] < -fast_tail || (low - mu[i]) / sigma[i] > fast_tail) return true;
+    }
+    return false;
+  }
+};
 
 }  // namespace
 
@@ -309,38 +398,44 @@ std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor
   const int64_t S = mu_in.numel();
   TORCH_CHECK(u_in.dim() == 2 && u_in.size(1) == S, "u must be (rows, S)");
   const auto u = u_in.contiguous();
-  const int64_t rows = u.size(0);
   const auto mu64 = mu_in.to(at::kDouble).contiguous();
   const auto sigma64 = sigma_in.to(at::kDouble).contiguous();
   at::Tensor mask32;
   if (mask_in.has_value()) mask32 = mask_in->to(at::kFloat).contiguous();
-  const float* mask_ptr = mask_in.has_value() ? mask32.data_ptr<float>() : nullptr;
-  auto theta = at::empty_like(u), w_mu = at::empty_like(u), w_sigma = at::empty_like(u);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S, 1));
-  if (u.scalar_type() == at::kFloat) {
-    constexpr int64_t L = VecF::size();
-    const Pieces<float> P(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), mask_ptr, S, low, high, L);
-    const float *up = u.data_ptr<float>();
-    float *th = theta.data_ptr<float>(), *wm = w_mu.data_ptr<float>(), *ws = w_sigma.data_ptr<float>();
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t j = 0; j < S; j += L) {
-          const int64_t k = r * S + j;
-          sample_block_f32(P, j, j / L, up + k, th + k, wm + k, ws + k, int(std::min<int64_t>(L, S - j)),
-                           float(low), float(high));
-        }
-      }
-    });
-  } else {
-    TORCH_CHECK(u.scalar_type() == at::kDouble, "u must be float32 or float64");
-    const Pieces<double> P(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), mask_ptr, S, low, high, 1);
-    const double *up = u.data_ptr<double>();
-    double *th = theta.data_ptr<double>(), *wm = w_mu.data_ptr<double>(), *ws = w_sigma.data_ptr<double>();
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t k = r0 * S; k < r1 * S; ++k) sample_one_f64(P, k % S, up[k], th + k, wm + k, ws + k, low, high);
-    });
+  return sample_core(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), nullptr,
+                     mask_in.has_value() ? mask32.data_ptr<float>() : nullptr, S, u, 0, low, high);
+}
+
+// Whether some structure of these layers (σ = exp(clamp(log σ))) lies more than fast_tail σ into a tail.
+bool any_deep_tail_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas, double low,
+                          double high, double log_sigma_min, double log_sigma_max, double fast_tail) {
+  for (size_t l = 0; l < mus.size(); ++l) {
+    if (SigmaOf(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max).any_deep_tail(low, high, fast_tail)) return true;
   }
-  return {theta, w_mu, w_sigma};
+  return false;
+}
+
+// sample_forward for several layers at once, straight from their (μ, log σ) and masks: layer l takes
+// u's next S_l columns.  Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ.
+std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
+                                      const at::Tensor& u_in, const std::vector<at::Tensor>& masks, double low,
+                                      double high, double log_sigma_min, double log_sigma_max) {
+  const size_t n = mus.size();
+  TORCH_CHECK(log_sigmas.size() == n && masks.size() == n, "one mu, log sigma and mask per layer");
+  const auto u = u_in.stride(-1) == 1 ? u_in : u_in.contiguous();
+  std::vector<at::Tensor> out(3 * n);
+  int64_t first = 0;
+  for (size_t l = 0; l < n; ++l) {
+    const SigmaOf p(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
+    const auto mask = masks[l].to(at::kFloat).contiguous();
+    const int64_t S = mus[l].numel();
+    auto parts = sample_core(p.mu.data(), p.sigma.data(), p.sigma_grad.data(), mask.data_ptr<float>(), S, u, first,
+                             low, high);
+    for (int i = 0; i < 3; ++i) out[i * n + l] = parts[i];
+    first += S;
+  }
+  TORCH_CHECK(first == u.size(1), "u must have one column per structure of all layers");
+  return out;
 }
 
 // Backward of fast_sample._TailInversion: ∂L/∂μ = Σ_rows grad · θ∂x/∂μ and ∂L/∂σ = Σ_rows grad · θ∂x/∂σ,
@@ -376,6 +471,50 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad_in, const at::Ten
   return {sums[0].to(grad.scalar_type()), sums[1].to(grad.scalar_type())};
 }
 
+// sample_backward for every layer of sample_layers: grad_μ of every layer, then grad_log σ of every layer.
+std::vector<at::Tensor> sample_layers_backward(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_mus,
+                                               const std::vector<at::Tensor>& w_sigmas) {
+  const size_t n = grads.size();
+  std::vector<at::Tensor> out(2 * n);
+  for (size_t l = 0; l < n; ++l) {
+    auto g = sample_backward(grads[l], w_mus[l], w_sigmas[l]);
+    out[l] = g[0];
+    out[n + l] = g[1];
+  }
+  return out;
+}
+
+// Σ_l coef_l Σ_j KL(q_lj ‖ U[low, high]) with σ = exp(clamp(log σ)), and its gradient in every layer's
+// μ and log σ: returns the value (0-d, μ's dtype), then grad_μ of every layer, then grad_log σ of every layer.
+std::vector<at::Tensor> kl_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
+                                  const std::vector<double>& coefs, double low, double high, double log_sigma_min,
+                                  double log_sigma_max) {
+  const size_t n = mus.size();
+  TORCH_CHECK(log_sigmas.size() == n && coefs.size() == n, "one mu, log sigma and coefficient per layer");
+  std::vector<at::Tensor> out(2 * n + 1);
+  double total = 0.0;
+  const double log_w = std::log(high - low);
+  for (size_t l = 0; l < n; ++l) {
+    const SigmaOf p(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
+    const int64_t S = mus[l].numel();
+    out[1 + l] = at::empty({S}, mus[l].options());
+    out[1 + n + l] = at::empty({S}, mus[l].options());
+    double layer = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(mus[l].scalar_type(), "kl_layers", [&] {
+      scalar_t *g_mu = out[1 + l].data_ptr<scalar_t>(), *g_ls = out[1 + n + l].data_ptr<scalar_t>();
+      for (int64_t j = 0; j < S; ++j) {
+        const auto r = kl_to_uniform_at(p.mu[j], p.sigma[j], low, high, log_w);
+        layer += r.kl;
+        g_mu[j] = scalar_t(coefs[l] * r.d_loc);
+        g_ls[j] = scalar_t(coefs[l] * r.d_scale * p.sigma_grad[j]);
+      }
+    });
+    total += coefs[l] * layer;
+  }
+  out[0] = at::scalar_tensor(total, mus.empty() ? at::TensorOptions().dtype(at::kDouble) : mus[0].options());
+  return out;
+}
+
 // Φ⁻¹(p) for float32 p ≤ 1/2 by the sampler's vectorised approximation (for tests).
 at::Tensor ndtri_lower_f32(const at::Tensor& p_in) {
   TORCH_CHECK(p_in.scalar_type() == at::kFloat, "p must be float32");
@@ -395,5 +534,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("any_deep_tail", &any_deep_tail, "whether some interval lies deep in a tail");
   m.def("sample_forward", &sample_forward, "fused truncated log-normal sampling");
   m.def("sample_backward", &sample_backward, "gradient of the fused sampling");
+  m.def("any_deep_tail_layers", &any_deep_tail_layers, "any_deep_tail over layers given log sigma");
+  m.def("sample_layers", &sample_layers, "fused sampling of several layers from mu and log sigma");
+  m.def("sample_layers_backward", &sample_layers_backward, "gradient of sample_layers");
+  m.def("kl_layers", &kl_layers, "weighted KL sum of several layers and its gradient");
   m.def("ndtri_lower_f32", &ndtri_lower_f32, "the float32 sampler's inverse normal CDF, p <= 1/2");
 }

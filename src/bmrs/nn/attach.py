@@ -39,7 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelError
-from .noise import MultiplicativeNoise, sigma_of
+from ..distributions.fast_sample import sample_theta
+from .fused_layers import kl_layers, sample_layers
+from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 
 __all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR"]
 
@@ -128,10 +130,16 @@ class _NoiseBank:
             return
         first, total = self.shard if self.shard is not None else (0, batch)
         for members in _bounds_groups(layers):
-            mu, sigma = _concat_posteriors(members)
-            mask = torch.cat([n.mask for n in members])
-            theta = members[0].draw_theta(mu, sigma, total, _bank_columns(members), mask)[first:first + batch]
-            for noise, part in zip(members, torch.split(theta, [n.num_features for n in members], dim=1)):
+            head = members[0]
+            u = draw_uniforms(total, sum(n.num_features for n in members), _bank_columns(members),
+                              head.mu.dtype, head.mu.device)[first:first + batch]
+            masks = [n.mask for n in members]
+            parts = sample_layers([n.mu for n in members], [n.log_sigma for n in members], masks, u,
+                                  head.low, head.high)
+            if parts is None:  # the reference path
+                theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
+                parts = torch.split(theta, [n.num_features for n in members], dim=1)
+            for noise, part in zip(members, parts):
                 noise.pending_theta = part
 
     def clear(self, *_) -> None:
@@ -379,6 +387,12 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     # each layer's original structures (removing pruned ones changes no weight)
     total = None
     for members in _bounds_groups(layers):
+        coefs = [1.0 / (n.full_features * len(layers)) if reduction == "mean" else 1.0 / num_train for n in members]
+        part = kl_layers([n.mu for n in members], [n.log_sigma for n in members], coefs,
+                         members[0].low, members[0].high)
+        if part is not None:  # the fused kernel: one node for the whole group
+            total = part if total is None else total + part
+            continue
         kl = members[0].kl_of(*_concat_posteriors(members))
         if reduction == "mean":
             weights = torch.cat([torch.full((n.num_features,), 1.0 / (n.full_features * len(layers)),

@@ -22,6 +22,18 @@ def sigma_of(log_sigma: Tensor) -> Tensor:
     return log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
 
 
+def draw_uniforms(batch: int | tuple[int, ...], width: int, columns: tuple[int, Tensor] | None,
+                  dtype: torch.dtype, device) -> Tensor:
+    """U(0, 1) of shape (batch…, width) for sampling θ in ``dtype`` (float32 for half precision: float16
+    would lose the normal tails beyond 4σ).  ``columns = (full width, index)``: drawn for the full width
+    and the columns at ``index`` kept (see :meth:`MultiplicativeNoise.draw_theta`)."""
+    full = width if columns is None else columns[0]
+    shape = (batch, full) if isinstance(batch, int) else tuple(batch) + (full,)
+    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    u = torch.rand(shape, dtype=dtype, device=device)
+    return u if columns is None else u.index_select(-1, columns[1])
+
+
 class MultiplicativeNoise(nn.Module):
     """Multiply each structure (channel, neuron, head …) along ``dim`` by a noise variable θ.
 
@@ -168,13 +180,7 @@ class MultiplicativeNoise(nn.Module):
         drawn for ``width`` structures and those at ``index`` used, so that a network narrowed by
         ``shrink`` draws exactly the θ its unshrunk, masked twin draws for the structures it kept.
         """
-        width = mu.shape[0] if columns is None else columns[0]
-        shape = (batch, width) if isinstance(batch, int) else tuple(batch) + (width,)
-        # half-precision parameters: sample in float32 (float16 would lose the normal tails beyond 4σ)
-        dtype = mu.dtype if mu.dtype in (torch.float32, torch.float64) else torch.float32
-        u = torch.rand(shape, dtype=dtype, device=mu.device)
-        if columns is not None:
-            u = u.index_select(-1, columns[1])
+        u = draw_uniforms(batch, mu.shape[0], columns, mu.dtype, mu.device)
         return sample_theta(mu, sigma, self.low, self.high, u, mask)
 
     def _columns(self) -> tuple[int, Tensor] | None:

@@ -1,0 +1,96 @@
+"""All of a model's noise layers in one autograd node: θ for every layer, and the weighted KL sum.
+
+A training step's noise work on a small network is a few hundred structures, so eager PyTorch pays
+per operation: concatenating the layers' parameters, clamping and exponentiating log σ, splitting θ
+back per layer, weighting and summing the KL, and the autograd nodes of each.  With the fused CPU
+kernels (:mod:`bmrs._kernels`) these functions do all of that in one call and one backward, straight
+from each layer's ``mu`` and ``log_sigma``.  They return None where the kernels cannot serve (GPU,
+tracing, other dtypes, no compiler, an interval deep in a tail): the caller then takes the
+reference path, which ``tests/test_fused_layers.py`` checks them against.
+
+Example:
+    >>> import torch
+    >>> from bmrs.nn.fused_layers import sample_layers, kl_layers
+    >>> mus = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    >>> log_sigmas = [torch.full((3,), -1.0, requires_grad=True), torch.full((2,), -1.0, requires_grad=True)]
+    >>> masks = [torch.ones(3), torch.ones(2)]
+    >>> thetas = sample_layers(mus, log_sigmas, masks, torch.rand(4, 5), -20.0, 0.0)
+    >>> [tuple(t.shape) for t in thetas] if thetas is not None else [(4, 3), (4, 2)]
+    [(4, 3), (4, 2)]
+    >>> kl = kl_layers(mus, log_sigmas, [1.0, 0.5], -20.0, 0.0)
+    >>> kl is None or kl.shape == torch.Size([])
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _kernels
+from ..distributions.fast_sample import FAST_TAIL
+from .noise import LOG_SIGMA_RANGE
+
+__all__ = ["sample_layers", "kl_layers"]
+
+
+def _usable(params: Sequence[Tensor], *others: Tensor):
+    kernels = _kernels.usable_for(*params, *others)
+    if kernels is None or len({p.dtype for p in params}) != 1:
+        return None
+    return kernels
+
+
+class _SampleLayers(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, masks, low, high, n, *params):
+        out = _kernels.get().sample_layers(list(params[:n]), list(params[n:]), u, list(masks), low, high,
+                                           *LOG_SIGMA_RANGE)
+        ctx.n = n
+        ctx.save_for_backward(*out[n:])
+        return tuple(out[:n])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        n, saved = ctx.n, ctx.saved_tensors
+        grad_params = _kernels.get().sample_layers_backward(list(grads), list(saved[:n]), list(saved[n:]))
+        return (None,) * 5 + tuple(grad_params)
+
+
+def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Sequence[Tensor], u: Tensor,
+                  low: float, high: float) -> list[Tensor] | None:
+    """θ·mask of shape (rows, len(mu_l)) for each layer, layer l drawn from the next len(mu_l) columns of
+    ``u`` (rows, Σ len(mu_l)); σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).  Differentiable in every mu and
+    log_sigma.  None where the fused kernels cannot serve: use the reference path then."""
+    kernels = _usable(list(mus) + list(log_sigmas), u)
+    if kernels is None or u.dtype != mus[0].dtype or u.dim() != 2:
+        return None
+    detached_mu, detached_ls = [m.detach() for m in mus], [s.detach() for s in log_sigmas]
+    if kernels.any_deep_tail_layers(detached_mu, detached_ls, float(low), float(high), *LOG_SIGMA_RANGE, FAST_TAIL):
+        return None
+    return list(_SampleLayers.apply(u, tuple(masks), float(low), float(high), len(mus), *mus, *log_sigmas))
+
+
+class _KLLayers(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, coefs, low, high, n, *params):
+        out = _kernels.get().kl_layers(list(params[:n]), list(params[n:]), list(coefs), low, high, *LOG_SIGMA_RANGE)
+        ctx.save_for_backward(*out[1:])
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None,) * 4 + tuple(torch._foreach_mul(ctx.saved_tensors, grad))
+
+
+def kl_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], coefs: Sequence[float], low: float,
+              high: float) -> Tensor | None:
+    """Σ_l coefs[l]·Σ_j KL(q_lj ‖ log-uniform prior on [low, high]), a 0-d tensor in the parameters' dtype,
+    differentiable in every mu and log_sigma.  None where the fused kernels cannot serve."""
+    if _usable(list(mus) + list(log_sigmas)) is None:
+        return None
+    return _KLLayers.apply(tuple(float(c) for c in coefs), float(low), float(high), len(mus), *mus, *log_sigmas)

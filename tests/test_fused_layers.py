@@ -1,0 +1,122 @@
+"""bmrs.nn.fused_layers (all noise layers in one kernel call) against the reference path: the
+per-layer PyTorch code with the kernels off, in float64 (to rounding) and float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bmrs
+from bmrs.distributions.fast_sample import sample_theta
+from bmrs.nn.fused_layers import kl_layers, sample_layers
+from bmrs.nn.noise import sigma_of
+from test_kernels import kernels
+
+LOW, HIGH = -20.0, 0.0
+SIZES = (5, 17, 3)
+
+
+def _layers(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mus, log_sigmas, masks = [], [], []
+    for size in SIZES:
+        mu = torch.empty(size, dtype=dtype).uniform_(-19.5, -0.5, generator=g)
+        mu[1] = 0.0  # a bound at the mean
+        mus.append(mu.requires_grad_())
+        ls = torch.empty(size, dtype=dtype).uniform_(-8, 2, generator=g)
+        ls[1:3] = 0.5
+        mu.data[2] = 0.7  # the mean outside, 0.7 ≈ 0.4σ above the upper bound
+        ls[0] = -25.0 if size > 4 else ls[0]  # below the clamp of log σ: no gradient through it
+        ls[-1] = 6.0 if size > 10 else ls[-1]  # above it
+        log_sigmas.append(ls.requires_grad_())
+        masks.append((torch.rand(size, generator=g) > 0.25).to(dtype))
+    return mus, log_sigmas, masks
+
+
+def _grads(outputs, params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() for out in outputs)
+    return torch.autograd.grad(loss, params)
+
+
+def _reference_thetas(mus, log_sigmas, masks, u):
+    sigma = sigma_of(torch.cat(log_sigmas))
+    theta = sample_theta(torch.cat(mus), sigma, LOW, HIGH, u, torch.cat(masks))
+    return list(torch.split(theta, [m.numel() for m in mus], dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sampling_all_layers_matches_the_per_layer_reference(dtype):
+    mus, log_sigmas, masks = _layers(dtype)
+    u = torch.rand(7, sum(SIZES), dtype=dtype, generator=torch.Generator().manual_seed(2))
+    fused = sample_layers(mus, log_sigmas, masks, u, LOW, HIGH)
+    assert fused is not None
+    with kernels(False):
+        reference = _reference_thetas(mus, log_sigmas, masks, u)
+    params = mus + log_sigmas
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    fused_grads = _grads(fused, params)
+    for got, want in zip(fused_grads, _grads(reference, params)):
+        torch.testing.assert_close(got, want, rtol=rtol * 10, atol=rtol * 10 * float(want.abs().max()))
+    for grad, ls in zip(fused_grads[len(mus):], log_sigmas):
+        clamped = (ls.detach() < -20) | (ls.detach() > 5)
+        assert bool(clamped.any() | (ls.numel() < 5)) and bool((grad[clamped] == 0).all())
+
+
+def test_sampling_reads_a_strided_slice_of_u():
+    # the noise bank passes u[first:first + batch] of a (total, width) draw, and index_select'ed columns
+    mus, log_sigmas, masks = _layers(torch.float64)
+    u_all = torch.rand(9, sum(SIZES) + 4, dtype=torch.float64)
+    u = u_all[2:6, 4:]  # rows and columns of a bigger tensor: not contiguous
+    fused = sample_layers(mus, log_sigmas, masks, u, LOW, HIGH)
+    again = sample_layers(mus, log_sigmas, masks, u.contiguous(), LOW, HIGH)
+    for a, b in zip(fused, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "elbo"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kl_of_all_layers_matches_kl_loss_reference(dtype, reduction):
+    net = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 17),
+                                          torch.nn.ReLU(), torch.nn.Linear(17, 3), torch.nn.ReLU(),
+                                          torch.nn.Linear(3, 2))).to(dtype)
+    mus, log_sigmas, _ = _layers(dtype)
+    with torch.no_grad():
+        for (_, noise), mu, ls in zip(bmrs.noise_layers(net), mus, log_sigmas):
+            noise.mu.copy_(mu)
+            noise.log_sigma.copy_(ls)
+    params = [p for _, n in bmrs.noise_layers(net) for p in (n.mu, n.log_sigma)]
+    kw = dict(reduction=reduction, num_train=1000 if reduction == "elbo" else None)
+    fused = bmrs.kl_loss(net, **kw)
+    assert "KLLayers" in type(fused.grad_fn).__name__
+    with kernels(False):
+        reference = bmrs.kl_loss(net, **kw)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(fused, reference, rtol=rtol, atol=0)
+    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+def test_kl_gradient_scales_with_the_incoming_gradient():
+    mus, log_sigmas, _ = _layers(torch.float64)
+    kl = kl_layers(mus, log_sigmas, [0.5, 1.0, 2.0], LOW, HIGH)
+    once = torch.autograd.grad(kl, mus[1], retain_graph=True)[0]
+    thrice = torch.autograd.grad(3.0 * kl, mus[1])[0]
+    torch.testing.assert_close(thrice, 3.0 * once)
+
+
+def test_unservable_inputs_return_none():
+    mus, log_sigmas, masks = _layers(torch.float32)
+    deep = [m.detach().clone() for m in mus]
+    deep[1][0] = 30.0  # its interval lies far below its mean (σ ≤ e²): the exact float64 path
+    u = torch.rand(3, sum(SIZES))
+    assert sample_layers(deep, log_sigmas, masks, u, LOW, HIGH) is None
+    assert sample_layers(mus, log_sigmas, masks, u.double(), LOW, HIGH) is None  # u's dtype differs
+    half = [m.detach().half() for m in mus]
+    assert sample_layers(half, [s.detach().half() for s in log_sigmas], masks, u, LOW, HIGH) is None
+    assert kl_layers(half, [s.detach().half() for s in log_sigmas], [1.0] * 3, LOW, HIGH) is None
+    with kernels(False):
+        assert sample_layers(mus, log_sigmas, masks, u, LOW, HIGH) is None
+        assert kl_layers(mus, log_sigmas, [1.0] * 3, LOW, HIGH) is None
