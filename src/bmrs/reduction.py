@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from . import _kernels
 from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .distributions import _truncnorm as tn
 from .distributions._stable import LOG_2PI, interval_parts
@@ -111,9 +112,13 @@ def delta_f(posterior: TruncatedLogNormal, prior: TruncatedLogUniform, reduced: 
         closed_form = _delta_f_uniform
     else:
         return posterior._out(delta_f_quadrature(posterior, prior, reduced))
-    if _no_gradients(posterior) and posterior.batch_shape.numel() > _CHUNK and reduced.batch_shape.numel() == 1 \
-            and prior.batch_shape.numel() == 1:
-        return posterior._out(_in_chunks(closed_form, posterior, prior, reduced))
+    scalar_priors = reduced.batch_shape.numel() == 1 and prior.batch_shape.numel() == 1
+    if _no_gradients(posterior) and scalar_priors:
+        fused = _fused(posterior, prior, reduced)
+        if fused is not None:
+            return posterior._out(fused)
+        if posterior.batch_shape.numel() > _CHUNK:
+            return posterior._out(_in_chunks(closed_form, posterior, prior, reduced))
     return posterior._out(closed_form(posterior, prior, reduced))
 
 
@@ -131,6 +136,35 @@ def _in_chunks(closed_form, q: TruncatedLogNormal, p, r) -> Tensor:
                                   validate_args=False)
         out[start:start + _CHUNK] = closed_form(part, p, r)
     return out.reshape(shape)
+
+
+def _fused(q: TruncatedLogNormal, p: TruncatedLogUniform, r: Distribution) -> Tensor | None:
+    """The closed form in the fused CPU kernel (:mod:`bmrs._kernels`, the same formulas a vector of
+    lanes at a time on all threads), for scalar prior, reduced prior and posterior bounds; None where
+    it cannot serve."""
+    loc, scale, low, high = q._x64
+    kernels = _kernels.usable_for(loc, scale)
+    if kernels is None:
+        return None
+    low, high = _constant(low), _constant(high)
+    if low is None or high is None or low != float(p.low) or high != float(p.high):
+        return None
+    shape = q.batch_shape
+    loc, scale = (t.broadcast_to(shape).reshape(-1) for t in (loc, scale))
+    if isinstance(r, TruncatedLogNormal):
+        m, s, r_low, r_high = (float(t) for t in r._x64)
+        out = kernels.delta_f_normal(loc, scale, low, high, m, s, r_low, r_high)
+    else:
+        out = kernels.delta_f_uniform(loc, scale, low, high, float(r.low), float(r.high))
+    return out.reshape(shape)
+
+
+def _constant(t: Tensor) -> float | None:
+    """The value of a tensor whose elements are all equal (a broadcast scalar), else None."""
+    first = t.reshape(-1)[0]
+    if t.numel() == 1 or all(stride == 0 for stride in t.stride()) or bool((t == first).all()):
+        return float(first)
+    return None
 
 
 def _no_gradients(q: TruncatedLogNormal) -> bool:

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sysconfig
 import threading
@@ -35,7 +36,7 @@ import torch
 
 __all__ = ["get", "set_enabled", "usable_for"]
 
-_SOURCE = Path(__file__).with_name("noise_kernels.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("noise_kernels.cpp", "delta_f_kernels.cpp")]
 _state: dict = {"enabled": os.environ.get("BMRS_KERNELS", "1") != "0", "module": None, "failed": False}
 _lock = threading.Lock()
 
@@ -68,6 +69,12 @@ def usable_for(*tensors: torch.Tensor) -> ModuleType | None:
     return get()
 
 
+def _header_version() -> str:
+    """A define that changes with the shared header, so that editing it rebuilds (only sources are hashed)."""
+    digest = hashlib.sha1(_SOURCES[0].with_name("vec_capability.h").read_bytes()).hexdigest()[:12]
+    return f"-DBMRS_HEADER_VERSION={digest}"
+
+
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
@@ -77,8 +84,8 @@ def _build() -> ModuleType | None:
     if scripts and scripts not in path.split(os.pathsep):
         os.environ["PATH"] = path + os.pathsep + scripts if path else scripts
     try:
-        return cpp_extension.load(name="bmrs_noise_kernels", sources=[str(_SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        return cpp_extension.load(name="bmrs_noise_kernels", sources=[str(p) for p in _SOURCES],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", _header_version()], extra_ldflags=["-fopenmp"],
                                   verbose=False)
     except Exception as error:  # no compiler, no ninja, read-only cache …: the reference code serves
         _state["failed"] = True

@@ -7,21 +7,7 @@
 // float32 sampler's vectorised Φ⁻¹ (ndtri_lower); the formulas are the reference code's, and
 // tests/test_kernels.py checks the two against each other and against mpmath.
 
-// At::vec's AVX2 implementation (SLEEF's exp and log, shipped inside libtorch) where the compiler
-// targets it; the generic one elsewhere.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
-
-#include <torch/extension.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/Parallel.h>
+#include "vec_capability.h"
 #include <ATen/native/Math.h>
 
 #include <algorithm>
@@ -538,5 +524,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_layers", &sample_layers, "fused sampling of several layers from mu and log sigma");
   m.def("sample_layers_backward", &sample_layers_backward, "gradient of sample_layers");
   m.def("kl_layers", &kl_layers, "weighted KL sum of several layers and its gradient");
+  m.def("delta_f_normal", &delta_f_normal, "BMRS_N's delta F without gradients");
+  m.def("delta_f_uniform", &delta_f_uniform, "BMRS_U's delta F without gradients");
   m.def("ndtri_lower_f32", &ndtri_lower_f32, "the float32 sampler's inverse normal CDF, p <= 1/2");
 }
