@@ -98,6 +98,8 @@ def eval_ratio(repeats: int) -> dict:
 _DELTA_F_SNIPPET = """
 import sys, time, torch, bmrs
 n, which = int(sys.argv[1]), sys.argv[2]
+if len(sys.argv) > 3 and sys.argv[3] == "reference":
+    bmrs._kernels.set_enabled(False)  # the PyTorch closed forms, for comparison
 g = torch.Generator().manual_seed(0)
 mu = torch.empty(n, dtype=torch.float64).uniform_(-25, 5, generator=g)
 sigma = torch.empty(n, dtype=torch.float64).uniform_(-8, 3, generator=g).exp()
@@ -135,8 +137,16 @@ def delta_f_throughput(sizes: list[int]) -> dict:
             # tenants), the median beside it
             out[f"{which}_{n:.0e}"] = {"structures": n, "per_second": n / best, "per_second_median": n / median,
                                        "extra_mib": extra_mib}
-            print(f"  ΔF BMRS_{which.upper()} {n:>9,d}: {n / best / 1e6:6.1f} M structures/s best, "
-                  f"{n / median / 1e6:6.1f} median, +{extra_mib:.0f} MiB peak", flush=True)
+            line = (f"  ΔF BMRS_{which.upper()} {n:>9,d}: {n / best / 1e6:6.1f} M structures/s best, "
+                    f"{n / median / 1e6:6.1f} median, +{extra_mib:.0f} MiB peak")
+            if n == 10**6 and bmrs._kernels.get() is not None:
+                # the PyTorch closed forms beside the kernel, in fresh processes alternating with it
+                ref = [subprocess.run([sys.executable, "-c", _DELTA_F_SNIPPET, str(n), which, "reference"],
+                                      capture_output=True, text=True, check=True).stdout.split() for _ in range(3)]
+                ref_best = min(float(r[1]) for r in ref)
+                out[f"{which}_{n:.0e}"]["reference_per_second"] = n / ref_best
+                line += f"; PyTorch forms {n / ref_best / 1e6:.1f} M/s (kernel ×{ref_best / best:.1f})"
+            print(line, flush=True)
     return out
 
 

@@ -46,13 +46,30 @@ inline VecD log_erfcx(const VecD& z) {
   return select(big, asymptotic, direct);
 }
 
-// ln(1 − eˣ), x ≤ 0 (Mächler's switch at −ln 2)
+constexpr int kAllLanes = (1 << VecD::size()) - 1;
+
+// whether no lane / every lane of a comparison mask is set
+inline bool none_of(const VecD& mask) { return mask.zero_mask() == kAllLanes; }
+inline bool all_of(const VecD& mask) { return mask.zero_mask() == 0; }
+
+// ln(1 − eˣ), x ≤ 0 (Mächler's switch at −ln 2); a branch no lane needs is not evaluated
 inline VecD log1mexp(const VecD& x) {
   const VecD near_zero = x > VecD(-kLn2);
+  if (all_of(near_zero)) return (VecD(0.0) - x.expm1()).log();
+  if (none_of(near_zero)) return (VecD(0.0) - x.exp()).log1p();
   const VecD x_near = select(near_zero, x, VecD(-1.0));
   const VecD x_far = select(near_zero, VecD(-1.0), x);
   return select(near_zero, (VecD(0.0) - x_near.expm1()).log(), (VecD(0.0) - x_far.exp()).log1p());
 }
+
+// ln(Φ(u) − Φ(l)) for l ≤ 0 ≤ u: erf(u/√2) ≥ 0 ≥ erf(l/√2) add without cancellation
+inline VecD mid_rest(const VecD& l, const VecD& u) {
+  return (VecD(0.5) * ((u * VecD(kInvSqrt2)).erf() - (l * VecD(kInvSqrt2)).erf())).log();
+}
+
+// ln(Φ(u) − Φ(l)) − (the quadratic part) for lanes whose interval lies in a tail (see interval_parts)
+inline VecD tail_rest(const VecD& lo, const VecD& hi, const VecD& inv_scale, const VecD& l, const VecD& u,
+                      const VecD& upper, const VecD& tail);
 
 struct Parts {
   VecD anchor, rest, lower, upper;  // lower/upper: lane masks of the two tail regimes
@@ -66,6 +83,17 @@ inline Parts interval_parts(const VecD& lo, const VecD& hi, const VecD& loc, con
   const VecD upper = (l >= zero) & ~lower;
   const VecD tail = lower | upper;
   const VecD anchor = select(lower, hi, select(upper, lo, loc));
+  // the mean inside the interval (both ends' erf), or in a tail (erfcx of the near end, maybe the far
+  // end's); a regime no lane is in is not evaluated
+  const VecD rest = none_of(tail) ? mid_rest(l, u)
+                    : select(tail, tail_rest(lo, hi, inv_scale, l, u, upper, tail),
+                             all_of(tail) ? VecD(0.0) : mid_rest(select(tail, VecD(-1.0), l), select(tail, VecD(1.0), u)));
+  return {anchor, rest, lower, upper};
+}
+
+inline VecD tail_rest(const VecD& lo, const VecD& hi, const VecD& inv_scale, const VecD& l, const VecD& u,
+                      const VecD& upper, const VecD& tail) {
+  const VecD zero(0.0);
   // mirrored onto the lower tail: near = the end closest to the mean, both ≤ 0; placeholders elsewhere
   const VecD near = select(tail, select(upper, zero - l, u), VecD(-1.0));
   const VecD far = select(tail, select(upper, zero - u, l), VecD(-2.0));
@@ -73,13 +101,10 @@ inline Parts interval_parts(const VecD& lo, const VecD& hi, const VecD& loc, con
   const VecD log_erfcx_near = log_erfcx(near * VecD(-kInvSqrt2));
   VecD ratio = gap * (far + near) * VecD(-0.5);
   const VecD close = (ratio > VecD(kFarNegligible)) & tail;
-  if (close.zero_mask() != (1 << VecD::size()) - 1) {  // some lane's far end matters
+  if (!none_of(close)) {  // some lane's far end matters
     ratio = select(close, ratio + log_erfcx(far * VecD(-kInvSqrt2)) - log_erfcx_near, ratio);
   }
-  const VecD tail_rest = log_erfcx_near - VecD(kLn2) + log1mexp(ratio);
-  const VecD l_mid = select(tail, VecD(-1.0), l), u_mid = select(tail, VecD(1.0), u);
-  const VecD mid_rest = (VecD(0.5) * ((u_mid * VecD(kInvSqrt2)).erf() - (l_mid * VecD(kInvSqrt2)).erf())).log();
-  return {anchor, select(tail, tail_rest, mid_rest), lower, upper};
+  return log_erfcx_near - VecD(kLn2) + log1mexp(ratio);
 }
 
 inline Parts interval_parts(const VecD& lo, const VecD& hi, const VecD& loc, const VecD& scale) {
