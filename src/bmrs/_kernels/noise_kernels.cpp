@@ -155,16 +155,24 @@ std::vector<at::Tensor> kl_to_uniform_with_grad(const at::Tensor& loc_in, const 
   return {kl.to(dtype), d_loc.to(dtype), d_scale.to(dtype)};
 }
 
-// True when some structure's interval lies more than fast_tail σ into a tail (fast_sample.FAST_TAIL):
-// those are drawn by the exact float64 inverse CDF, which the reference code does.
-bool any_deep_tail(const at::Tensor& mu_in, const at::Tensor& sigma_in, double low, double high, double fast_tail) {
-  const auto mu = mu_in.to(at::kDouble).contiguous();
-  const auto sigma = sigma_in.to(at::kDouble).contiguous();
-  const double *m = mu.data_ptr<double>(), *s = sigma.data_ptr<double>();
-  for (int64_t i = 0; i < mu.numel(); ++i) {
+namespace {
+
+// True when some of the n structures' interval lies more than fast_tail σ into a tail
+// (fast_sample.FAST_TAIL): those are drawn by the exact float64 inverse CDF, which the reference code does.
+bool deep_tail_among(const double* m, const double* s, int64_t n, double low, double high, double fast_tail) {
+  for (int64_t i = 0; i < n; ++i) {
     if ((high - m[i]) / s[i] < -fast_tail || (low - m[i]) / s[i] > fast_tail) return true;
   }
   return false;
+}
+
+}  // namespace
+
+// deep_tail_among for posteriors (mu, sigma)
+bool any_deep_tail(const at::Tensor& mu_in, const at::Tensor& sigma_in, double low, double high, double fast_tail) {
+  const auto mu = mu_in.to(at::kDouble).contiguous();
+  const auto sigma = sigma_in.to(at::kDouble).contiguous();
+  return deep_tail_among(mu.data_ptr<double>(), sigma.data_ptr<double>(), mu.numel(), low, high, fast_tail);
 }
 
 namespace {
@@ -300,10 +308,6 @@ inline void sample_one_f64(const Pieces<double>& P, int64_t j, double uk, double
   *wsig = theta * d_sigma * P.sigma_grad[j];
 }
 
-}  // namespace
-
-namespace {
-
 // The sampler over u's rows for S structures (u: (rows, ≥ S) with unit column stride; structures
 // from column `first`), writing θ, θ·∂x/∂μ and θ·∂x/∂σ·sigma_grad into fresh (rows, S) tensors.
 std::vector<at::Tensor> sample_core(const double* m, const double* s, const double* sigma_grad, const float* mask,
@@ -364,10 +368,7 @@ struct SigmaOf {
     });
   }
   bool any_deep_tail(double low, double high, double fast_tail) const {
-    for (size_t i = 0; i < mu.size(); ++i) {
-      if ((high - mu[i]) / sigma[i] < -fast_tail || (low - mu[i]) / sigma[i] > fast_tail) return true;
-    }
-    return false;
+    return deep_tail_among(mu.data(), sigma.data(), int64_t(mu.size()), low, high, fast_tail);
   }
 };
 

@@ -395,8 +395,8 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
             continue
         kl = members[0].kl_of(*_concat_posteriors(members))
         if reduction == "mean":
-            weights = torch.cat([torch.full((n.num_features,), 1.0 / (n.full_features * len(layers)),
-                                            dtype=kl.dtype, device=kl.device) for n in members])
+            weights = torch.cat([torch.full((n.num_features,), coef, dtype=kl.dtype, device=kl.device)
+                                 for n, coef in zip(members, coefs)])
             part = (kl * weights).sum()
         else:
             part = kl.sum() / num_train
