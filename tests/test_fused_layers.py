@@ -10,10 +10,13 @@ import bmrs
 from bmrs.distributions.fast_sample import sample_theta
 from bmrs.nn.fused_layers import kl_layers, sample_layers
 from bmrs.nn.noise import sigma_of
+from bmrs.nn.uniforms import reference_uniforms
 from test_kernels import kernels
 
 LOW, HIGH = -20.0, 0.0
 SIZES = (5, 17, 3)
+KEY = (0x12345678, 0x9ABCDEF0, 0x0F1E2D3C, 0xFFFFFFFF)
+KEPT = [torch.arange(size) for size in SIZES]
 
 
 def _layers(dtype, seed=0):
@@ -45,12 +48,17 @@ def _reference_thetas(mus, log_sigmas, masks, u):
     return list(torch.split(theta, [m.numel() for m in mus], dim=1))
 
 
+def _fused(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_widths=SIZES):
+    return sample_layers(mus, log_sigmas, masks, KEY, row_first, rows, kept, full_widths, LOW, HIGH)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sampling_all_layers_matches_the_per_layer_reference(dtype):
     mus, log_sigmas, masks = _layers(dtype)
-    u = torch.rand(7, sum(SIZES), dtype=dtype, generator=torch.Generator().manual_seed(2))
-    fused = sample_layers(mus, log_sigmas, masks, u, LOW, HIGH)
+    fused = _fused(mus, log_sigmas, masks)
     assert fused is not None
+    # the kernel forms the uniforms of rows 3 … 9 and columns 0 … 24 in its lanes: the same stream
+    u = reference_uniforms(KEY, torch.arange(3, 10), torch.arange(sum(SIZES)), dtype)
     with kernels(False):
         reference = _reference_thetas(mus, log_sigmas, masks, u)
     params = mus + log_sigmas
@@ -65,15 +73,18 @@ def test_sampling_all_layers_matches_the_per_layer_reference(dtype):
         assert bool(clamped.any() | (ls.numel() < 5)) and bool((grad[clamped] == 0).all())
 
 
-def test_sampling_reads_a_strided_slice_of_u():
-    # the noise bank passes u[first:first + batch] of a (total, width) draw, and index_select'ed columns
-    mus, log_sigmas, masks = _layers(torch.float64)
-    u_all = torch.rand(9, sum(SIZES) + 4, dtype=torch.float64)
-    u = u_all[2:6, 4:]  # rows and columns of a bigger tensor: not contiguous
-    fused = sample_layers(mus, log_sigmas, masks, u, LOW, HIGH)
-    again = sample_layers(mus, log_sigmas, masks, u.contiguous(), LOW, HIGH)
-    for a, b in zip(fused, again):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_narrowed_layers_and_row_slices_draw_the_full_networks_theta(dtype):
+    # shrink keeps some structures of each layer (their original positions in `kept`), a distributed
+    # shard some rows: both must draw exactly what the full network draws for them
+    mus, log_sigmas, masks = _layers(dtype)
+    with torch.no_grad():
+        full = _fused(mus, log_sigmas, masks, row_first=0, rows=9)
+    keep = [torch.tensor([0, 3]), torch.tensor([1, 2, 16]), torch.tensor([2])]
+    part = _fused([m[k] for m, k in zip(mus, keep)], [s[k] for s, k in zip(log_sigmas, keep)],
+                  [m[k] for m, k in zip(masks, keep)], row_first=4, rows=3, kept=keep)
+    for whole, narrow, k in zip(full, part, keep):
+        assert torch.equal(narrow.detach(), whole[4:7, k])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "elbo"])
@@ -111,12 +122,12 @@ def test_unservable_inputs_return_none():
     mus, log_sigmas, masks = _layers(torch.float32)
     deep = [m.detach().clone() for m in mus]
     deep[1][0] = 30.0  # its interval lies far below its mean (σ ≤ e²): the exact float64 path
-    u = torch.rand(3, sum(SIZES))
-    assert sample_layers(deep, log_sigmas, masks, u, LOW, HIGH) is None
-    assert sample_layers(mus, log_sigmas, masks, u.double(), LOW, HIGH) is None  # u's dtype differs
+    assert _fused(deep, log_sigmas, masks) is None
+    mixed = [s.detach().double() for s in log_sigmas]
+    assert _fused(mus, mixed, masks) is None  # μ and log σ in different dtypes
     half = [m.detach().half() for m in mus]
-    assert sample_layers(half, [s.detach().half() for s in log_sigmas], masks, u, LOW, HIGH) is None
+    assert _fused(half, [s.detach().half() for s in log_sigmas], masks) is None
     assert kl_layers(half, [s.detach().half() for s in log_sigmas], [1.0] * 3, LOW, HIGH) is None
     with kernels(False):
-        assert sample_layers(mus, log_sigmas, masks, u, LOW, HIGH) is None
+        assert _fused(mus, log_sigmas, masks) is None
         assert kl_layers(mus, log_sigmas, [1.0] * 3, LOW, HIGH) is None

@@ -70,8 +70,8 @@ def usable_for(*tensors: torch.Tensor) -> ModuleType | None:
 
 
 def _header_version() -> str:
-    """A define that changes with the shared header, so that editing it rebuilds (only sources are hashed)."""
-    digest = hashlib.sha1(_SOURCES[0].with_name("vec_capability.h").read_bytes()).hexdigest()[:12]
+    """A define that changes with the shared headers, so that editing one rebuilds (only sources are hashed)."""
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_SOURCES[0].parent.glob("*.h")))).hexdigest()[:12]
     return f"-DBMRS_HEADER_VERSION={digest}"
 
 

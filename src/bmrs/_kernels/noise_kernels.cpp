@@ -8,6 +8,7 @@
 // tests/test_kernels.py checks the two against each other and against mpmath.
 
 #include "vec_capability.h"
+#include "counter_uniforms.h"
 #include <ATen/native/Math.h>
 
 #include <algorithm>
@@ -257,9 +258,8 @@ inline V end_weight(const V& end, const V& z, const V& weight) {
 }
 
 // One (row, structures j … j+lanes) block of the float32 sampler: θ and θ·∂x/∂μ, θ·∂x/∂σ.
-inline void sample_block_f32(const Pieces<float>& P, int64_t j, int64_t block, const float* u_ptr, float* th_ptr,
+inline void sample_block_f32(const Pieces<float>& P, int64_t j, int64_t block, const VecF& u, float* th_ptr,
                              float* wmu_ptr, float* wsig_ptr, int count, float lo, float hi) {
-  const VecF u = VecF::loadu(u_ptr, count);
   const VecF one(1.0f);
   const VecF alpha = VecF::loadu(&P.alpha[j]), beta = VecF::loadu(&P.beta[j]);
   const VecF p_low = at::vec::fmadd(u, VecF::loadu(&P.gap_low[j]), VecF::loadu(&P.cdf_alpha[j]));
@@ -308,39 +308,66 @@ inline void sample_one_f64(const Pieces<double>& P, int64_t j, double uk, double
   *wsig = theta * d_sigma * P.sigma_grad[j];
 }
 
-// The sampler over u's rows for S structures (u: (rows, ≥ S) with unit column stride; structures
-// from column `first`), writing θ, θ·∂x/∂μ and θ·∂x/∂σ·sigma_grad into fresh (rows, S) tensors.
+// Uniforms read from a (rows, ≥ S) tensor with unit column stride, structures from column `first`.
+struct TensorUniforms {
+  const void* data;
+  int64_t stride, first;
+  VecF f32(int64_t r, int64_t j, int count) const {
+    return VecF::loadu(static_cast<const float*>(data) + r * stride + first + j, count);
+  }
+  double f64(int64_t r, int64_t j) const { return static_cast<const double*>(data)[r * stride + first + j]; }
+};
+
+// Counter-based uniforms (counter_uniforms.h) for rows row_first + r and the structures' column
+// hashes (padded to whole vectors), formed in the lanes that use them.
+struct CounterUniforms {
+  bmrs_counter::Key key;
+  int64_t row_first;
+  const uint32_t *column, *column_low;
+  VecF f32(int64_t r, int64_t j, int) const {
+    alignas(64) float lanes[VecF::size()];
+    const uint32_t row = key.row(row_first + r);
+    for (int i = 0; i < VecF::size(); ++i) lanes[i] = bmrs_counter::unit_f32(row, column[j + i]);
+    return VecF::loadu(lanes);
+  }
+  double f64(int64_t r, int64_t j) const {
+    const uint32_t row = key.row(row_first + r);
+    return bmrs_counter::unit_f64(row, column[j], key.row_low(row), column_low[j]);
+  }
+};
+
+// The sampler over `rows` rows of uniforms from `source` for S structures, writing θ, θ·∂x/∂μ and
+// θ·∂x/∂σ·sigma_grad into fresh (rows, S) tensors of type `dtype` (float32 or float64).
+template <typename Source>
 std::vector<at::Tensor> sample_core(const double* m, const double* s, const double* sigma_grad, const float* mask,
-                                    int64_t S, const at::Tensor& u, int64_t first, double low, double high) {
-  TORCH_CHECK(u.dim() == 2 && u.stride(1) == 1 && first + S <= u.size(1), "u must be (rows, ≥ S), unit column stride");
-  const int64_t rows = u.size(0), stride = u.stride(0);
-  auto options = u.options().memory_format(at::MemoryFormat::Contiguous);
+                                    int64_t S, const Source& source, int64_t rows, at::ScalarType dtype, double low,
+                                    double high) {
+  auto options = at::TensorOptions().dtype(dtype);
   auto theta = at::empty({rows, S}, options), w_mu = at::empty({rows, S}, options), w_sigma = at::empty({rows, S}, options);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S, 1));
-  if (u.scalar_type() == at::kFloat) {
+  if (dtype == at::kFloat) {
     constexpr int64_t L = VecF::size();
     const Pieces<float> P(m, s, sigma_grad, mask, S, low, high, L);
-    const float* up = u.data_ptr<float>() + first;
     float *th = theta.data_ptr<float>(), *wm = w_mu.data_ptr<float>(), *ws = w_sigma.data_ptr<float>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < S; j += L) {
           const int64_t k = r * S + j;
-          sample_block_f32(P, j, j / L, up + r * stride + j, th + k, wm + k, ws + k, int(std::min<int64_t>(L, S - j)),
-                           float(low), float(high));
+          const int count = int(std::min<int64_t>(L, S - j));
+          sample_block_f32(P, j, j / L, source.f32(r, j, count), th + k, wm + k, ws + k, count, float(low),
+                           float(high));
         }
       }
     });
   } else {
-    TORCH_CHECK(u.scalar_type() == at::kDouble, "u must be float32 or float64");
+    TORCH_CHECK(dtype == at::kDouble, "the sampler runs in float32 or float64");
     const Pieces<double> P(m, s, sigma_grad, mask, S, low, high, 1);
-    const double* up = u.data_ptr<double>() + first;
     double *th = theta.data_ptr<double>(), *wm = w_mu.data_ptr<double>(), *ws = w_sigma.data_ptr<double>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < S; ++j) {
           const int64_t k = r * S + j;
-          sample_one_f64(P, j, up[r * stride + j], th + k, wm + k, ws + k, low, high);
+          sample_one_f64(P, j, source.f64(r, j), th + k, wm + k, ws + k, low, high);
         }
       }
     });
@@ -389,8 +416,11 @@ std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor
   const auto sigma64 = sigma_in.to(at::kDouble).contiguous();
   at::Tensor mask32;
   if (mask_in.has_value()) mask32 = mask_in->to(at::kFloat).contiguous();
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "u must be float32 or float64");
+  const TensorUniforms source{u.data_ptr(), u.size(1), 0};
   return sample_core(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), nullptr,
-                     mask_in.has_value() ? mask32.data_ptr<float>() : nullptr, S, u, 0, low, high);
+                     mask_in.has_value() ? mask32.data_ptr<float>() : nullptr, S, source, u.size(0), u.scalar_type(),
+                     low, high);
 }
 
 // Whether some structure of these layers (σ = exp(clamp(log σ))) lies more than fast_tail σ into a tail.
@@ -402,26 +432,97 @@ bool any_deep_tail_layers(const std::vector<at::Tensor>& mus, const std::vector<
   return false;
 }
 
-// sample_forward for several layers at once, straight from their (μ, log σ) and masks: layer l takes
-// u's next S_l columns.  Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ.
+namespace {
+
+bmrs_counter::Key key_of(const std::vector<int64_t>& words) {
+  TORCH_CHECK(words.size() == 4, "the key is four 32-bit words");
+  bmrs_counter::Key key;
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(words[i] >= 0 && words[i] <= 0xFFFFFFFFLL, "key words must lie in [0, 2^32)");
+    key.k[i] = uint32_t(words[i]);
+  }
+  return key;
+}
+
+void check_rows(int64_t row_first, int64_t rows) {
+  TORCH_CHECK(row_first >= 0 && rows >= 0 && row_first + rows <= (int64_t(1) << 32), "rows must lie in [0, 2^32)");
+}
+
+// the column hashes (and the float64 stream's second words) of codes[j] = offset + index[j], padded
+// with zeros to `padded` entries
+void column_hashes(const bmrs_counter::Key& key, const at::Tensor& index_in, int64_t offset, int64_t padded,
+                   std::vector<uint32_t>& column, std::vector<uint32_t>& column_low) {
+  const auto index = index_in.to(at::kLong).contiguous();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  column.assign(padded, 0U);
+  column_low.assign(padded, 0U);
+  for (int64_t j = 0; j < index.numel(); ++j) {
+    const int64_t code = offset + idx[j];
+    TORCH_CHECK(code >= 0 && code <= 0xFFFFFFFFLL, "column codes must lie in [0, 2^32)");
+    column[j] = key.column(code);
+    column_low[j] = key.column_low(column[j]);
+  }
+}
+
+}  // namespace
+
+// The counter-based uniforms of rows row_first … row_first + rows − 1 and the given column codes:
+// (rows, len(codes)), float64 when `float64` is set, else float32 (bmrs/nn/uniforms.py's stream).
+at::Tensor counter_uniforms(const std::vector<int64_t>& words, int64_t row_first, int64_t rows, const at::Tensor& codes,
+                            bool float64) {
+  const auto key = key_of(words);
+  check_rows(row_first, rows);
+  TORCH_CHECK(codes.dim() == 1, "codes must be 1-d");
+  const int64_t C = codes.numel();
+  std::vector<uint32_t> column, column_low;
+  column_hashes(key, codes, 0, C, column, column_low);
+  auto out = at::empty({rows, C}, at::TensorOptions().dtype(float64 ? at::kDouble : at::kFloat));
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t row = key.row(row_first + r);
+      if (float64) {
+        const uint32_t row_low = key.row_low(row);
+        double* dst = out.data_ptr<double>() + r * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = bmrs_counter::unit_f64(row, column[c], row_low, column_low[c]);
+      } else {
+        float* dst = out.data_ptr<float>() + r * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = bmrs_counter::unit_f32(row, column[c]);
+      }
+    }
+  });
+  return out;
+}
+
+// sample_forward for several layers at once, straight from their (μ, log σ) and masks, with counter-based
+// uniforms formed in the lanes: rows row_first … row_first + rows − 1, and layer l's structure j at column
+// code Σ_{l' < l} full_widths[l'] + kept[l][j] (its position before `shrink` narrowed the layer).
+// Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ, in μ's dtype.
 std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
-                                      const at::Tensor& u_in, const std::vector<at::Tensor>& masks, double low,
-                                      double high, double log_sigma_min, double log_sigma_max) {
+                                      const std::vector<at::Tensor>& masks, const std::vector<int64_t>& words,
+                                      int64_t row_first, int64_t rows, const std::vector<at::Tensor>& kept,
+                                      const std::vector<int64_t>& full_widths, double low, double high,
+                                      double log_sigma_min, double log_sigma_max) {
   const size_t n = mus.size();
-  TORCH_CHECK(log_sigmas.size() == n && masks.size() == n, "one mu, log sigma and mask per layer");
-  const auto u = u_in.stride(-1) == 1 ? u_in : u_in.contiguous();
+  TORCH_CHECK(log_sigmas.size() == n && masks.size() == n && kept.size() == n && full_widths.size() == n,
+              "one mu, log sigma, mask, kept index and full width per layer");
+  const auto key = key_of(words);
+  check_rows(row_first, rows);
   std::vector<at::Tensor> out(3 * n);
-  int64_t first = 0;
+  std::vector<uint32_t> column, column_low;
+  int64_t offset = 0;
   for (size_t l = 0; l < n; ++l) {
     const SigmaOf p(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
     const auto mask = masks[l].to(at::kFloat).contiguous();
     const int64_t S = mus[l].numel();
-    auto parts = sample_core(p.mu.data(), p.sigma.data(), p.sigma_grad.data(), mask.data_ptr<float>(), S, u, first,
-                             low, high);
+    TORCH_CHECK(kept[l].numel() == S, "one kept index per structure");
+    column_hashes(key, kept[l], offset, (S + VecF::size() - 1) / VecF::size() * VecF::size(), column, column_low);
+    const CounterUniforms source{key, row_first, column.data(), column_low.data()};
+    auto parts = sample_core(p.mu.data(), p.sigma.data(), p.sigma_grad.data(), mask.data_ptr<float>(), S, source,
+                             rows, mus[l].scalar_type(), low, high);
     for (int i = 0; i < 3; ++i) out[i * n + l] = parts[i];
-    first += S;
+    offset += full_widths[l];
   }
-  TORCH_CHECK(first == u.size(1), "u must have one column per structure of all layers");
   return out;
 }
 
@@ -523,6 +624,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_backward", &sample_backward, "gradient of the fused sampling");
   m.def("any_deep_tail_layers", &any_deep_tail_layers, "any_deep_tail over layers given log sigma");
   m.def("sample_layers", &sample_layers, "fused sampling of several layers from mu and log sigma");
+  m.def("counter_uniforms", &counter_uniforms, "the noise layers' counter-based uniforms");
   m.def("sample_layers_backward", &sample_layers_backward, "gradient of sample_layers");
   m.def("kl_layers", &kl_layers, "weighted KL sum of several layers and its gradient");
   m.def("delta_f_normal", &delta_f_normal, "BMRS_N's delta F without gradients");

@@ -42,6 +42,7 @@ from ..errors import ConfigError, ModelError
 from ..distributions.fast_sample import sample_theta
 from .fused_layers import kl_layers, sample_layers
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
+from .uniforms import draw_key
 
 __all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR"]
 
@@ -116,8 +117,8 @@ class _NoiseBank:
     def __init__(self, layers: list[MultiplicativeNoise]):
         self.layers = layers
         # (first row, global batch size) when this process holds a slice of a larger global batch
-        # (distributed training): θ is drawn for the whole global batch and the slice kept, so the
-        # random stream and every example's θ match a single process.
+        # (distributed training): its rows are coded by their global index in the counter-based
+        # uniform stream, so every example's θ matches a single process.
         self.shard: tuple[int, int] | None = None
 
     def draw(self, model: nn.Module, args) -> None:
@@ -128,15 +129,15 @@ class _NoiseBank:
         layers = [n for n in self.layers if n.granularity == "structure" and n.training]
         if batch is None or not layers:
             return
-        first, total = self.shard if self.shard is not None else (0, batch)
+        first = self.shard[0] if self.shard is not None else 0
         for members in _bounds_groups(layers):
-            head = members[0]
-            u = draw_uniforms(total, sum(n.num_features for n in members), _bank_columns(members),
-                              head.mu.dtype, head.mu.device)[first:first + batch]
+            head, key = members[0], draw_key()
             masks = [n.mask for n in members]
-            parts = sample_layers([n.mu for n in members], [n.log_sigma for n in members], masks, u,
+            parts = sample_layers([n.mu for n in members], [n.log_sigma for n in members], masks, key, first, batch,
+                                  [n.kept_index for n in members], [n.full_features for n in members],
                                   head.low, head.high)
-            if parts is None:  # the reference path
+            if parts is None:  # the reference path, on the same uniforms
+                u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, first, key)
                 theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
                 parts = torch.split(theta, [n.num_features for n in members], dim=1)
             for noise, part in zip(members, parts):
@@ -147,15 +148,14 @@ class _NoiseBank:
             noise.pending_theta = None
 
 
-def _bank_columns(members: list[MultiplicativeNoise]) -> tuple[int, Tensor] | None:
-    """(full width, kept columns) of the concatenated layers when ``shrink`` has narrowed any of them."""
-    if not any(n.removed for n in members):
-        return None
-    offsets, index = 0, []
+def _bank_codes(members: list[MultiplicativeNoise]) -> Tensor:
+    """The column codes of the layers side by side: each structure's position before any ``shrink``,
+    offset by the full widths of the layers before it (the fused kernel forms the same)."""
+    offsets, codes = 0, []
     for noise in members:
-        index.append(noise.kept_index + offsets)
+        codes.append(noise.kept_index.cpu() + offsets)
         offsets += noise.full_features
-    return offsets, torch.cat(index)
+    return torch.cat(codes)
 
 
 def _bank_draw(model: nn.Module, args):

@@ -13,8 +13,8 @@ Example:
     >>> from bmrs.nn.fused_layers import sample_layers, kl_layers
     >>> mus = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
     >>> log_sigmas = [torch.full((3,), -1.0, requires_grad=True), torch.full((2,), -1.0, requires_grad=True)]
-    >>> masks = [torch.ones(3), torch.ones(2)]
-    >>> thetas = sample_layers(mus, log_sigmas, masks, torch.rand(4, 5), -20.0, 0.0)
+    >>> masks, kept = [torch.ones(3), torch.ones(2)], [torch.arange(3), torch.arange(2)]
+    >>> thetas = sample_layers(mus, log_sigmas, masks, (1, 2, 3, 4), 0, 4, kept, [3, 2], -20.0, 0.0)
     >>> [tuple(t.shape) for t in thetas] if thetas is not None else [(4, 3), (4, 2)]
     [(4, 3), (4, 2)]
     >>> kl = kl_layers(mus, log_sigmas, [1.0, 0.5], -20.0, 0.0)
@@ -45,9 +45,10 @@ def _usable(params: Sequence[Tensor], *others: Tensor):
 
 class _SampleLayers(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, masks, low, high, n, *params):
-        out = _kernels.get().sample_layers(list(params[:n]), list(params[n:]), u, list(masks), low, high,
-                                           *LOG_SIGMA_RANGE)
+    def forward(ctx, stream, masks, low, high, n, *params):
+        key, row_first, rows, kept, full_widths = stream
+        out = _kernels.get().sample_layers(list(params[:n]), list(params[n:]), list(masks), list(key), row_first, rows,
+                                           list(kept), list(full_widths), low, high, *LOG_SIGMA_RANGE)
         ctx.n = n
         ctx.save_for_backward(*out[n:])
         return tuple(out[:n])
@@ -60,18 +61,22 @@ class _SampleLayers(torch.autograd.Function):
         return (None,) * 5 + tuple(grad_params)
 
 
-def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Sequence[Tensor], u: Tensor,
-                  low: float, high: float) -> list[Tensor] | None:
-    """θ·mask of shape (rows, len(mu_l)) for each layer, layer l drawn from the next len(mu_l) columns of
-    ``u`` (rows, Σ len(mu_l)); σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).  Differentiable in every mu and
-    log_sigma.  None where the fused kernels cannot serve: use the reference path then."""
-    kernels = _usable(list(mus) + list(log_sigmas), u)
-    if kernels is None or u.dtype != mus[0].dtype or u.dim() != 2:
+def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Sequence[Tensor],
+                  key: tuple[int, int, int, int], row_first: int, rows: int, kept: Sequence[Tensor],
+                  full_widths: Sequence[int], low: float, high: float) -> list[Tensor] | None:
+    """θ·mask of shape (rows, len(mu_l)) for each layer, σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)), with the
+    uniforms of :mod:`bmrs.nn.uniforms` for ``key``, rows ``row_first …`` and layer l's structure j at
+    column code Σ_{l' < l} full_widths[l'] + kept[l][j] (formed inside the kernel, never stored).
+    Differentiable in every mu and log_sigma.  None where the fused kernels cannot serve: use the
+    reference path then."""
+    kernels = _usable(list(mus) + list(log_sigmas))
+    if kernels is None:
         return None
     detached_mu, detached_ls = [m.detach() for m in mus], [s.detach() for s in log_sigmas]
     if kernels.any_deep_tail_layers(detached_mu, detached_ls, float(low), float(high), *LOG_SIGMA_RANGE, FAST_TAIL):
         return None
-    return list(_SampleLayers.apply(u, tuple(masks), float(low), float(high), len(mus), *mus, *log_sigmas))
+    stream = (tuple(key), int(row_first), int(rows), tuple(kept), tuple(int(w) for w in full_widths))
+    return list(_SampleLayers.apply(stream, tuple(masks), float(low), float(high), len(mus), *mus, *log_sigmas))
 
 
 class _KLLayers(torch.autograd.Function):

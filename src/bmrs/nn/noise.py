@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +12,7 @@ from ..distributions import _truncnorm as tn
 from ..distributions.fast_sample import sample_theta
 from ..distributions.truncated_log_normal import check_bounds
 from ..errors import ConfigError
+from .uniforms import counter_uniforms, draw_key
 
 __all__ = ["MultiplicativeNoise", "LOG_SIGMA_RANGE", "GRANULARITIES"]
 
@@ -22,16 +25,17 @@ def sigma_of(log_sigma: Tensor) -> Tensor:
     return log_sigma.clamp(*LOG_SIGMA_RANGE).exp()
 
 
-def draw_uniforms(batch: int | tuple[int, ...], width: int, columns: tuple[int, Tensor] | None,
-                  dtype: torch.dtype, device) -> Tensor:
-    """U(0, 1) of shape (batch…, width) for sampling θ in ``dtype`` (float32 for half precision: float16
-    would lose the normal tails beyond 4σ).  ``columns = (full width, index)``: drawn for the full width
-    and the columns at ``index`` kept (see :meth:`MultiplicativeNoise.draw_theta`)."""
-    full = width if columns is None else columns[0]
-    shape = (batch, full) if isinstance(batch, int) else tuple(batch) + (full,)
-    dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    u = torch.rand(shape, dtype=dtype, device=device)
-    return u if columns is None else u.index_select(-1, columns[1])
+def draw_uniforms(batch: int | tuple[int, ...], codes: Tensor, dtype: torch.dtype, device,
+                  row_first: int = 0, key: tuple[int, int, int, int] | None = None) -> Tensor:
+    """U(0, 1) of shape (batch…, len(codes)) for sampling θ in ``dtype`` (float32 for half precision:
+    float16 would lose the normal tails beyond 4σ), from the counter-based stream of
+    :mod:`bmrs.nn.uniforms`: rows ``row_first …`` (the batch flattened) and the structures' column
+    ``codes`` (their positions before any ``shrink``), under a fresh key unless one is given."""
+    shape = (batch,) if isinstance(batch, int) else tuple(batch)
+    rows = math.prod(shape)
+    key = draw_key() if key is None else key
+    u = counter_uniforms(key, row_first, rows, codes, dtype, device)
+    return u.to(device).reshape(*shape, codes.numel())
 
 
 class MultiplicativeNoise(nn.Module):
@@ -172,32 +176,30 @@ class MultiplicativeNoise(nn.Module):
         return values.reshape(shape)
 
     def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...],
-                   columns: tuple[int, Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+                   codes: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Reparameterised θ·mask of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds.
 
         Per-structure work runs in float64, the per-sample inversion in mu's dtype
-        (see :mod:`bmrs.distributions.fast_sample`).  ``columns = (width, index)``: the uniforms are
-        drawn for ``width`` structures and those at ``index`` used, so that a network narrowed by
-        ``shrink`` draws exactly the θ its unshrunk, masked twin draws for the structures it kept.
+        (see :mod:`bmrs.distributions.fast_sample`).  ``codes``: the structures' column codes in the
+        uniform stream (default 0 … len(mu) − 1); a layer narrowed by ``shrink`` passes its structures'
+        original positions, so that it draws exactly the θ its unshrunk, masked twin draws for them.
         """
-        u = draw_uniforms(batch, mu.shape[0], columns, mu.dtype, mu.device)
+        codes = torch.arange(mu.shape[0]) if codes is None else codes
+        u = draw_uniforms(batch, codes, mu.dtype, mu.device)
         return sample_theta(mu, sigma, self.low, self.high, u, mask)
-
-    def _columns(self) -> tuple[int, Tensor] | None:
-        return None if self.removed == 0 else (self.full_features, self.kept_index)
 
     def sample_theta(self, x: Tensor) -> Tensor:
         """A reparameterised θ broadcastable against x (per structure × example, or per element)."""
         if self.granularity == "element":
             dim = self.dim % x.dim()
             shape = x.movedim(dim, -1).shape[:-1]
-            theta = self.draw_theta(self.mu, self.sigma, shape, self._columns(), self.mask).to(x.dtype)
+            theta = self.draw_theta(self.mu, self.sigma, shape, self.kept_index, self.mask).to(x.dtype)
             return theta.movedim(-1, dim)
         pending, self.pending_theta = self.pending_theta, None
         if pending is not None and pending.shape[0] == x.shape[0]:
             theta = pending  # the bank's draw, mask applied
         else:
-            theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self._columns(), self.mask)
+            theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self.kept_index, self.mask)
         return self._view(theta.to(x.dtype), x)
 
     def forward(self, x: Tensor) -> Tensor:
