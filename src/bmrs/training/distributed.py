@@ -2,7 +2,8 @@
 
 Launch the same command under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL on GPUs).  Every
 rank walks the same shuffled global batches and keeps its contiguous slice; the noise layers draw
-θ for the whole global batch from the same random stream and keep the rows of their slice, and the
+θ for the rows of their slice from the same counter-based stream (rows coded by their index in the
+global batch, :mod:`bmrs.nn.uniforms`), and the
 cross-entropy is scaled so that DDP's gradient average equals the gradient of the global-batch
 mean.  So N processes compute what one process with the same global batch computes (up to the
 order of floating-point sums).  Masks are broadcast from rank 0 after each pruning step, and the
