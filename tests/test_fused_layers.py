@@ -49,6 +49,12 @@ def _reference_thetas(mus, log_sigmas, masks, u):
 
 
 def _fused(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_widths=SIZES):
+    """θ of every layer (or None where the kernels cannot serve)."""
+    out = _fused_with_kl(mus, log_sigmas, masks, row_first, rows, kept, full_widths)
+    return None if out is None else out[0]
+
+
+def _fused_with_kl(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_widths=SIZES):
     return sample_layers(mus, log_sigmas, masks, KEY, row_first, rows, kept, full_widths, LOW, HIGH)
 
 
@@ -85,6 +91,26 @@ def test_narrowed_layers_and_row_slices_draw_the_full_networks_theta(dtype):
                   [m[k] for m, k in zip(masks, keep)], row_first=4, rows=3, kept=keep)
     for whole, narrow, k in zip(full, part, keep):
         assert torch.equal(narrow.detach(), whole[4:7, k])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_kl_formed_beside_theta_matches_the_kl_kernel_and_its_gradient_joins_thetas(dtype):
+    mus, log_sigmas, masks = _layers(dtype)
+    thetas, kl = _fused_with_kl(mus, log_sigmas, masks)
+    assert kl.shape == (len(SIZES),) and kl.dtype == dtype
+    coefs = [0.5, 1.0, 2.0]
+    params = mus + log_sigmas
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for layer in range(len(SIZES)):  # each layer's KL alone, against kl_layers with the others weighted 0
+        alone = kl_layers(mus, log_sigmas, [float(i == layer) for i in range(len(SIZES))], LOW, HIGH)
+        torch.testing.assert_close(kl[layer], alone, rtol=rtol, atol=0)
+    # one backward through θ and the weighted KL together = the two gradients added
+    weights = torch.tensor(coefs, dtype=dtype)
+    together = torch.autograd.grad(sum(t.sum() for t in thetas) + (kl * weights).sum(), params)
+    theta_part = torch.autograd.grad(sum(t.sum() for t in _fused(mus, log_sigmas, masks)), params)
+    kl_part = torch.autograd.grad(kl_layers(mus, log_sigmas, coefs, LOW, HIGH), params)
+    for got, a, b in zip(together, theta_part, kl_part):
+        torch.testing.assert_close(got, a + b, rtol=rtol * 10, atol=rtol * 10 * float((a + b).abs().max()))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "elbo"])
@@ -131,3 +157,59 @@ def test_unservable_inputs_return_none():
     with kernels(False):
         assert _fused(mus, log_sigmas, masks) is None
         assert kl_layers(mus, log_sigmas, [1.0] * 3, LOW, HIGH) is None
+
+
+def _stash_users(kl):
+    """The autograd nodes the KL term reaches in one or two steps (names)."""
+    first = [f for f, _ in kl.grad_fn.next_functions if f is not None]
+    return {type(f).__name__ for f in first} | {type(g).__name__ for f in first for g, _ in f.next_functions if g}
+
+
+def test_kl_loss_reuses_the_kl_of_the_draw_only_while_it_is_valid():
+    torch.manual_seed(0)
+    net = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5),
+                                          torch.nn.Tanh(), torch.nn.Linear(5, 3)))
+    bank = net._bmrs_bank
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def fresh(**kw):  # the KL computed on its own, the draw's ignored
+        stashes, bank.kl_stashes = bank.kl_stashes, []
+        try:
+            return bmrs.kl_loss(net, **kw)
+        finally:
+            bank.kl_stashes = stashes
+
+    for reduction in ("mean", "elbo"):
+        kw = dict(reduction=reduction, num_train=50 if reduction == "elbo" else None)
+        ce = torch.nn.functional.cross_entropy(net(x), y)
+        reused = bmrs.kl_loss(net, **kw)
+        assert "_SampleLayersBackward" in _stash_users(reused)
+        torch.testing.assert_close(reused, fresh(**kw), rtol=1e-6, atol=0)
+        params = list(net.parameters())
+        want = torch.autograd.grad(ce + fresh(**kw), params, retain_graph=True)
+        for got, ref in zip(torch.autograd.grad(ce + reused, params), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+        # that backward spent the draw's graph: the KL is computed afresh, and can be differentiated
+        again = bmrs.kl_loss(net, **kw)
+        assert "_SampleLayersBackward" not in _stash_users(again)
+        again.backward()
+
+    net(x)
+    with torch.no_grad():  # another grad mode: computed afresh, without a graph
+        assert not bmrs.kl_loss(net).requires_grad
+    assert "_SampleLayersBackward" in _stash_users(bmrs.kl_loss(net))
+    with torch.no_grad():  # a parameter changed since the draw: the stashed KL is stale
+        bmrs.noise_layers(net)[1][1].log_sigma.add_(0.25)
+    after = bmrs.kl_loss(net)
+    assert "_SampleLayersBackward" not in _stash_users(after)
+    torch.testing.assert_close(after, fresh(), rtol=0, atol=0)
+
+
+def test_kl_loss_finds_the_layers_of_noise_layers_in_order():
+    from bmrs.models import resnet18, vit
+    from bmrs.nn.attach import _noise_modules
+    shared = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    twice = bmrs.attach(torch.nn.Sequential(shared, shared, torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                            torch.nn.Linear(4, 2)))
+    for model in (resnet18(num_classes=10), vit(num_classes=10), twice):
+        assert _noise_modules(model) == [noise for _, noise in bmrs.noise_layers(model)]

@@ -399,6 +399,23 @@ struct SigmaOf {
   }
 };
 
+// Σ_j KL(q_j ‖ U[low, high]) of one layer's posteriors; coef times its gradient in μ and in log σ is
+// written to g_mu and g_log_sigma (1-d, the layer's dtype).
+double layer_kl(const SigmaOf& p, double low, double high, double coef, at::Tensor& g_mu, at::Tensor& g_log_sigma) {
+  const double log_w = std::log(high - low);
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(g_mu.scalar_type(), "layer_kl", [&] {
+    scalar_t *gm = g_mu.data_ptr<scalar_t>(), *gl = g_log_sigma.data_ptr<scalar_t>();
+    for (size_t j = 0; j < p.mu.size(); ++j) {
+      const auto r = kl_to_uniform_at(p.mu[j], p.sigma[j], low, high, log_w);
+      total += r.kl;
+      gm[j] = scalar_t(coef * r.d_loc);
+      gl[j] = scalar_t(coef * r.d_scale * p.sigma_grad[j]);
+    }
+  });
+  return total;
+}
+
 }  // namespace
 
 // Forward of fast_sample._TailInversion for u of shape (rows, S): per structure (float64) the ends
@@ -497,7 +514,8 @@ at::Tensor counter_uniforms(const std::vector<int64_t>& words, int64_t row_first
 // sample_forward for several layers at once, straight from their (μ, log σ) and masks, with counter-based
 // uniforms formed in the lanes: rows row_first … row_first + rows − 1, and layer l's structure j at column
 // code Σ_{l' < l} full_widths[l'] + kept[l][j] (its position before `shrink` narrowed the layer).
-// Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ, in μ's dtype.
+// Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ, in μ's dtype; then,
+// from the same σ, the layers' KL to the prior U[low, high] (n,), and its gradient in every μ and every log σ.
 std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
                                       const std::vector<at::Tensor>& masks, const std::vector<int64_t>& words,
                                       int64_t row_first, int64_t rows, const std::vector<at::Tensor>& kept,
@@ -508,7 +526,8 @@ std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const 
               "one mu, log sigma, mask, kept index and full width per layer");
   const auto key = key_of(words);
   check_rows(row_first, rows);
-  std::vector<at::Tensor> out(3 * n);
+  std::vector<at::Tensor> out(5 * n + 1);
+  std::vector<double> kl(n);
   std::vector<uint32_t> column, column_low;
   int64_t offset = 0;
   for (size_t l = 0; l < n; ++l) {
@@ -521,27 +540,35 @@ std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const 
     auto parts = sample_core(p.mu.data(), p.sigma.data(), p.sigma_grad.data(), mask.data_ptr<float>(), S, source,
                              rows, mus[l].scalar_type(), low, high);
     for (int i = 0; i < 3; ++i) out[i * n + l] = parts[i];
+    out[3 * n + 1 + l] = at::empty({S}, mus[l].options());
+    out[4 * n + 1 + l] = at::empty({S}, mus[l].options());
+    kl[l] = layer_kl(p, low, high, 1.0, out[3 * n + 1 + l], out[4 * n + 1 + l]);
     offset += full_widths[l];
   }
+  out[3 * n] = at::tensor(kl, at::TensorOptions().dtype(at::kDouble)).to(n > 0 ? mus[0].scalar_type() : at::kDouble);
   return out;
 }
 
+namespace {
+
 // Backward of fast_sample._TailInversion: ∂L/∂μ = Σ_rows grad · θ∂x/∂μ and ∂L/∂σ = Σ_rows grad · θ∂x/∂σ,
-// summed in float64 over fixed blocks of rows, then over the blocks: the same result whatever the
-// number of threads.
-std::vector<at::Tensor> sample_backward(const at::Tensor& grad_in, const at::Tensor& w_mu, const at::Tensor& w_sigma) {
+// summed in float64 over fixed blocks of rows, then over the blocks in order: the same result whatever
+// the number of threads.  With `extra_scale` ≠ 0, extra_scale · (extra_mu, extra_sigma) is added (the
+// gradient of a per-layer term computed in the forward, e.g. the layer's KL).
+std::vector<at::Tensor> sample_backward_plus(const at::Tensor& grad_in, const at::Tensor& w_mu, const at::Tensor& w_sigma,
+                                             double extra_scale, const at::Tensor* extra_mu, const at::Tensor* extra_sigma) {
   const auto grad = grad_in.contiguous();
   const int64_t rows = grad.size(0), S = grad.size(1);
   constexpr int64_t kRowsPerBlock = 16;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  auto partial = at::zeros({blocks, 2, S}, grad.options().dtype(at::kDouble));
-  double* part = partial.data_ptr<double>();
+  std::vector<double> part(size_t(std::max<int64_t>(blocks, 1)) * 2 * S, 0.0);
+  auto out_mu = at::empty({S}, grad.options()), out_sigma = at::empty({S}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "sample_backward", [&] {
     const scalar_t *g = grad.data_ptr<scalar_t>(), *wm = w_mu.data_ptr<scalar_t>(), *ws = w_sigma.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S * kRowsPerBlock, 1));
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        double* __restrict__ acc_mu = part + b * 2 * S;
+        double* __restrict__ acc_mu = part.data() + b * 2 * S;
         double* __restrict__ acc_sigma = acc_mu + S;
         for (int64_t r = b * kRowsPerBlock; r < std::min(rows, (b + 1) * kRowsPerBlock); ++r) {
           const scalar_t* __restrict__ gr = g + r * S;
@@ -554,18 +581,53 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad_in, const at::Ten
         }
       }
     });
+    const bool extra = extra_scale != 0.0 && extra_mu != nullptr;
+    const scalar_t* em = extra ? extra_mu->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* es = extra ? extra_sigma->data_ptr<scalar_t>() : nullptr;
+    scalar_t *dst_mu = out_mu.data_ptr<scalar_t>(), *dst_sigma = out_sigma.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < S; ++j) {
+      double sum_mu = 0.0, sum_sigma = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        sum_mu += part[b * 2 * S + j];
+        sum_sigma += part[b * 2 * S + S + j];
+      }
+      if (extra) {
+        sum_mu += extra_scale * double(em[j]);
+        sum_sigma += extra_scale * double(es[j]);
+      }
+      dst_mu[j] = scalar_t(sum_mu);
+      dst_sigma[j] = scalar_t(sum_sigma);
+    }
   });
-  const auto sums = partial.sum(0);  // (2, S)
-  return {sums[0].to(grad.scalar_type()), sums[1].to(grad.scalar_type())};
+  return {out_mu, out_sigma};
 }
 
-// sample_backward for every layer of sample_layers: grad_μ of every layer, then grad_log σ of every layer.
+}  // namespace
+
+// sample_backward_plus without an extra term (the backward of sample_forward)
+std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const at::Tensor& w_mu, const at::Tensor& w_sigma) {
+  return sample_backward_plus(grad, w_mu, w_sigma, 0.0, nullptr, nullptr);
+}
+
+// The backward of sample_layers: grad_μ of every layer, then grad_log σ of every layer, from the θ
+// gradients and, when kl_grad (n,) is given, kl_grad[l] times layer l's KL gradient.
 std::vector<at::Tensor> sample_layers_backward(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_mus,
-                                               const std::vector<at::Tensor>& w_sigmas) {
+                                               const std::vector<at::Tensor>& w_sigmas,
+                                               const c10::optional<at::Tensor>& kl_grad,
+                                               const std::vector<at::Tensor>& kl_mus,
+                                               const std::vector<at::Tensor>& kl_log_sigmas) {
   const size_t n = grads.size();
+  at::Tensor scales;
+  if (kl_grad.has_value()) {
+    TORCH_CHECK(kl_mus.size() == n && kl_log_sigmas.size() == n && kl_grad->numel() == int64_t(n),
+                "one KL gradient per layer");
+    scales = kl_grad->to(at::kDouble).contiguous();
+  }
   std::vector<at::Tensor> out(2 * n);
   for (size_t l = 0; l < n; ++l) {
-    auto g = sample_backward(grads[l], w_mus[l], w_sigmas[l]);
+    const double scale = kl_grad.has_value() ? scales.data_ptr<double>()[l] : 0.0;
+    auto g = sample_backward_plus(grads[l], w_mus[l], w_sigmas[l], scale, scale != 0.0 ? &kl_mus[l] : nullptr,
+                                  scale != 0.0 ? &kl_log_sigmas[l] : nullptr);
     out[l] = g[0];
     out[n + l] = g[1];
   }
@@ -581,23 +643,11 @@ std::vector<at::Tensor> kl_layers(const std::vector<at::Tensor>& mus, const std:
   TORCH_CHECK(log_sigmas.size() == n && coefs.size() == n, "one mu, log sigma and coefficient per layer");
   std::vector<at::Tensor> out(2 * n + 1);
   double total = 0.0;
-  const double log_w = std::log(high - low);
   for (size_t l = 0; l < n; ++l) {
     const SigmaOf p(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
-    const int64_t S = mus[l].numel();
-    out[1 + l] = at::empty({S}, mus[l].options());
-    out[1 + n + l] = at::empty({S}, mus[l].options());
-    double layer = 0.0;
-    AT_DISPATCH_FLOATING_TYPES(mus[l].scalar_type(), "kl_layers", [&] {
-      scalar_t *g_mu = out[1 + l].data_ptr<scalar_t>(), *g_ls = out[1 + n + l].data_ptr<scalar_t>();
-      for (int64_t j = 0; j < S; ++j) {
-        const auto r = kl_to_uniform_at(p.mu[j], p.sigma[j], low, high, log_w);
-        layer += r.kl;
-        g_mu[j] = scalar_t(coefs[l] * r.d_loc);
-        g_ls[j] = scalar_t(coefs[l] * r.d_scale * p.sigma_grad[j]);
-      }
-    });
-    total += coefs[l] * layer;
+    out[1 + l] = at::empty({mus[l].numel()}, mus[l].options());
+    out[1 + n + l] = at::empty({mus[l].numel()}, mus[l].options());
+    total += coefs[l] * layer_kl(p, low, high, coefs[l], out[1 + l], out[1 + n + l]);
   }
   out[0] = at::scalar_tensor(total, mus.empty() ? at::TensorOptions().dtype(at::kDouble) : mus[0].options());
   return out;

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import torch
@@ -104,6 +105,31 @@ def _hook_target(host: nn.Module, noise: MultiplicativeNoise, modules: dict[str,
     return target
 
 
+class _KLStash:
+    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), for ``kl_loss`` to reuse."""
+
+    def __init__(self, members: list[MultiplicativeNoise]):
+        self.members, self.versions = members, _versions(members)
+        self.grad_enabled, self.spent, self.kl = torch.is_grad_enabled(), False, None
+
+    def matches(self, members: list[MultiplicativeNoise]) -> bool:
+        return (not self.spent and self.kl is not None and self.grad_enabled == torch.is_grad_enabled()
+                and len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
+                and self.versions == _versions(members))
+
+
+def _versions(members: list[MultiplicativeNoise]) -> tuple:
+    """What identifies the values of the layers' posterior parameters."""
+    return tuple((id(mu), mu._version, id(log_sigma), log_sigma._version)
+                 for mu, log_sigma, _, _ in map(_tensors_of, members))
+
+
+def _tensors_of(noise: MultiplicativeNoise) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mu, log σ, mask, kept index) of a noise layer, read past nn.Module's attribute lookup (hot path)."""
+    params, buffers = noise._parameters, noise._buffers
+    return params["mu"], params["log_sigma"], buffers["mask"], buffers["kept_index"]
+
+
 class _NoiseBank:
     """Draws θ for every structure-granularity noise layer of a model in one batched call per step.
 
@@ -120,9 +146,15 @@ class _NoiseBank:
         # (distributed training): its rows are coded by their global index in the counter-based
         # uniform stream, so every example's θ matches a single process.
         self.shard: tuple[int, int] | None = None
+        self.kl_stashes: list[_KLStash] = []
+
+    def __getstate__(self) -> dict:
+        # copies and pickles of the model leave this step's draw (and its graph) behind
+        return {**self.__dict__, "kl_stashes": []}
 
     def draw(self, model: nn.Module, args) -> None:
         self.clear()
+        self.kl_stashes = []
         if not model.training:
             return
         batch = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
@@ -131,17 +163,27 @@ class _NoiseBank:
             return
         first = self.shard[0] if self.shard is not None else 0
         for members in _bounds_groups(layers):
-            head, key = members[0], draw_key()
-            masks = [n.mask for n in members]
-            parts = sample_layers([n.mu for n in members], [n.log_sigma for n in members], masks, key, first, batch,
-                                  [n.kept_index for n in members], [n.full_features for n in members],
-                                  head.low, head.high)
-            if parts is None:  # the reference path, on the same uniforms
+            head, key, stash = members[0], draw_key(), _KLStash(members)
+            mus, log_sigmas, masks, kept = zip(*map(_tensors_of, members))
+            fused = sample_layers(mus, log_sigmas, masks, key, first, batch, kept, [n.full_features for n in members],
+                                  head.low, head.high, weakref.ref(stash))
+            if fused is not None:
+                parts, stash.kl = fused
+                self.kl_stashes.append(stash)
+            else:  # the reference path, on the same uniforms
                 u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, first, key)
                 theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
                 parts = torch.split(theta, [n.num_features for n in members], dim=1)
             for noise, part in zip(members, parts):
                 noise.pending_theta = part
+
+    def stashed_kl(self, members: list[MultiplicativeNoise]) -> Tensor | None:
+        """The per-layer KL (n,) the last draw formed for exactly these layers, if their parameters are
+        unchanged, its graph not yet spent by a backward pass, and the grad mode the same; else None."""
+        for stash in self.kl_stashes:
+            if stash.matches(members):
+                return stash.kl
+        return None
 
     def clear(self, *_) -> None:
         for noise in self.layers:
@@ -177,6 +219,22 @@ def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
         noise = module._modules.get(NOISE_ATTR) if hasattr(module, "_modules") else None
         if isinstance(noise, MultiplicativeNoise):
             found.append((name, noise))
+    return found
+
+
+def _noise_modules(model: nn.Module) -> list[MultiplicativeNoise]:
+    """The layers of :func:`noise_layers`, in the same order, without building names (a per-step path)."""
+    found, seen, stack = [], set(), [model]
+    while stack:  # pre-order, each module once: the order of named_modules
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        children = getattr(module, "_modules", None) or {}
+        noise = children.get(NOISE_ATTR)
+        if isinstance(noise, MultiplicativeNoise):
+            found.append(noise)
+        stack.extend(reversed([child for child in children.values() if child is not None]))
     return found
 
 
@@ -375,7 +433,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
         True
     """
-    layers = [noise for _, noise in noise_layers(model)]
+    layers = _noise_modules(model)
     if not layers:
         raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
     if reduction not in ("mean", "elbo"):
@@ -385,23 +443,29 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     # one batched KL per group of bounds: the work is per operation, so concatenating all layers
     # makes the KL of a deep network as cheap as that of one layer; the mean is a weighted sum over
     # each layer's original structures (removing pruned ones changes no weight)
+    bank = model.__dict__.get("_bmrs_bank")
     total = None
     for members in _bounds_groups(layers):
         coefs = [1.0 / (n.full_features * len(layers)) if reduction == "mean" else 1.0 / num_train for n in members]
-        part = kl_layers([n.mu for n in members], [n.log_sigma for n in members], coefs,
-                         members[0].low, members[0].high)
-        if part is not None:  # the fused kernel: one node for the whole group
-            total = part if total is None else total + part
-            continue
-        kl = members[0].kl_of(*_concat_posteriors(members))
-        if reduction == "mean":
+        part = _stashed_kl_sum(bank, members, coefs)
+        if part is None:
+            mus, log_sigmas, _, _ = zip(*map(_tensors_of, members))
+            part = kl_layers(mus, log_sigmas, coefs, members[0].low, members[0].high)
+        if part is None:  # the reference path
+            kl = members[0].kl_of(*_concat_posteriors(members))
             weights = torch.cat([torch.full((n.num_features,), coef, dtype=kl.dtype, device=kl.device)
                                  for n, coef in zip(members, coefs)])
             part = (kl * weights).sum()
-        else:
-            part = kl.sum() / num_train
         total = part if total is None else total + part
     return total
+
+
+def _stashed_kl_sum(bank: _NoiseBank | None, members: list[MultiplicativeNoise], coefs: list[float]) -> Tensor | None:
+    """Σ_l coefs[l]·KL_l from the KL that this step's fused draw formed beside θ, when it is still valid."""
+    kl = bank.stashed_kl(members) if bank is not None else None
+    if kl is None:
+        return None
+    return torch.dot(kl, torch.tensor(coefs, dtype=kl.dtype))
 
 
 def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[MultiplicativeNoise]]:

@@ -14,8 +14,8 @@ Example:
     >>> mus = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
     >>> log_sigmas = [torch.full((3,), -1.0, requires_grad=True), torch.full((2,), -1.0, requires_grad=True)]
     >>> masks, kept = [torch.ones(3), torch.ones(2)], [torch.arange(3), torch.arange(2)]
-    >>> thetas = sample_layers(mus, log_sigmas, masks, (1, 2, 3, 4), 0, 4, kept, [3, 2], -20.0, 0.0)
-    >>> [tuple(t.shape) for t in thetas] if thetas is not None else [(4, 3), (4, 2)]
+    >>> fused = sample_layers(mus, log_sigmas, masks, (1, 2, 3, 4), 0, 4, kept, [3, 2], -20.0, 0.0)
+    >>> [tuple(t.shape) for t in fused[0]] if fused is not None else [(4, 3), (4, 2)]
     [(4, 3), (4, 2)]
     >>> kl = kl_layers(mus, log_sigmas, [1.0, 0.5], -20.0, 0.0)
     >>> kl is None or kl.shape == torch.Size([])
@@ -44,39 +44,51 @@ def _usable(params: Sequence[Tensor], *others: Tensor):
 
 
 class _SampleLayers(torch.autograd.Function):
+    """θ of every layer and, from the same σ, the layers' KL (n,): one node, one backward."""
+
     @staticmethod
     def forward(ctx, stream, masks, low, high, n, *params):
-        key, row_first, rows, kept, full_widths = stream
+        key, row_first, rows, kept, full_widths, ctx.on_backward = stream
         out = _kernels.get().sample_layers(list(params[:n]), list(params[n:]), list(masks), list(key), row_first, rows,
                                            list(kept), list(full_widths), low, high, *LOG_SIGMA_RANGE)
         ctx.n = n
-        ctx.save_for_backward(*out[n:])
-        return tuple(out[:n])
+        ctx.save_for_backward(*out[n:3 * n], *out[3 * n + 1:])
+        return (*out[:n], out[3 * n])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         n, saved = ctx.n, ctx.saved_tensors
-        grad_params = _kernels.get().sample_layers_backward(list(grads), list(saved[:n]), list(saved[n:]))
+        spent = ctx.on_backward()  # the KL output's graph is freed now: whoever holds it must know
+        if spent is not None:
+            spent.spent = True
+        grad_params = _kernels.get().sample_layers_backward(list(grads[:n]), list(saved[:n]), list(saved[n:2 * n]),
+                                                            grads[n], list(saved[2 * n:3 * n]), list(saved[3 * n:]))
         return (None,) * 5 + tuple(grad_params)
 
 
 def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Sequence[Tensor],
                   key: tuple[int, int, int, int], row_first: int, rows: int, kept: Sequence[Tensor],
-                  full_widths: Sequence[int], low: float, high: float) -> list[Tensor] | None:
-    """θ·mask of shape (rows, len(mu_l)) for each layer, σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)), with the
-    uniforms of :mod:`bmrs.nn.uniforms` for ``key``, rows ``row_first …`` and layer l's structure j at
-    column code Σ_{l' < l} full_widths[l'] + kept[l][j] (formed inside the kernel, never stored).
-    Differentiable in every mu and log_sigma.  None where the fused kernels cannot serve: use the
-    reference path then."""
+                  full_widths: Sequence[int], low: float, high: float,
+                  on_backward=lambda: None) -> tuple[list[Tensor], Tensor] | None:
+    """(θ·mask of shape (rows, len(mu_l)) for each layer, the layers' KL to the log-uniform prior on
+    [low, high] summed per layer, shape (n,)), σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).
+
+    The uniforms are those of :mod:`bmrs.nn.uniforms` for ``key``, rows ``row_first …`` and layer l's
+    structure j at column code Σ_{l' < l} full_widths[l'] + kept[l][j] (formed inside the kernel, never
+    stored).  The KL shares the per-structure work and the node, so a loss that adds it costs no second
+    pass.  Differentiable in every mu and log_sigma; when the node's backward runs it sets ``spent`` on
+    whatever ``on_backward()`` returns (if not None).  None where the fused kernels cannot serve: use
+    the reference path then."""
     kernels = _usable(list(mus) + list(log_sigmas))
     if kernels is None:
         return None
     detached_mu, detached_ls = [m.detach() for m in mus], [s.detach() for s in log_sigmas]
     if kernels.any_deep_tail_layers(detached_mu, detached_ls, float(low), float(high), *LOG_SIGMA_RANGE, FAST_TAIL):
         return None
-    stream = (tuple(key), int(row_first), int(rows), tuple(kept), tuple(int(w) for w in full_widths))
-    return list(_SampleLayers.apply(stream, tuple(masks), float(low), float(high), len(mus), *mus, *log_sigmas))
+    stream = (tuple(key), int(row_first), int(rows), tuple(kept), tuple(int(w) for w in full_widths), on_backward)
+    *thetas, kl = _SampleLayers.apply(stream, tuple(masks), float(low), float(high), len(mus), *mus, *log_sigmas)
+    return thetas, kl
 
 
 class _KLLayers(torch.autograd.Function):
