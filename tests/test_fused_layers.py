@@ -204,12 +204,3 @@ def test_kl_loss_reuses_the_kl_of_the_draw_only_while_it_is_valid():
     assert "_SampleLayersBackward" not in _stash_users(after)
     torch.testing.assert_close(after, fresh(), rtol=0, atol=0)
 
-
-def test_kl_loss_finds_the_layers_of_noise_layers_in_order():
-    from bmrs.models import resnet18, vit
-    from bmrs.nn.attach import _noise_modules
-    shared = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
-    twice = bmrs.attach(torch.nn.Sequential(shared, shared, torch.nn.Linear(3, 4), torch.nn.Tanh(),
-                                            torch.nn.Linear(4, 2)))
-    for model in (resnet18(num_classes=10), vit(num_classes=10), twice):
-        assert _noise_modules(model) == [noise for _, noise in bmrs.noise_layers(model)]

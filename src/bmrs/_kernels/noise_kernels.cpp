@@ -250,11 +250,12 @@ inline VecF ndtri_lower(const VecF& p) {
                       p <= VecF(0.0f));
 }
 
-// weight · φ(end)/φ(z) = weight · exp(−(end − z)(end + z)/2), the exponent capped at ±80
+// weight · φ(end)/φ(z) = weight · exp(−(end − z)(end + z)/2), the exponent capped at ±80.  A gradient
+// factor, so at::vec's faster exp (20 ulp, 1e-6 relative) serves; θ itself keeps SLEEF's 1-ulp exp.
 template <typename V>
 inline V end_weight(const V& end, const V& z, const V& weight) {
   const V e = (end - z) * (end + z) * V(-0.5);
-  return at::vec::clamp(e, V(-80.0), V(80.0)).exp() * weight;
+  return at::vec::clamp(e, V(-80.0), V(80.0)).exp_u20() * weight;
 }
 
 // One (row, structures j … j+lanes) block of the float32 sampler: θ and θ·∂x/∂μ, θ·∂x/∂σ.

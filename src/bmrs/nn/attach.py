@@ -175,7 +175,7 @@ class _NoiseBank:
                 theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
                 parts = torch.split(theta, [n.num_features for n in members], dim=1)
             for noise, part in zip(members, parts):
-                noise.pending_theta = part
+                noise.hold_theta(part)
 
     def stashed_kl(self, members: list[MultiplicativeNoise]) -> Tensor | None:
         """The per-layer KL (n,) the last draw formed for exactly these layers, if their parameters are
@@ -187,7 +187,7 @@ class _NoiseBank:
 
     def clear(self, *_) -> None:
         for noise in self.layers:
-            noise.pending_theta = None
+            noise.hold_theta(None)
 
 
 def _bank_codes(members: list[MultiplicativeNoise]) -> Tensor:
@@ -219,22 +219,6 @@ def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
         noise = module._modules.get(NOISE_ATTR) if hasattr(module, "_modules") else None
         if isinstance(noise, MultiplicativeNoise):
             found.append((name, noise))
-    return found
-
-
-def _noise_modules(model: nn.Module) -> list[MultiplicativeNoise]:
-    """The layers of :func:`noise_layers`, in the same order, without building names (a per-step path)."""
-    found, seen, stack = [], set(), [model]
-    while stack:  # pre-order, each module once: the order of named_modules
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        children = getattr(module, "_modules", None) or {}
-        noise = children.get(NOISE_ATTR)
-        if isinstance(noise, MultiplicativeNoise):
-            found.append(noise)
-        stack.extend(reversed([child for child in children.values() if child is not None]))
     return found
 
 
@@ -433,7 +417,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
         True
     """
-    layers = _noise_modules(model)
+    layers = [noise for _, noise in noise_layers(model)]
     if not layers:
         raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
     if reduction not in ("mean", "elbo"):
@@ -472,7 +456,7 @@ def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[Multiplicativ
     """The layers split by (low, high, device): each group's posteriors concatenate into one batched call."""
     groups: dict[tuple, list[MultiplicativeNoise]] = {}
     for noise in layers:
-        groups.setdefault((noise.low, noise.high, noise.mu.device), []).append(noise)
+        groups.setdefault((noise.low, noise.high, noise._parameters["mu"].device), []).append(noise)
     return list(groups.values())
 
 

@@ -169,6 +169,8 @@ class MultiplicativeNoise(nn.Module):
                 f"MultiplicativeNoise({self.num_features}, dim={self.dim}) got an input of shape "
                 f"{tuple(x.shape)}: size {x.shape[dim]} along dim {self.dim}"
             )
+        if values.dim() == 2 and x.dim() == 2:  # (examples, structures) against (examples, features)
+            return values
         shape = [1] * x.dim()
         shape[dim] = self.num_features
         if values.dim() == 2:  # one sample per example and structure
@@ -195,12 +197,19 @@ class MultiplicativeNoise(nn.Module):
             shape = x.movedim(dim, -1).shape[:-1]
             theta = self.draw_theta(self.mu, self.sigma, shape, self.kept_index, self.mask).to(x.dtype)
             return theta.movedim(-1, dim)
-        pending, self.pending_theta = self.pending_theta, None
+        pending = self.__dict__["pending_theta"]
+        self.hold_theta(None)
         if pending is not None and pending.shape[0] == x.shape[0]:
             theta = pending  # the bank's draw, mask applied
         else:
             theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self.kept_index, self.mask)
-        return self._view(theta.to(x.dtype), x)
+        return self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x)
+
+    def hold_theta(self, theta: Tensor | None) -> None:
+        """Keep θ (examples, structures) drawn for this layer by the model's noise bank until the next
+        training forward uses it (None: draw afresh).  A plain attribute write: nn.Module's
+        ``__setattr__`` costs microseconds, and this runs for every layer at every step."""
+        self.__dict__["pending_theta"] = theta
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
