@@ -58,7 +58,8 @@ def get() -> ModuleType | None:
 
 
 def usable_for(*tensors: torch.Tensor) -> ModuleType | None:
-    """The kernels if they can serve these tensors (CPU, float32/float64, not being traced), else None."""
+    """The kernels if they can serve these tensors (CPU, float32/float64, not being traced), else None.
+    With no tensors: the kernels if on and not tracing (the caller's kernel checks its tensors itself)."""
     if not _state["enabled"] or _state["failed"]:
         return None
     for t in tensors:

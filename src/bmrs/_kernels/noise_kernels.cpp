@@ -517,13 +517,14 @@ at::Tensor counter_uniforms(const std::vector<int64_t>& words, int64_t row_first
 // code Σ_{l' < l} full_widths[l'] + kept[l][j] (its position before `shrink` narrowed the layer).
 // Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ, in μ's dtype; then,
 // from the same σ, the layers' KL to the prior U[low, high] (n,), and its gradient in every μ and every log σ.
-std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
-                                      const std::vector<at::Tensor>& masks, const std::vector<int64_t>& words,
-                                      int64_t row_first, int64_t rows, const std::vector<at::Tensor>& kept,
-                                      const std::vector<int64_t>& full_widths, double low, double high,
-                                      double log_sigma_min, double log_sigma_max) {
+namespace {
+
+std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posteriors, at::TensorList mus,
+                                           at::TensorList masks, const std::vector<int64_t>& words, int64_t row_first,
+                                           int64_t rows, at::TensorList kept, const std::vector<int64_t>& full_widths,
+                                           double low, double high) {
   const size_t n = mus.size();
-  TORCH_CHECK(log_sigmas.size() == n && masks.size() == n && kept.size() == n && full_widths.size() == n,
+  TORCH_CHECK(masks.size() == n && kept.size() == n && full_widths.size() == n,
               "one mu, log sigma, mask, kept index and full width per layer");
   const auto key = key_of(words);
   check_rows(row_first, rows);
@@ -532,7 +533,7 @@ std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const 
   std::vector<uint32_t> column, column_low;
   int64_t offset = 0;
   for (size_t l = 0; l < n; ++l) {
-    const SigmaOf p(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
+    const SigmaOf& p = posteriors[l];
     const auto mask = masks[l].to(at::kFloat).contiguous();
     const int64_t S = mus[l].numel();
     TORCH_CHECK(kept[l].numel() == S, "one kept index per structure");
@@ -549,6 +550,18 @@ std::vector<at::Tensor> sample_layers(const std::vector<at::Tensor>& mus, const 
   out[3 * n] = at::tensor(kl, at::TensorOptions().dtype(at::kDouble)).to(n > 0 ? mus[0].scalar_type() : at::kDouble);
   return out;
 }
+
+std::vector<SigmaOf> posteriors_of(at::TensorList mus, at::TensorList log_sigmas, double log_sigma_min,
+                                   double log_sigma_max) {
+  TORCH_CHECK(log_sigmas.size() == mus.size(), "one mu and log sigma per layer");
+  std::vector<SigmaOf> out;
+  out.reserve(mus.size());
+  for (size_t l = 0; l < mus.size(); ++l) out.emplace_back(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
+  return out;
+}
+
+}  // namespace
+
 
 namespace {
 
@@ -610,29 +623,87 @@ std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const at::Tensor
   return sample_backward_plus(grad, w_mu, w_sigma, 0.0, nullptr, nullptr);
 }
 
-// The backward of sample_layers: grad_μ of every layer, then grad_log σ of every layer, from the θ
-// gradients and, when kl_grad (n,) is given, kl_grad[l] times layer l's KL gradient.
-std::vector<at::Tensor> sample_layers_backward(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_mus,
-                                               const std::vector<at::Tensor>& w_sigmas,
-                                               const c10::optional<at::Tensor>& kl_grad,
-                                               const std::vector<at::Tensor>& kl_mus,
-                                               const std::vector<at::Tensor>& kl_log_sigmas) {
-  const size_t n = grads.size();
-  at::Tensor scales;
-  if (kl_grad.has_value()) {
-    TORCH_CHECK(kl_mus.size() == n && kl_log_sigmas.size() == n && kl_grad->numel() == int64_t(n),
-                "one KL gradient per layer");
-    scales = kl_grad->to(at::kDouble).contiguous();
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// sample_layers as one autograd node built in C++ (no Python on the step's path): outputs θ of every
+// layer, the layers' KL (n,), and a flag (0-d bool, not differentiable) that the backward sets, telling a
+// holder of the KL that its graph is spent.
+struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
+  static constexpr int kPlainArgs = 7;  // the arguments after the four tensor lists
+
+  static variable_list forward(AutogradContext* ctx, at::TensorList mus, at::TensorList log_sigmas,
+                               at::TensorList masks, at::TensorList kept, const std::vector<SigmaOf>* posteriors,
+                               const std::vector<int64_t>* words, int64_t row_first, int64_t rows,
+                               const std::vector<int64_t>* full_widths, double low, double high) {
+    const int64_t n = int64_t(mus.size());
+    auto out = sample_layers_from(*posteriors, mus, masks, *words, row_first, rows, kept, *full_widths, low, high);
+    variable_list saved(out.begin() + n, out.begin() + 3 * n);
+    saved.insert(saved.end(), out.begin() + 3 * n + 1, out.end());
+    ctx->save_for_backward(saved);
+    auto spent = at::zeros({}, at::TensorOptions().dtype(at::kBool));
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["spent"] = spent;
+    ctx->mark_non_differentiable({spent});
+    variable_list result(out.begin(), out.begin() + n);
+    result.push_back(out[3 * n]);
+    result.push_back(spent);
+    return result;
   }
-  std::vector<at::Tensor> out(2 * n);
-  for (size_t l = 0; l < n; ++l) {
-    const double scale = kl_grad.has_value() ? scales.data_ptr<double>()[l] : 0.0;
-    auto g = sample_backward_plus(grads[l], w_mus[l], w_sigmas[l], scale, scale != 0.0 ? &kl_mus[l] : nullptr,
-                                  scale != 0.0 ? &kl_log_sigmas[l] : nullptr);
-    out[l] = g[0];
-    out[n + l] = g[1];
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t n = ctx->saved_data["n"].toInt();
+    ctx->saved_data["spent"].toTensor().fill_(true);
+    const auto saved = ctx->get_saved_variables();
+    const auto scales = grads[n].to(at::kDouble).contiguous();
+    variable_list result(4 * n + kPlainArgs);
+    for (int64_t l = 0; l < n; ++l) {
+      auto g = sample_backward_plus(grads[l], saved[l], saved[n + l], scales.data_ptr<double>()[l], &saved[2 * n + l],
+                                    &saved[3 * n + l]);
+      result[l] = g[0];
+      result[n + l] = g[1];
+    }
+    return result;
   }
-  return out;
+};
+
+}  // namespace
+
+// The fused draw for the noise bank (bmrs/nn/fused_layers.py): sample_layers as one autograd node,
+// returning θ of every layer, the layers' KL (n,) and the spent flag; or nothing when the kernels cannot
+// serve these tensors (not all on the CPU in one float32/float64 dtype, or an interval more than
+// fast_tail σ into a tail, which the reference code draws exactly).
+std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
+                                           const std::vector<at::Tensor>& masks, const std::vector<int64_t>& words,
+                                           int64_t row_first, int64_t rows, const std::vector<at::Tensor>& kept,
+                                           const std::vector<int64_t>& full_widths, double low, double high,
+                                           double log_sigma_min, double log_sigma_max, double fast_tail) {
+  if (mus.empty() || log_sigmas.size() != mus.size()) return {};
+  const auto dtype = mus[0].scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return {};
+  for (const auto* list : {&mus, &log_sigmas}) {
+    for (const auto& t : *list) {
+      if (!t.device().is_cpu() || t.scalar_type() != dtype) return {};
+    }
+  }
+  for (const auto* list : {&masks, &kept}) {
+    for (const auto& t : *list) {
+      if (!t.device().is_cpu()) return {};
+    }
+  }
+  std::vector<SigmaOf> posteriors;
+  {
+    at::NoGradGuard no_grad;
+    posteriors = posteriors_of(mus, log_sigmas, log_sigma_min, log_sigma_max);
+  }
+  for (const auto& p : posteriors) {
+    if (p.any_deep_tail(low, high, fast_tail)) return {};
+  }
+  return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), at::TensorList(masks),
+                                 at::TensorList(kept), &posteriors, &words, row_first, rows, &full_widths, low, high);
 }
 
 // Σ_l coef_l Σ_j KL(q_lj ‖ U[low, high]) with σ = exp(clamp(log σ)), and its gradient in every layer's
@@ -674,9 +745,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_forward", &sample_forward, "fused truncated log-normal sampling");
   m.def("sample_backward", &sample_backward, "gradient of the fused sampling");
   m.def("any_deep_tail_layers", &any_deep_tail_layers, "any_deep_tail over layers given log sigma");
-  m.def("sample_layers", &sample_layers, "fused sampling of several layers from mu and log sigma");
+  m.def("sample_layers_node", &sample_layers_node, "sample_layers as one autograd node, or nothing");
   m.def("counter_uniforms", &counter_uniforms, "the noise layers' counter-based uniforms");
-  m.def("sample_layers_backward", &sample_layers_backward, "gradient of sample_layers");
   m.def("kl_layers", &kl_layers, "weighted KL sum of several layers and its gradient");
   m.def("delta_f_normal", &delta_f_normal, "BMRS_N's delta F without gradients");
   m.def("delta_f_uniform", &delta_f_uniform, "BMRS_U's delta F without gradients");

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
 
 import torch
@@ -106,16 +105,18 @@ def _hook_target(host: nn.Module, noise: MultiplicativeNoise, modules: dict[str,
 
 
 class _KLStash:
-    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), for ``kl_loss`` to reuse."""
+    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), for ``kl_loss`` to reuse
+    while the layers' parameters and the grad mode are unchanged and no backward pass has spent its graph
+    (the node sets ``spent``)."""
 
-    def __init__(self, members: list[MultiplicativeNoise]):
-        self.members, self.versions = members, _versions(members)
-        self.grad_enabled, self.spent, self.kl = torch.is_grad_enabled(), False, None
+    def __init__(self, members: list[MultiplicativeNoise], kl: Tensor, spent: Tensor):
+        self.members, self.versions, self.kl, self.spent = members, _versions(members), kl, spent
+        self.grad_enabled = torch.is_grad_enabled()
 
     def matches(self, members: list[MultiplicativeNoise]) -> bool:
-        return (not self.spent and self.kl is not None and self.grad_enabled == torch.is_grad_enabled()
-                and len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
-                and self.versions == _versions(members))
+        return (self.grad_enabled == torch.is_grad_enabled() and len(members) == len(self.members)
+                and all(a is b for a, b in zip(members, self.members)) and self.versions == _versions(members)
+                and not bool(self.spent))
 
 
 def _versions(members: list[MultiplicativeNoise]) -> tuple:
@@ -163,13 +164,13 @@ class _NoiseBank:
             return
         first = self.shard[0] if self.shard is not None else 0
         for members in _bounds_groups(layers):
-            head, key, stash = members[0], draw_key(), _KLStash(members)
+            head, key = members[0], draw_key()
             mus, log_sigmas, masks, kept = zip(*map(_tensors_of, members))
             fused = sample_layers(mus, log_sigmas, masks, key, first, batch, kept, [n.full_features for n in members],
-                                  head.low, head.high, weakref.ref(stash))
+                                  head.low, head.high)
             if fused is not None:
-                parts, stash.kl = fused
-                self.kl_stashes.append(stash)
+                parts, kl, spent = fused
+                self.kl_stashes.append(_KLStash(members, kl, spent))
             else:  # the reference path, on the same uniforms
                 u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, first, key)
                 theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))

@@ -43,52 +43,28 @@ def _usable(params: Sequence[Tensor], *others: Tensor):
     return kernels
 
 
-class _SampleLayers(torch.autograd.Function):
-    """θ of every layer and, from the same σ, the layers' KL (n,): one node, one backward."""
-
-    @staticmethod
-    def forward(ctx, stream, masks, low, high, n, *params):
-        key, row_first, rows, kept, full_widths, ctx.on_backward = stream
-        out = _kernels.get().sample_layers(list(params[:n]), list(params[n:]), list(masks), list(key), row_first, rows,
-                                           list(kept), list(full_widths), low, high, *LOG_SIGMA_RANGE)
-        ctx.n = n
-        ctx.save_for_backward(*out[n:3 * n], *out[3 * n + 1:])
-        return (*out[:n], out[3 * n])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        n, saved = ctx.n, ctx.saved_tensors
-        spent = ctx.on_backward()  # the KL output's graph is freed now: whoever holds it must know
-        if spent is not None:
-            spent.spent = True
-        grad_params = _kernels.get().sample_layers_backward(list(grads[:n]), list(saved[:n]), list(saved[n:2 * n]),
-                                                            grads[n], list(saved[2 * n:3 * n]), list(saved[3 * n:]))
-        return (None,) * 5 + tuple(grad_params)
-
-
 def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Sequence[Tensor],
                   key: tuple[int, int, int, int], row_first: int, rows: int, kept: Sequence[Tensor],
-                  full_widths: Sequence[int], low: float, high: float,
-                  on_backward=lambda: None) -> tuple[list[Tensor], Tensor] | None:
+                  full_widths: Sequence[int], low: float, high: float) -> tuple[list[Tensor], Tensor, Tensor] | None:
     """(θ·mask of shape (rows, len(mu_l)) for each layer, the layers' KL to the log-uniform prior on
-    [low, high] summed per layer, shape (n,)), σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).
+    [low, high] summed per layer, shape (n,), a 0-d bool flag), σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).
 
     The uniforms are those of :mod:`bmrs.nn.uniforms` for ``key``, rows ``row_first …`` and layer l's
     structure j at column code Σ_{l' < l} full_widths[l'] + kept[l][j] (formed inside the kernel, never
-    stored).  The KL shares the per-structure work and the node, so a loss that adds it costs no second
-    pass.  Differentiable in every mu and log_sigma; when the node's backward runs it sets ``spent`` on
-    whatever ``on_backward()`` returns (if not None).  None where the fused kernels cannot serve: use
-    the reference path then."""
-    kernels = _usable(list(mus) + list(log_sigmas))
+    stored).  The KL shares the per-structure work and the autograd node (built in C++), so a loss that
+    adds it costs no second pass; the node's backward sets the flag, after which the KL's graph is
+    spent.  Differentiable in every mu and log_sigma.  None where the fused kernels cannot serve (not
+    all on the CPU in one float32/float64 dtype, an interval deep in a tail, tracing): use the
+    reference path then."""
+    kernels = _kernels.usable_for()
     if kernels is None:
         return None
-    detached_mu, detached_ls = [m.detach() for m in mus], [s.detach() for s in log_sigmas]
-    if kernels.any_deep_tail_layers(detached_mu, detached_ls, float(low), float(high), *LOG_SIGMA_RANGE, FAST_TAIL):
+    out = kernels.sample_layers_node(list(mus), list(log_sigmas), list(masks), list(key), int(row_first), int(rows),
+                                     list(kept), [int(w) for w in full_widths], float(low), float(high),
+                                     *LOG_SIGMA_RANGE, FAST_TAIL)
+    if not out:
         return None
-    stream = (tuple(key), int(row_first), int(rows), tuple(kept), tuple(int(w) for w in full_widths), on_backward)
-    *thetas, kl = _SampleLayers.apply(stream, tuple(masks), float(low), float(high), len(mus), *mus, *log_sigmas)
-    return thetas, kl
+    return out[:-2], out[-2], out[-1]
 
 
 class _KLLayers(torch.autograd.Function):
