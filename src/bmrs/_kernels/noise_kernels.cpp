@@ -441,15 +441,6 @@ std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor
                      low, high);
 }
 
-// Whether some structure of these layers (σ = exp(clamp(log σ))) lies more than fast_tail σ into a tail.
-bool any_deep_tail_layers(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas, double low,
-                          double high, double log_sigma_min, double log_sigma_max, double fast_tail) {
-  for (size_t l = 0; l < mus.size(); ++l) {
-    if (SigmaOf(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max).any_deep_tail(low, high, fast_tail)) return true;
-  }
-  return false;
-}
-
 namespace {
 
 bmrs_counter::Key key_of(const std::vector<int64_t>& words) {
@@ -525,7 +516,7 @@ std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posterior
                                            double low, double high) {
   const size_t n = mus.size();
   TORCH_CHECK(masks.size() == n && kept.size() == n && full_widths.size() == n,
-              "one mu, log sigma, mask, kept index and full width per layer");
+              "one mu, mask, kept index and full width per layer");
   const auto key = key_of(words);
   check_rows(row_first, rows);
   std::vector<at::Tensor> out(5 * n + 1);
@@ -744,7 +735,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("any_deep_tail", &any_deep_tail, "whether some interval lies deep in a tail");
   m.def("sample_forward", &sample_forward, "fused truncated log-normal sampling");
   m.def("sample_backward", &sample_backward, "gradient of the fused sampling");
-  m.def("any_deep_tail_layers", &any_deep_tail_layers, "any_deep_tail over layers given log sigma");
   m.def("sample_layers_node", &sample_layers_node, "sample_layers as one autograd node, or nothing");
   m.def("counter_uniforms", &counter_uniforms, "the noise layers' counter-based uniforms");
   m.def("kl_layers", &kl_layers, "weighted KL sum of several layers and its gradient");

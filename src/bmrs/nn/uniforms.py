@@ -74,7 +74,7 @@ def counter_uniforms(key: tuple[int, int, int, int], row_first: int, rows: int, 
         raise ValueError(f"counter_uniforms: rows {row_first}…{row_first + rows} leave [0, 2^32)")
     dtype = torch.float64 if dtype == torch.float64 else torch.float32
     device = torch.device(device) if device is not None else codes.device
-    kernels = _kernels.usable_for(torch.empty(0, device=device))
+    kernels = _kernels.usable_for() if device.type == "cpu" else None
     if kernels is not None:
         return kernels.counter_uniforms(list(key), row_first, rows, codes.cpu(), dtype == torch.float64)
     index = torch.arange(row_first, row_first + rows, device=device)
