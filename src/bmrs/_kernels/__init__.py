@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["get", "set_enabled", "usable_for"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("noise_kernels.cpp", "delta_f_kernels.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("noise_kernels.cpp", "delta_f_kernels.cpp", "conv_kernels.cpp")]
 _state: dict = {"enabled": os.environ.get("BMRS_KERNELS", "1") != "0", "module": None, "failed": False}
 _lock = threading.Lock()
 
@@ -65,7 +65,7 @@ def usable_for(*tensors: torch.Tensor) -> ModuleType | None:
     for t in tensors:
         if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
             return None
-    if torch.compiler.is_compiling() or torch.jit.is_scripting():
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return None
     return get()
 

@@ -740,5 +740,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_layers", &kl_layers, "weighted KL sum of several layers and its gradient");
   m.def("delta_f_normal", &delta_f_normal, "BMRS_N's delta F without gradients");
   m.def("delta_f_uniform", &delta_f_uniform, "BMRS_U's delta F without gradients");
+  m.def("direct_conv2d", &direct_conv2d, "stride-1 float32 convolution for narrow layers");
   m.def("ndtri_lower_f32", &ndtri_lower_f32, "the float32 sampler's inverse normal CDF, p <= 1/2");
 }

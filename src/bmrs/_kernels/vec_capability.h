@@ -22,3 +22,6 @@ at::Tensor delta_f_normal(const at::Tensor& mu, const at::Tensor& sigma, double 
                           double r_low, double r_high);
 at::Tensor delta_f_uniform(const at::Tensor& mu, const at::Tensor& sigma, double low, double high, double r_low,
                            double r_high);
+// defined in conv_kernels.cpp
+at::Tensor direct_conv2d(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         int64_t pad_h, int64_t pad_w);

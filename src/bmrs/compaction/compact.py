@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fast_layers import use_fast_layers
 from .fold import (
     OPTYPE, REL_TOL, Folded, Trace, fold, op_name, reference_mismatch,
     restore_requires_grad,
@@ -62,13 +63,15 @@ _CHANNELWISE_OPS = frozenset({
 })
 
 
-def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
+def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> nn.Module:
     """A smaller plain copy of ``model`` computing what ``model`` computes in eval mode.
 
     ``model`` carries trained noise layers (``bmrs.attach``) whose masks mark pruned structures;
     ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword arguments) are
     used to trace the model.  Returns a new ``nn.Module`` in eval mode without noise layers, masked
-    channels physically removed where that is exact; ``model`` is not modified.  Raises
+    channels physically removed where that is exact; ``model`` is not modified.  With ``fast_layers``
+    (the default) the narrow convolutions and tiling max-pools left are swapped for their faster CPU
+    inference forms (:func:`bmrs.compaction.use_fast_layers`; same parameters and outputs).  Raises
     :class:`bmrs.errors.ModelError` if the model has no noise layers.
 
     Example:
@@ -97,6 +100,8 @@ def compact(model: nn.Module, example_inputs: Any) -> nn.Module:
                       "channel kept", RuntimeWarning, stacklevel=2)
         folded = fold(model, example_inputs, caller="compact")
     restore_requires_grad(folded)
+    if fast_layers:
+        use_fast_layers(folded.model)
     return folded.model.eval()
 
 

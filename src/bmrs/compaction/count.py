@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch_pruning as tp
+from torch_pruning.utils import op_counter
 from torch import nn
 
 from ..errors import ModelError
@@ -46,9 +47,26 @@ def count(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"count: expected an nn.Module, got {type(model).__name__}")
+    _count_subclasses_as_bases(model)
     ops, _ = tp.utils.count_ops_and_params(model, example_inputs)
     macs = int(round(float(ops)))
     return {"params": count_params(model), "macs": macs, "flops": 2 * macs}
+
+
+def _count_subclasses_as_bases(model: nn.Module) -> None:
+    """Count a subclass of a torch layer (e.g. :class:`~bmrs.compaction.NarrowConv2d`) as that layer.
+
+    torch-pruning's counter looks modules up by exact type; its custom mapping is reset after each count.
+    """
+    known = op_counter.MODULES_MAPPING
+    custom = {}
+    for module in model.modules():
+        kind = type(module)
+        if kind not in known and not isinstance(module, MultiplicativeNoise):
+            base = next((b for b in kind.__mro__[1:] if b in known), None)
+            if base is not None:
+                custom[kind] = known[base]
+    op_counter.CUSTOM_MODULES_MAPPING = custom
 
 
 def _removed_pct(before: float, after: float) -> float:

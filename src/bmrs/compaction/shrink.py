@@ -75,7 +75,7 @@ def _kept_elements(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, di
             noise.expected_theta = theta.clone  # fold θ = mask: codes pass unchanged or become 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        small = compact(coded, map_floating(example_inputs, Tensor.double))
+        small = compact(coded, map_floating(example_inputs, Tensor.double), fast_layers=False)
     if any("compact:" in str(w.message) for w in caught):
         return None  # compaction fell back to keeping every channel: nothing to shrink safely
     kept, partial = {}, {}

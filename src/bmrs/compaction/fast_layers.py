@@ -1,0 +1,173 @@
+"""Drop-in CPU inference layers for the narrow networks that compaction leaves behind.
+
+Two PyTorch CPU kernels stop scaling down with the layer once a network is pruned:
+
+* oneDNN pads a convolution's channels to its vector block, so a first layer pruned from 6 filters to
+  2 on a 1-channel image costs as much as before.  :class:`NarrowConv2d` runs such layers through a
+  direct convolution (``bmrs._kernels``, registers accumulate a block of output channels per input
+  load) whose cost follows the multiply-adds that are left;
+* ``max_pool2d`` on CPU walks each window with index bookkeeping, several times slower than the
+  convolution before it.  :class:`TiledMaxPool2d` takes non-overlapping windows as element-wise maxima
+  of strided views.
+
+Both are subclasses of the torch layer they replace, with the same parameters, state dict and
+``repr``; they take their fast path only for inference (no gradient needed) on CPU, and defer to the
+torch layer otherwise — under autograd, ``torch.compile``, tracing and ONNX export, on other devices
+and dtypes — so outputs are those of the torch layer (to float32 rounding for the convolution,
+bit for bit for the pooling).
+
+Example:
+    >>> import torch
+    >>> from bmrs.compaction import use_fast_layers
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+    >>> use_fast_layers(net)
+    2
+    >>> type(net[2]).__name__, isinstance(net[2], torch.nn.MaxPool2d)
+    ('TiledMaxPool2d', True)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import _kernels
+
+__all__ = ["NarrowConv2d", "TiledMaxPool2d", "use_fast_layers"]
+
+# oneDNN is faster once a layer reads and writes enough channels to fill its vector blocks; measured on
+# AVX-512 at batch 256 with 5×5 kernels, the direct kernel wins up to about 12 input × output channels.
+MAX_DIRECT_CHANNEL_PRODUCT = 12
+
+
+def _inference_only(*tensors: Tensor) -> bool:
+    """No gradient can flow through this call, and nothing is tracing or compiling it."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+
+
+class NarrowConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose float32 CPU inference runs a direct convolution (for few channels).
+
+    Takes the fast path for stride 1, dilation 1, one group, zero (or no) padding and a 4-D float32
+    CPU input when no gradient is needed; any other call is ``nn.Conv2d.forward``.
+
+    Example:
+        >>> import torch
+        >>> conv = NarrowConv2d.from_conv(torch.nn.Conv2d(1, 2, 5, padding=2))
+        >>> x = torch.randn(3, 1, 28, 28)
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=2),
+        ...                         atol=1e-5))
+        True
+    """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "NarrowConv2d":
+        """The same layer (sharing its parameters) as a NarrowConv2d."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return new
+
+    def _direct_padding(self) -> tuple[int, int] | None:
+        """(pad_h, pad_w) when the direct kernel computes this layer, else None."""
+        if self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1:
+            return None
+        if self.padding == "valid":
+            return 0, 0
+        if isinstance(self.padding, str):  # "same" with an even kernel pads asymmetrically
+            return None
+        if self.padding_mode != "zeros" and self.padding != (0, 0):
+            return None
+        return self.padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = self._direct_padding()
+        if (padding is not None and x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"
+                and _inference_only(x, self.weight, *([] if self.bias is None else [self.bias]))):
+            kernels = _kernels.usable_for()
+            if kernels is not None:
+                return kernels.direct_conv2d(x, self.weight, self.bias, *padding)
+        return super().forward(x)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class TiledMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose inference takes non-overlapping windows as maxima of strided views.
+
+    Serves kernel == stride, no padding, dilation 1, ``ceil_mode=False`` and no indices (the windows
+    tile the input; the rows and columns past the last whole window are dropped, as ``max_pool2d``
+    does).  NaN propagates as in ``max_pool2d``.  Any other configuration, or a call that needs
+    gradients, is ``nn.MaxPool2d.forward``.
+
+    Example:
+        >>> import torch
+        >>> pool = TiledMaxPool2d(2)
+        >>> x = torch.randn(2, 3, 7, 8)
+        >>> bool(torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2)))
+        True
+    """
+
+    @classmethod
+    def from_pool(cls, pool: nn.MaxPool2d) -> "TiledMaxPool2d":
+        """The same layer as a TiledMaxPool2d."""
+        new = cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode)
+        new.train(pool.training)
+        return new
+
+    def tiles(self) -> bool:
+        """Whether the windows tile the input (the configuration the fast path serves)."""
+        return (_pair(self.kernel_size) == _pair(self.stride) and _pair(self.padding) == (0, 0)
+                and _pair(self.dilation) == (1, 1) and not self.ceil_mode and not self.return_indices)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.tiles() and x.dim() in (3, 4) and _inference_only(x)):
+            return super().forward(x)
+        kh, kw = _pair(self.kernel_size)
+        rows, cols = x.shape[-2] // kh, x.shape[-1] // kw
+        if rows == 0 or cols == 0 or kh * kw == 1:
+            return super().forward(x)  # an empty output (max_pool2d's error) or a copy
+        x = x[..., : rows * kh, : cols * kw]
+        out = x[..., 0::kh, :]
+        for i in range(1, kh):
+            out = torch.maximum(out, x[..., i::kh, :])
+        pooled = out[..., 0::kw]
+        for j in range(1, kw):
+            pooled = torch.maximum(pooled, out[..., j::kw])
+        return pooled
+
+
+def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHANNEL_PRODUCT) -> int:
+    """Swap, in place, the layers of ``model`` that have a faster inference form; returns how many.
+
+    Each ``nn.Conv2d`` (exactly that type) with ``in_channels × out_channels <= max_channel_product``
+    becomes a :class:`NarrowConv2d` and each tiling ``nn.MaxPool2d`` a :class:`TiledMaxPool2d`,
+    sharing parameters.  Outputs do not change (see the module docstring); training calls are
+    unaffected.  :func:`bmrs.compaction.compact` applies this to what it returns.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.MaxPool2d(3, stride=2))
+        >>> use_fast_layers(net)     # too many channels; overlapping windows
+        0
+    """
+    if max_channel_product < 0:
+        raise ValueError(f"max_channel_product must be >= 0, got {max_channel_product}")
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Conv2d and child.in_channels * child.out_channels <= max_channel_product:
+                swaps.append((parent, name, NarrowConv2d.from_conv(child)))
+            elif type(child) is nn.MaxPool2d and TiledMaxPool2d.from_pool(child).tiles():
+                swaps.append((parent, name, TiledMaxPool2d.from_pool(child)))
+    for parent, name, layer in swaps:
+        setattr(parent, name, layer)
+    return len(swaps)
