@@ -51,6 +51,44 @@ def test_noise_training_samples_eval_uses_expectation_and_masks_zero():
     assert torch.equal(noise(x)[0, :, 0, 0], expected)
 
 
+class _ReusesActivationInput(nn.Module):
+    """The in-place ReLU's input h is read again after the activation (a skip connection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.out(self.act(h)) + h.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: bmrs.attach(small_mlp()),
+    lambda: bmrs.attach(_ReusesActivationInput(), targets=["act"]),  # the in-place ReLU hosts the noise
+    lambda: bmrs.attach(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(4 * 3 * 3, 2))),
+], ids=["mlp", "inplace-host", "cnn"])
+def test_eval_without_grad_equals_eval_with_grad(build):
+    """Without gradients evaluation scales activations in place where that is safe; the outputs must be
+    those of the out-of-place multiply taken with gradients on (an in-place ReLU's input is left alone)."""
+    torch.manual_seed(1)
+    model = build().eval()
+    for _, noise in bmrs.noise_layers(model):
+        with torch.no_grad():
+            noise.mu.uniform_(-1.0, 0.0)
+            noise.log_sigma.uniform_(-3.0, -1.0)
+    first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    x = torch.randn(4, 2, 8, 8) if isinstance(first, nn.Conv2d) else torch.randn(4, first.in_features)
+    with_grad = model(x)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = model(x)
+    with torch.inference_mode():
+        inference = model(x)
+    assert torch.equal(without, with_grad.detach()) and torch.equal(inference, without)
+
+
 def test_element_granularity_draws_per_element():
     noise = bmrs.MultiplicativeNoise(3, dim=-1, granularity="element", init_log_sigma=0.0, init_mu=-2.0)
     y = noise(torch.ones(8, 5, 3))

@@ -68,7 +68,20 @@ def _apply_noise(module: nn.Module, inputs, output):
     noise = getattr(module, NOISE_ATTR)
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
         return (noise(output[0]),) + tuple(output[1:])
+    if not noise.training and not output.requires_grad and _fresh(output, inputs):
+        return noise.scale_(output)  # evaluation: scale the module's own new output in place
     return noise(output)
+
+
+def _fresh(output: Tensor, inputs) -> bool:
+    """The output shares no memory with the module's tensor inputs (an in-place ReLU returns its input,
+    which its caller may still hold)."""
+    try:
+        storage = output.untyped_storage().data_ptr()
+        return storage != 0 and all(not isinstance(i, Tensor) or i.untyped_storage().data_ptr() != storage
+                                    for i in inputs)
+    except (RuntimeError, NotImplementedError):  # a tensor without plain storage (sparse, nested …)
+        return False
 
 
 class _NoiseAfterPool:

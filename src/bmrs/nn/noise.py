@@ -216,6 +216,23 @@ class MultiplicativeNoise(nn.Module):
             return x * self.sample_theta(x)
         return x * self._view(self.expected_theta().to(x.dtype), x)
 
+    def scale_(self, x: Tensor) -> Tensor:
+        """Evaluation's x·E[θ]·mask written into x (no allocation: a conv layer's activations are
+        megabytes, and a fresh buffer that size costs more than the multiply).  For a tensor that
+        nothing else holds and that needs no gradient; in training it is ``forward``.
+
+        Example:
+            >>> import torch
+            >>> noise = MultiplicativeNoise(3).eval()
+            >>> x = torch.ones(2, 3)
+            >>> noise.scale_(x) is x
+            True
+        """
+        if self.training or x.requires_grad:
+            return self(x)
+        theta = self.expected_theta()
+        return x.mul_(self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x))
+
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
         removed = f", removed={self.removed}" if self.removed else ""
