@@ -8,6 +8,8 @@
 // tests/test_kernels.py checks the two against each other and against mpmath.
 
 #include "vec_capability.h"
+
+#include <utility>
 #include "counter_uniforms.h"
 #include <ATen/native/Math.h>
 
@@ -34,7 +36,21 @@ constexpr int kHTerms = 6;
 // Per-sample elements below which one thread does it all (waking the second costs more).
 constexpr int64_t kGrainElements = 4096;
 
-inline double ndtr(double x) { return 0.5 * std::erfc(-x * kInvSqrt2); }
+// Below this Φ(x) < 2⁻¹⁰⁷⁵ rounds to 0: returned without calling erfc, whose underflow path (errno) is slow.
+constexpr double kNdtrZeroBelow = -38.6;
+// Below this eˣ rounds to 0 (the same reason).
+constexpr double kExpZeroBelow = -745.2;
+
+inline double ndtr(double x) { return x < kNdtrZeroBelow ? 0.0 : 0.5 * std::erfc(-x * kInvSqrt2); }
+
+inline double exp_or_zero(double x) { return x < kExpZeroBelow ? 0.0 : std::exp(x); }
+
+// (Φ(x), Φ(−x)) from one erfc: the smaller from erfc, the larger as its complement (≥ 1/2, so as
+// accurate as erfc of a negative argument would be).
+inline std::pair<double, double> ndtr_both(double x) {
+  const double small = ndtr(-std::fabs(x)), large = 1.0 - small;
+  return x < 0.0 ? std::make_pair(small, large) : std::make_pair(large, small);
+}
 
 // λ(t) = φ(t) / (1 − Φ(t)), t ≥ 0
 inline double inv_mills(double t) { return kSqrt2OverPi / calc_erfcx(t * kInvSqrt2); }
@@ -69,8 +85,8 @@ struct KLTerms {
 // mean inside [low, high]: the textbook forms (_truncnorm._mid_kl_terms)
 inline KLTerms mid_kl_terms(double alpha, double beta) {
   const double log_z = std::log(0.5 * (std::erf(beta * kInvSqrt2) - std::erf(alpha * kInvSqrt2)));
-  const double a = std::exp(-0.5 * alpha * alpha - 0.5 * kLog2Pi - log_z);
-  const double b = std::exp(-0.5 * beta * beta - 0.5 * kLog2Pi - log_z);
+  const double a = exp_or_zero(-0.5 * alpha * alpha - 0.5 * kLog2Pi - log_z);
+  const double b = exp_or_zero(-0.5 * beta * beta - 0.5 * kLog2Pi - log_z);
   const double d = alpha * a - beta * b;
   const double a2 = alpha * alpha * a, b2 = beta * beta * b;
   return {-0.5 * (kLog2Pi + 1.0) - log_z - 0.5 * d,
@@ -199,7 +215,8 @@ struct Pieces {
       // padding lanes: a harmless interval [−1, 0] around a standard normal, masked off
       const double mj = j < S ? m[j] : 0.0, sj = j < S ? s[j] : 1.0;
       const double a = j < S ? (low - mj) / sj : -1.0, b = j < S ? (high - mj) / sj : 0.0;
-      const double cdf_a = ndtr(a), cdf_b = ndtr(b), sf_a = ndtr(-a), sf_b = ndtr(-b);
+      const auto [cdf_a, sf_a] = ndtr_both(a);
+      const auto [cdf_b, sf_b] = ndtr_both(b);
       const bool live = j < S && (mask_or_null == nullptr || mask_or_null[j] != 0.0f);
       alpha[j] = T(a); beta[j] = T(b); cdf_alpha[j] = T(cdf_a); gap_low[j] = T(cdf_b - cdf_a);
       sf_beta[j] = T(sf_b); gap_high[j] = T(sf_a - sf_b); mu[j] = T(mj); sigma[j] = T(sj);
