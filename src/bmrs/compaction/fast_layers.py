@@ -150,8 +150,9 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
 
     Each ``nn.Conv2d`` (exactly that type) with ``in_channels × out_channels <= max_channel_product``
     becomes a :class:`NarrowConv2d` and each tiling ``nn.MaxPool2d`` a :class:`TiledMaxPool2d`,
-    sharing parameters.  Outputs do not change (see the module docstring); training calls are
-    unaffected.  :func:`bmrs.compaction.compact` applies this to what it returns.
+    sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
+    change (see the module docstring); training calls are unaffected.  :func:`bmrs.compaction.compact`
+    applies this to what it returns.
 
     Example:
         >>> import torch
