@@ -89,6 +89,25 @@ def test_eval_without_grad_equals_eval_with_grad(build):
     assert torch.equal(without, with_grad.detach()) and torch.equal(inference, without)
 
 
+def test_eval_scaling_per_input_form_and_after_parameter_changes():
+    """scale_ keeps E[θ]·mask viewed per (ndim, dtype): each form gets its own view, a bad width still
+    raises, and a parameter change or a new mask is seen at once."""
+    noise = bmrs.MultiplicativeNoise(3, dim=1, init_mu=-0.5, init_log_sigma=-1.0).eval()
+    theta = noise.posterior().mean.detach()
+    with torch.no_grad():
+        for shape, dtype in [((2, 3), torch.float32), ((2, 3, 4, 4), torch.float32), ((2, 3), torch.float64),
+                             ((2, 3), torch.float32)]:
+            x = torch.rand(shape, dtype=dtype)
+            want = x * theta.to(dtype).reshape([1, 3] + [1] * (len(shape) - 2))
+            assert torch.equal(noise.scale_(x.clone()), want)
+        with pytest.raises(bmrs.errors.ConfigError, match="got an input of shape"):
+            noise.scale_(torch.rand(2, 4))
+        noise.mask[1] = 0
+        assert noise.scale_(torch.ones(2, 3))[:, 1].eq(0).all()
+        noise.mu.fill_(-3.0)
+        assert torch.allclose(noise.scale_(torch.ones(2, 3))[0, 0], noise.posterior().mean[0])
+
+
 def test_element_granularity_draws_per_element():
     noise = bmrs.MultiplicativeNoise(3, dim=-1, granularity="element", init_log_sigma=0.0, init_mu=-2.0)
     y = noise(torch.ones(8, 5, 3))

@@ -81,7 +81,7 @@ class MultiplicativeNoise(nn.Module):
         # bmrs.compaction.shrink, which removes pruned structures physically during training.
         self.register_buffer("kept_index", torch.arange(num_features))
         self.full_features = num_features
-        self._eval_cache: tuple[tuple, Tensor] | None = None
+        self._eval_cache: tuple[tuple, Tensor, dict] | None = None
         self.producer: str | None = None  # set by bmrs.attach: the Conv/Linear this layer gates
         self.pending_theta: Tensor | None = None  # drawn for this layer by the model's noise bank
 
@@ -151,13 +151,16 @@ class MultiplicativeNoise(nn.Module):
 
     def expected_theta(self) -> Tensor:
         """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
-        key = (self.mu._version, self.log_sigma._version, self.mask._version,
-               self.mu.data_ptr(), self.log_sigma.data_ptr(), self.mask.data_ptr(), self.mu.device, self.mu.dtype)
-        if self._eval_cache is not None and self._eval_cache[0] == key:
-            return self._eval_cache[1]
+        params, buffers = self._parameters, self._buffers  # past nn.Module's lookup: runs every evaluation
+        mu, log_sigma, mask = params["mu"], params["log_sigma"], buffers["mask"]
+        key = (mu._version, log_sigma._version, mask._version, mu.data_ptr(), log_sigma.data_ptr(),
+               mask.data_ptr(), mu.device, mu.dtype)
+        cache = self._eval_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
         with torch.no_grad():
-            value = self.posterior().mean * self.mask
-        self._eval_cache = (key, value)
+            value = self.posterior().mean * mask
+        self._eval_cache = (key, value, {})  # the last: E[θ]·mask viewed for inputs, by (ndim, dtype)
         return value
 
     # -- forward --------------------------------------------------------------------------------
@@ -230,8 +233,13 @@ class MultiplicativeNoise(nn.Module):
         """
         if self.training or x.requires_grad:
             return self(x)
-        theta = self.expected_theta()
-        return x.mul_(self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x))
+        theta, cache = self.expected_theta(), self._eval_cache
+        views = cache[2] if cache is not None and cache[1] is theta else {}  # views of this very θ
+        form = (x.dim(), x.dtype)
+        view = views.get(form)
+        if view is None or x.shape[self.dim] != self.num_features:  # (_view raises on a bad input)
+            view = views[form] = self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x)
+        return x.mul_(view)
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
