@@ -190,8 +190,7 @@ def compaction_latency(quick: bool) -> dict:
             x = torch.randn(batch, 1, 32, 32)
             with torch.no_grad():
                 compacted, masked, speedup = alternating_times(lambda: small(x), lambda: model(x), rounds=30)
-                plain_ms, masked_again, plain_speedup = alternating_times(lambda: plain(x), lambda: model(x),
-                                                                          rounds=15)
+                plain_ms, _, plain_speedup = alternating_times(lambda: plain(x), lambda: model(x), rounds=15)
             row[f"b{batch}"] = {"masked_ms": masked, "compact_ms": compacted,
                                 "speedup": speedup, "speedup_over_flop_ratio": speedup / flop_ratio,
                                 "compact_plain_layers_ms": plain_ms, "speedup_plain_layers": plain_speedup,

@@ -167,8 +167,8 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
         for name, child in parent.named_children():
             if type(child) is nn.Conv2d and child.in_channels * child.out_channels <= max_channel_product:
                 swaps.append((parent, name, NarrowConv2d.from_conv(child)))
-            elif type(child) is nn.MaxPool2d and TiledMaxPool2d.from_pool(child).tiles():
-                swaps.append((parent, name, TiledMaxPool2d.from_pool(child)))
+            elif type(child) is nn.MaxPool2d and (pool := TiledMaxPool2d.from_pool(child)).tiles():
+                swaps.append((parent, name, pool))
     for parent, name, layer in swaps:
         setattr(parent, name, layer)
     return len(swaps)

@@ -135,13 +135,7 @@ class _KLStash:
 def _versions(members: list[MultiplicativeNoise]) -> tuple:
     """What identifies the values of the layers' posterior parameters."""
     return tuple((id(mu), mu._version, id(log_sigma), log_sigma._version)
-                 for mu, log_sigma, _, _ in map(_tensors_of, members))
-
-
-def _tensors_of(noise: MultiplicativeNoise) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mu, log σ, mask, kept index) of a noise layer, read past nn.Module's attribute lookup (hot path)."""
-    params, buffers = noise._parameters, noise._buffers
-    return params["mu"], params["log_sigma"], buffers["mask"], buffers["kept_index"]
+                 for mu, log_sigma, _, _ in map(MultiplicativeNoise.tensors, members))
 
 
 class _NoiseBank:
@@ -178,7 +172,7 @@ class _NoiseBank:
         first = self.shard[0] if self.shard is not None else 0
         for members in _bounds_groups(layers):
             head, key = members[0], draw_key()
-            mus, log_sigmas, masks, kept = zip(*map(_tensors_of, members))
+            mus, log_sigmas, masks, kept = zip(*map(MultiplicativeNoise.tensors, members))
             fused = sample_layers(mus, log_sigmas, masks, key, first, batch, kept, [n.full_features for n in members],
                                   head.low, head.high)
             if fused is not None:
@@ -447,7 +441,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         coefs = [1.0 / (n.full_features * len(layers)) if reduction == "mean" else 1.0 / num_train for n in members]
         part = _stashed_kl_sum(bank, members, coefs)
         if part is None:
-            mus, log_sigmas, _, _ = zip(*map(_tensors_of, members))
+            mus, log_sigmas, _, _ = zip(*map(MultiplicativeNoise.tensors, members))
             part = kl_layers(mus, log_sigmas, coefs, members[0].low, members[0].high)
         if part is None:  # the reference path
             kl = members[0].kl_of(*_concat_posteriors(members))
@@ -470,7 +464,7 @@ def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[Multiplicativ
     """The layers split by (low, high, device): each group's posteriors concatenate into one batched call."""
     groups: dict[tuple, list[MultiplicativeNoise]] = {}
     for noise in layers:
-        groups.setdefault((noise.low, noise.high, noise._parameters["mu"].device), []).append(noise)
+        groups.setdefault((noise.low, noise.high, noise.tensors()[0].device), []).append(noise)
     return list(groups.values())
 
 

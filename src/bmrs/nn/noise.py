@@ -149,10 +149,21 @@ class MultiplicativeNoise(nn.Module):
         # (the registered kl_divergence gives the same; calling the kernel skips its dispatch).
         return tn.kl_to_fixed_uniform(mu.reshape(-1), sigma.reshape(-1), self.low, self.high).reshape(mu.shape)
 
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mu, log σ, mask, kept index), read past nn.Module's attribute lookup (a microsecond each):
+        the training step and every evaluation read them.
+
+        Example:
+            >>> mu, log_sigma, mask, kept = MultiplicativeNoise(4).tensors()
+            >>> mu is not None and kept.tolist() == [0, 1, 2, 3]
+            True
+        """
+        params, buffers = self._parameters, self._buffers
+        return params["mu"], params["log_sigma"], buffers["mask"], buffers["kept_index"]
+
     def expected_theta(self) -> Tensor:
         """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
-        params, buffers = self._parameters, self._buffers  # past nn.Module's lookup: runs every evaluation
-        mu, log_sigma, mask = params["mu"], params["log_sigma"], buffers["mask"]
+        mu, log_sigma, mask, _ = self.tensors()
         key = (mu._version, log_sigma._version, mask._version, mu.data_ptr(), log_sigma.data_ptr(),
                mask.data_ptr(), mu.device, mu.dtype)
         cache = self._eval_cache
