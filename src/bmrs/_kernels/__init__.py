@@ -5,7 +5,7 @@ tiny tensors, so eager PyTorch spends its time in per-operation overhead (about 
 700 operations a step).  ``noise_kernels.cpp`` does the same sums element by element in one call
 each — the KL with its closed-form gradient, and the truncated log-normal sampling with its
 backward.  The KL and float64 sampling use PyTorch's own scalar special functions; float32 sampling
-runs eight lanes at a time (``at::vec``, SLEEF's exp and log) with a float32 Φ⁻¹ as accurate as
+runs a vector of lanes at a time (``at::vec``: SLEEF's log, at::vec's inline exp) with a float32 Φ⁻¹ as accurate as
 PyTorch's (Giles's erfinv centrally, Acklam's rational in the tail), and forms the backward's
 per-sample factors in the same pass, so the backward is two column sums.  The PyTorch code in
 :mod:`bmrs.distributions` stays the reference: it serves GPUs, ``torch.compile`` and any machine
