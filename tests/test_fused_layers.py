@@ -54,8 +54,8 @@ def _fused(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_widths=S
     return None if out is None else out[0]
 
 
-def _fused_with_kl(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_widths=SIZES):
-    return sample_layers(mus, log_sigmas, masks, KEY, row_first, rows, kept, full_widths, LOW, HIGH)
+def _fused_with_kl(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_widths=SIZES, coefs=None):
+    return sample_layers(mus, log_sigmas, masks, KEY, row_first, rows, kept, full_widths, LOW, HIGH, coefs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -96,10 +96,11 @@ def test_narrowed_layers_and_row_slices_draw_the_full_networks_theta(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_kl_formed_beside_theta_matches_the_kl_kernel_and_its_gradient_joins_thetas(dtype):
     mus, log_sigmas, masks = _layers(dtype)
-    thetas, kl, spent = _fused_with_kl(mus, log_sigmas, masks)
+    coefs = [0.5, 1.0, 2.0]
+    thetas, kl, weighted, spent = _fused_with_kl(mus, log_sigmas, masks, coefs=coefs)
     assert not bool(spent) and not spent.requires_grad
     assert kl.shape == (len(SIZES),) and kl.dtype == dtype
-    coefs = [0.5, 1.0, 2.0]
+    assert weighted.shape == () and weighted.dtype == dtype
     params = mus + log_sigmas
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     for layer in range(len(SIZES)):  # each layer's KL alone, against kl_layers with the others weighted 0
@@ -113,6 +114,15 @@ def test_the_kl_formed_beside_theta_matches_the_kl_kernel_and_its_gradient_joins
     for got, a, b in zip(together, theta_part, kl_part):
         torch.testing.assert_close(got, a + b, rtol=rtol * 10, atol=rtol * 10 * float((a + b).abs().max()))
     assert bool(spent)  # the backward ran: the node's saved tensors are gone
+    # the weighted sum formed in the node: the same value and gradient as kl_layers with those weights,
+    # and its gradient adds to the per-layer KL's when the loss uses both
+    thetas, kl, weighted, _ = _fused_with_kl(mus, log_sigmas, masks, coefs=coefs)
+    torch.testing.assert_close(weighted, kl_layers(mus, log_sigmas, coefs, LOW, HIGH), rtol=rtol, atol=0)
+    both = torch.autograd.grad(3.0 * weighted + kl[1], params)
+    want = torch.autograd.grad(kl_layers(mus, log_sigmas, [3 * c + (i == 1) for i, c in enumerate(coefs)], LOW, HIGH),
+                               params)
+    for got, w in zip(both, want):
+        torch.testing.assert_close(got, w, rtol=rtol * 10, atol=rtol * 10 * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "elbo"])
@@ -162,9 +172,9 @@ def test_unservable_inputs_return_none():
 
 
 def _stash_users(kl):
-    """The autograd nodes the KL term reaches in one or two steps (names)."""
+    """The autograd nodes the KL term is, or reaches in one or two steps (names)."""
     first = [f for f, _ in kl.grad_fn.next_functions if f is not None]
-    return {f.name() for f in first} | {g.name() for f in first for g, _ in f.next_functions if g}
+    return {kl.grad_fn.name()} | {f.name() for f in first} | {g.name() for f in first for g, _ in f.next_functions if g}
 
 
 def test_kl_loss_reuses_the_kl_of_the_draw_only_while_it_is_valid():

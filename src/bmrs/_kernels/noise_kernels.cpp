@@ -194,23 +194,29 @@ bool any_deep_tail(const at::Tensor& mu_in, const at::Tensor& sigma_in, double l
 
 namespace {
 
-// Per-structure pieces of the sampling, each an array of S values (padded to whole vectors),
+// Structures per column block: the sampler and its backward split the work between threads by whole
+// blocks of one layer's structures (a whole number of vectors of either width).
+constexpr int64_t kColumnBlock = 64;
+// A structure's own work (its ends, normal masses and KL), in samples' worth, for sizing the grain.
+constexpr int64_t kStructureWork = 16;
+
+// Per-structure pieces of the sampling for up to kColumnBlock structures (padded to whole vectors),
 // computed in float64 and rounded to T as the reference code does.
 template <typename T>
 struct Pieces {
   int64_t padded;
-  std::vector<T> alpha, beta, cdf_alpha, gap_low, sf_beta, gap_high, mu, sigma, mask, near_alpha, near_beta,
-      sigma_grad;  // ∂σ/∂(the parameter trained): 1 for σ itself, σ·[log σ unclamped] for log σ
-  std::vector<char> block_near_alpha, block_near_beta;  // any near end among a vector's structures
+  alignas(64) T alpha[kColumnBlock], beta[kColumnBlock], cdf_alpha[kColumnBlock], gap_low[kColumnBlock],
+      sf_beta[kColumnBlock], gap_high[kColumnBlock], mu[kColumnBlock], sigma[kColumnBlock], mask[kColumnBlock],
+      near_alpha[kColumnBlock], near_beta[kColumnBlock],
+      sigma_grad[kColumnBlock];  // ∂σ/∂(the parameter trained): 1 for σ itself, σ·[log σ unclamped] for log σ
+  char block_near_alpha[kColumnBlock], block_near_beta[kColumnBlock];  // any near end among a vector's structures
 
   Pieces(const double* m, const double* s, const double* sigma_grad_or_null, const float* mask_or_null, int64_t S,
          double low, double high, int64_t width)
       : padded((S + width - 1) / width * width) {
-    for (auto* v : {&alpha, &beta, &cdf_alpha, &gap_low, &sf_beta, &gap_high, &mu, &sigma, &mask, &near_alpha, &near_beta,
-                    &sigma_grad})
-      v->assign(padded, T(0));
-    block_near_alpha.assign(padded / width, 0);
-    block_near_beta.assign(padded / width, 0);
+    TORCH_CHECK(padded <= kColumnBlock, "a column block holds at most ", kColumnBlock, " structures");
+    std::fill(block_near_alpha, block_near_alpha + kColumnBlock, char(0));
+    std::fill(block_near_beta, block_near_beta + kColumnBlock, char(0));
     for (int64_t j = 0; j < padded; ++j) {
       // padding lanes: a harmless interval [−1, 0] around a standard normal, masked off
       const double mj = j < S ? m[j] : 0.0, sj = j < S ? s[j] : 1.0;
@@ -361,43 +367,82 @@ struct CounterUniforms {
   }
 };
 
-// The sampler over `rows` rows of uniforms from `source` for S structures, writing θ, θ·∂x/∂μ and
-// θ·∂x/∂σ·sigma_grad into fresh (rows, S) tensors of type `dtype` (float32 or float64).
+// One layer's input to the sampler: posteriors (float64), the optional ∂σ/∂(trained parameter) and mask,
+// where its uniforms come from, and its (rows, S) outputs θ, θ·∂x/∂μ, θ·∂x/∂σ·sigma_grad.
 template <typename Source>
-std::vector<at::Tensor> sample_core(const double* m, const double* s, const double* sigma_grad, const float* mask,
-                                    int64_t S, const Source& source, int64_t rows, at::ScalarType dtype, double low,
-                                    double high) {
-  auto options = at::TensorOptions().dtype(dtype);
-  auto theta = at::empty({rows, S}, options), w_mu = at::empty({rows, S}, options), w_sigma = at::empty({rows, S}, options);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S, 1));
-  if (dtype == at::kFloat) {
-    constexpr int64_t L = VecF::size();
-    const Pieces<float> P(m, s, sigma_grad, mask, S, low, high, L);
-    float *th = theta.data_ptr<float>(), *wm = w_mu.data_ptr<float>(), *ws = w_sigma.data_ptr<float>();
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t j = 0; j < S; j += L) {
-          const int64_t k = r * S + j;
-          const int count = int(std::min<int64_t>(L, S - j));
-          sample_block_f32(P, j, j / L, source.f32(r, j, count), th + k, wm + k, ws + k, count, float(low),
-                           float(high));
-        }
-      }
-    });
-  } else {
-    TORCH_CHECK(dtype == at::kDouble, "the sampler runs in float32 or float64");
-    const Pieces<double> P(m, s, sigma_grad, mask, S, low, high, 1);
-    double *th = theta.data_ptr<double>(), *wm = w_mu.data_ptr<double>(), *ws = w_sigma.data_ptr<double>();
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t j = 0; j < S; ++j) {
-          const int64_t k = r * S + j;
-          sample_one_f64(P, j, source.f64(r, j), th + k, wm + k, ws + k, low, high);
-        }
-      }
-    });
+struct LayerDraw {
+  const double *mu, *sigma, *sigma_grad;  // sigma_grad may be null (then 1)
+  const float* mask;                       // may be null (then 1)
+  int64_t S;
+  Source source;
+  at::Tensor theta, w_mu, w_sigma;
+};
+
+struct ColumnBlock {
+  int64_t layer, first, last;  // structures first … last − 1 of a layer
+};
+
+// The layers' structures in blocks of at most kColumnBlock, and (in `grain`) how many blocks give a
+// thread at least kGrainElements of work: small draws run on the calling thread alone.
+std::vector<ColumnBlock> column_blocks(const std::vector<int64_t>& widths, int64_t rows, int64_t& grain) {
+  std::vector<ColumnBlock> blocks;
+  int64_t work = 0;
+  for (size_t l = 0; l < widths.size(); ++l) {
+    for (int64_t j = 0; j < widths[l]; j += kColumnBlock) blocks.push_back({int64_t(l), j, std::min(widths[l], j + kColumnBlock)});
+    work += widths[l] * (rows + kStructureWork);
   }
-  return {theta, w_mu, w_sigma};
+  const int64_t count = std::max<int64_t>(int64_t(blocks.size()), 1);
+  grain = std::max<int64_t>(1, (kGrainElements * count + std::max<int64_t>(work, 1) - 1) / std::max<int64_t>(work, 1));
+  return blocks;
+}
+
+// fn(index, block) for every column block, the blocks split between threads whole: every column is
+// then summed or drawn by one thread in row order, the same whatever the number of threads.
+template <typename Fn>
+void for_column_blocks(const std::vector<ColumnBlock>& blocks, int64_t grain, const Fn& fn) {
+  at::parallel_for(0, int64_t(blocks.size()), grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b, blocks[b]);
+  });
+}
+
+// The sampler for structures first … last − 1 of one layer, every row.
+template <typename Source>
+void sample_columns(const LayerDraw<Source>& d, int64_t first, int64_t last, int64_t rows, double low, double high) {
+  const int64_t S = d.S, count = last - first;
+  const double* sg = d.sigma_grad != nullptr ? d.sigma_grad + first : nullptr;
+  const float* mask = d.mask != nullptr ? d.mask + first : nullptr;
+  if (d.theta.scalar_type() == at::kFloat) {
+    constexpr int64_t L = VecF::size();
+    const Pieces<float> P(d.mu + first, d.sigma + first, sg, mask, count, low, high, L);
+    float *th = d.theta.template data_ptr<float>(), *wm = d.w_mu.template data_ptr<float>(), *ws = d.w_sigma.template data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < count; j += L) {
+        const int64_t k = r * S + first + j;
+        const int lanes = int(std::min<int64_t>(L, count - j));
+        sample_block_f32(P, j, j / L, d.source.f32(r, first + j, lanes), th + k, wm + k, ws + k, lanes, float(low),
+                         float(high));
+      }
+    }
+  } else {
+    const Pieces<double> P(d.mu + first, d.sigma + first, sg, mask, count, low, high, 1);
+    double *th = d.theta.template data_ptr<double>(), *wm = d.w_mu.template data_ptr<double>(), *ws = d.w_sigma.template data_ptr<double>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t k = r * S + first + j;
+        sample_one_f64(P, j, d.source.f64(r, first + j), th + k, wm + k, ws + k, low, high);
+      }
+    }
+  }
+}
+
+// Allocates a layer's (rows, S) outputs in `dtype` (float32 or float64).
+template <typename Source>
+void allocate_draw(LayerDraw<Source>& d, int64_t rows, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "the sampler runs in float32 or float64");
+  const auto options = at::TensorOptions().dtype(dtype);
+  d.theta = at::empty({rows, d.S}, options);
+  d.w_mu = at::empty({rows, d.S}, options);
+  d.w_sigma = at::empty({rows, d.S}, options);
 }
 
 // A layer's μ, σ = exp(clamp(log σ, lo, hi)) and ∂σ/∂log σ (0 where the clamp is active, as
@@ -424,14 +469,15 @@ struct SigmaOf {
   }
 };
 
-// Σ_j KL(q_j ‖ U[low, high]) of one layer's posteriors; coef times its gradient in μ and in log σ is
-// written to g_mu and g_log_sigma (1-d, the layer's dtype).
-double layer_kl(const SigmaOf& p, double low, double high, double coef, at::Tensor& g_mu, at::Tensor& g_log_sigma) {
+// Σ_j KL(q_j ‖ U[low, high]) over structures first … last − 1 of one layer's posteriors; coef times its
+// gradient in μ and in log σ is written to g_mu and g_log_sigma (1-d, the layer's dtype) at those places.
+double kl_columns(const SigmaOf& p, int64_t first, int64_t last, double low, double high, double coef, at::Tensor& g_mu,
+                  at::Tensor& g_log_sigma) {
   const double log_w = std::log(high - low);
   double total = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(g_mu.scalar_type(), "layer_kl", [&] {
+  AT_DISPATCH_FLOATING_TYPES(g_mu.scalar_type(), "kl_columns", [&] {
     scalar_t *gm = g_mu.data_ptr<scalar_t>(), *gl = g_log_sigma.data_ptr<scalar_t>();
-    for (size_t j = 0; j < p.mu.size(); ++j) {
+    for (int64_t j = first; j < last; ++j) {
       const auto r = kl_to_uniform_at(p.mu[j], p.sigma[j], low, high, log_w);
       total += r.kl;
       gm[j] = scalar_t(coef * r.d_loc);
@@ -459,10 +505,15 @@ std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor
   at::Tensor mask32;
   if (mask_in.has_value()) mask32 = mask_in->to(at::kFloat).contiguous();
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "u must be float32 or float64");
-  const TensorUniforms source{u.data_ptr(), u.size(1), 0};
-  return sample_core(mu64.data_ptr<double>(), sigma64.data_ptr<double>(), nullptr,
-                     mask_in.has_value() ? mask32.data_ptr<float>() : nullptr, S, source, u.size(0), u.scalar_type(),
-                     low, high);
+  LayerDraw<TensorUniforms> d{mu64.data_ptr<double>(), sigma64.data_ptr<double>(), nullptr,
+                              mask_in.has_value() ? mask32.data_ptr<float>() : nullptr, S,
+                              TensorUniforms{u.data_ptr(), u.size(1), 0}};
+  const int64_t rows = u.size(0);
+  allocate_draw(d, rows, u.scalar_type());
+  int64_t grain = 1;
+  const auto blocks = column_blocks({S}, rows, grain);
+  for_column_blocks(blocks, grain, [&](int64_t, const ColumnBlock& b) { sample_columns(d, b.first, b.last, rows, low, high); });
+  return {d.theta, d.w_mu, d.w_sigma};
 }
 
 namespace {
@@ -531,7 +582,8 @@ at::Tensor counter_uniforms(const std::vector<int64_t>& words, int64_t row_first
 // uniforms formed in the lanes: rows row_first … row_first + rows − 1, and layer l's structure j at column
 // code Σ_{l' < l} full_widths[l'] + kept[l][j] (its position before `shrink` narrowed the layer).
 // Returns θ_l for every layer, then every θ_l·∂x/∂μ, then every θ_l·∂x/∂log σ, in μ's dtype; then,
-// from the same σ, the layers' KL to the prior U[low, high] (n,), and its gradient in every μ and every log σ.
+// from the same σ, the layers' KL to the prior U[low, high] (n,) in float64, and its gradient in every μ and
+// every log σ.
 namespace {
 
 std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posteriors, at::TensorList mus,
@@ -543,26 +595,40 @@ std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posterior
               "one mu, mask, kept index and full width per layer");
   const auto key = key_of(words);
   check_rows(row_first, rows);
-  std::vector<at::Tensor> out(5 * n + 1);
-  std::vector<double> kl(n);
-  std::vector<uint32_t> column, column_low;
+  std::vector<at::Tensor> out(5 * n + 1), masks32(n);
+  std::vector<std::vector<uint32_t>> column(n), column_low(n);
+  std::vector<LayerDraw<CounterUniforms>> draws;
+  std::vector<int64_t> widths(n);
+  draws.reserve(n);
   int64_t offset = 0;
   for (size_t l = 0; l < n; ++l) {
     const SigmaOf& p = posteriors[l];
-    const auto mask = masks[l].to(at::kFloat).contiguous();
-    const int64_t S = mus[l].numel();
-    TORCH_CHECK(kept[l].numel() == S, "one kept index per structure");
-    column_hashes(key, kept[l], offset, (S + VecF::size() - 1) / VecF::size() * VecF::size(), column, column_low);
-    const CounterUniforms source{key, row_first, column.data(), column_low.data()};
-    auto parts = sample_core(p.mu.data(), p.sigma.data(), p.sigma_grad.data(), mask.data_ptr<float>(), S, source,
-                             rows, mus[l].scalar_type(), low, high);
-    for (int i = 0; i < 3; ++i) out[i * n + l] = parts[i];
+    masks32[l] = masks[l].to(at::kFloat).contiguous();
+    const int64_t S = widths[l] = mus[l].numel();
+    TORCH_CHECK(kept[l].numel() == S && masks32[l].numel() == S, "one mask entry and kept index per structure");
+    column_hashes(key, kept[l], offset, (S + VecF::size() - 1) / VecF::size() * VecF::size(), column[l], column_low[l]);
+    draws.push_back({p.mu.data(), p.sigma.data(), p.sigma_grad.data(), masks32[l].data_ptr<float>(), S,
+                     CounterUniforms{key, row_first, column[l].data(), column_low[l].data()}});
+    allocate_draw(draws[l], rows, mus[l].scalar_type());
+    out[l] = draws[l].theta;
+    out[n + l] = draws[l].w_mu;
+    out[2 * n + l] = draws[l].w_sigma;
     out[3 * n + 1 + l] = at::empty({S}, mus[l].options());
     out[4 * n + 1 + l] = at::empty({S}, mus[l].options());
-    kl[l] = layer_kl(p, low, high, 1.0, out[3 * n + 1 + l], out[4 * n + 1 + l]);
     offset += full_widths[l];
   }
-  out[3 * n] = at::tensor(kl, at::TensorOptions().dtype(at::kDouble)).to(n > 0 ? mus[0].scalar_type() : at::kDouble);
+  // each block draws its θ and forms its structures' KL, summed per layer in block order below
+  int64_t grain = 1;
+  const auto blocks = column_blocks(widths, rows, grain);
+  std::vector<double> kl_of_block(blocks.size());
+  for_column_blocks(blocks, grain, [&](int64_t i, const ColumnBlock& b) {
+    sample_columns(draws[b.layer], b.first, b.last, rows, low, high);
+    kl_of_block[i] = kl_columns(posteriors[b.layer], b.first, b.last, low, high, 1.0, out[3 * n + 1 + b.layer],
+                                out[4 * n + 1 + b.layer]);
+  });
+  std::vector<double> kl(n, 0.0);
+  for (size_t i = 0; i < blocks.size(); ++i) kl[blocks[i].layer] += kl_of_block[i];
+  out[3 * n] = at::tensor(kl, at::TensorOptions().dtype(at::kDouble));  // float64: the node weights and rounds it
   return out;
 }
 
@@ -580,62 +646,68 @@ std::vector<SigmaOf> posteriors_of(at::TensorList mus, at::TensorList log_sigmas
 
 namespace {
 
-// Backward of fast_sample._TailInversion: ∂L/∂μ = Σ_rows grad · θ∂x/∂μ and ∂L/∂σ = Σ_rows grad · θ∂x/∂σ,
-// summed in float64 over fixed blocks of rows, then over the blocks in order: the same result whatever
-// the number of threads.  With `extra_scale` ≠ 0, extra_scale · (extra_mu, extra_sigma) is added (the
-// gradient of a per-layer term computed in the forward, e.g. the layer's KL).
-std::vector<at::Tensor> sample_backward_plus(const at::Tensor& grad_in, const at::Tensor& w_mu, const at::Tensor& w_sigma,
-                                             double extra_scale, const at::Tensor* extra_mu, const at::Tensor* extra_sigma) {
-  const auto grad = grad_in.contiguous();
-  const int64_t rows = grad.size(0), S = grad.size(1);
-  constexpr int64_t kRowsPerBlock = 16;
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<double> part(size_t(std::max<int64_t>(blocks, 1)) * 2 * S, 0.0);
-  auto out_mu = at::empty({S}, grad.options()), out_sigma = at::empty({S}, grad.options());
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "sample_backward", [&] {
-    const scalar_t *g = grad.data_ptr<scalar_t>(), *wm = w_mu.data_ptr<scalar_t>(), *ws = w_sigma.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(S * kRowsPerBlock, 1));
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double* __restrict__ acc_mu = part.data() + b * 2 * S;
-        double* __restrict__ acc_sigma = acc_mu + S;
-        for (int64_t r = b * kRowsPerBlock; r < std::min(rows, (b + 1) * kRowsPerBlock); ++r) {
-          const scalar_t* __restrict__ gr = g + r * S;
-          const scalar_t* __restrict__ mr = wm + r * S;
-          const scalar_t* __restrict__ sr = ws + r * S;
-          for (int64_t j = 0; j < S; ++j) {
-            acc_mu[j] += double(gr[j] * mr[j]);
-            acc_sigma[j] += double(gr[j] * sr[j]);
-          }
+// Backward of fast_sample._TailInversion for several layers at once: for layer l,
+// ∂L/∂μ = Σ_rows grad_l · θ∂x/∂μ and ∂L/∂σ = Σ_rows grad_l · θ∂x/∂σ, each column summed in float64 by one
+// thread in row order (the same result whatever the number of threads), plus scale_l · (extra_mu_l,
+// extra_sigma_l) where extras are given (the gradient of a per-layer term formed in the forward, e.g.
+// the layer's KL).  Returns every layer's ∂L/∂μ, then every ∂L/∂σ.
+std::vector<at::Tensor> sample_layers_backward(const std::vector<at::Tensor>& grads_in, at::TensorList w_mu,
+                                               at::TensorList w_sigma, const std::vector<double>& scales,
+                                               at::TensorList extra_mu, at::TensorList extra_sigma) {
+  const size_t n = grads_in.size();
+  TORCH_CHECK(w_mu.size() == n && w_sigma.size() == n, "one gradient and two factors per layer");
+  const bool extra = !extra_mu.empty();
+  TORCH_CHECK(!extra || (extra_mu.size() == n && extra_sigma.size() == n && scales.size() == n),
+              "one extra term and scale per layer");
+  std::vector<at::Tensor> grads(n), out(2 * n);
+  std::vector<int64_t> widths(n);
+  const int64_t rows = n > 0 ? grads_in[0].size(0) : 0;
+  for (size_t l = 0; l < n; ++l) {
+    grads[l] = grads_in[l].contiguous();
+    TORCH_CHECK(grads[l].dim() == 2 && grads[l].size(0) == rows && grads[l].sizes() == w_mu[l].sizes(),
+                "the gradient of a layer's θ must be (rows, S)");
+    widths[l] = grads[l].size(1);
+    out[l] = at::empty({widths[l]}, grads[l].options());
+    out[n + l] = at::empty({widths[l]}, grads[l].options());
+  }
+  if (n == 0) return out;
+  int64_t grain = 1;
+  const auto blocks = column_blocks(widths, rows, grain);
+  AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "sample_layers_backward", [&] {
+    for_column_blocks(blocks, grain, [&](int64_t, const ColumnBlock& b) {
+      const int64_t S = widths[b.layer], count = b.last - b.first;
+      const scalar_t* __restrict__ g = grads[b.layer].data_ptr<scalar_t>() + b.first;
+      const scalar_t* __restrict__ wm = w_mu[b.layer].data_ptr<scalar_t>() + b.first;
+      const scalar_t* __restrict__ ws = w_sigma[b.layer].data_ptr<scalar_t>() + b.first;
+      double acc_mu[kColumnBlock] = {}, acc_sigma[kColumnBlock] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < count; ++j) {
+          acc_mu[j] += double(g[r * S + j] * wm[r * S + j]);
+          acc_sigma[j] += double(g[r * S + j] * ws[r * S + j]);
         }
       }
+      scalar_t* dst_mu = out[b.layer].data_ptr<scalar_t>() + b.first;
+      scalar_t* dst_sigma = out[n + b.layer].data_ptr<scalar_t>() + b.first;
+      const double scale = extra ? scales[b.layer] : 0.0;
+      for (int64_t j = 0; j < count; ++j) {
+        double sum_mu = acc_mu[j], sum_sigma = acc_sigma[j];
+        if (scale != 0.0) {
+          sum_mu += scale * double(extra_mu[b.layer].data_ptr<scalar_t>()[b.first + j]);
+          sum_sigma += scale * double(extra_sigma[b.layer].data_ptr<scalar_t>()[b.first + j]);
+        }
+        dst_mu[j] = scalar_t(sum_mu);
+        dst_sigma[j] = scalar_t(sum_sigma);
+      }
     });
-    const bool extra = extra_scale != 0.0 && extra_mu != nullptr;
-    const scalar_t* em = extra ? extra_mu->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* es = extra ? extra_sigma->data_ptr<scalar_t>() : nullptr;
-    scalar_t *dst_mu = out_mu.data_ptr<scalar_t>(), *dst_sigma = out_sigma.data_ptr<scalar_t>();
-    for (int64_t j = 0; j < S; ++j) {
-      double sum_mu = 0.0, sum_sigma = 0.0;
-      for (int64_t b = 0; b < blocks; ++b) {
-        sum_mu += part[b * 2 * S + j];
-        sum_sigma += part[b * 2 * S + S + j];
-      }
-      if (extra) {
-        sum_mu += extra_scale * double(em[j]);
-        sum_sigma += extra_scale * double(es[j]);
-      }
-      dst_mu[j] = scalar_t(sum_mu);
-      dst_sigma[j] = scalar_t(sum_sigma);
-    }
   });
-  return {out_mu, out_sigma};
+  return out;
 }
 
 }  // namespace
 
-// sample_backward_plus without an extra term (the backward of sample_forward)
+// The backward of sample_forward (one layer, no extra term): ∂L/∂μ and ∂L/∂σ.
 std::vector<at::Tensor> sample_backward(const at::Tensor& grad, const at::Tensor& w_mu, const at::Tensor& w_sigma) {
-  return sample_backward_plus(grad, w_mu, w_sigma, 0.0, nullptr, nullptr);
+  return sample_layers_backward({grad}, {w_mu}, {w_sigma}, {}, {}, {});
 }
 
 
@@ -645,26 +717,33 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // sample_layers as one autograd node built in C++ (no Python on the step's path): outputs θ of every
-// layer, the layers' KL (n,), and a flag (0-d bool, not differentiable) that the backward sets, telling a
-// holder of the KL that its graph is spent.
+// layer, the layers' KL (n,), their sum weighted by `coefs` (0-d), and a flag (0-d bool, not
+// differentiable) that the backward sets, telling a holder of the KL that its graph is spent.
 struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
-  static constexpr int kPlainArgs = 7;  // the arguments after the four tensor lists
+  static constexpr int kPlainArgs = 8;  // the arguments after the four tensor lists
 
   static variable_list forward(AutogradContext* ctx, at::TensorList mus, at::TensorList log_sigmas,
                                at::TensorList masks, at::TensorList kept, const std::vector<SigmaOf>* posteriors,
                                const std::vector<int64_t>* words, int64_t row_first, int64_t rows,
-                               const std::vector<int64_t>* full_widths, double low, double high) {
+                               const std::vector<int64_t>* full_widths, double low, double high,
+                               const std::vector<double>* coefs) {
     const int64_t n = int64_t(mus.size());
     auto out = sample_layers_from(*posteriors, mus, masks, *words, row_first, rows, kept, *full_widths, low, high);
     variable_list saved(out.begin() + n, out.begin() + 3 * n);
     saved.insert(saved.end(), out.begin() + 3 * n + 1, out.end());
     ctx->save_for_backward(saved);
+    const double* kl64 = out[3 * n].data_ptr<double>();
+    double total = 0.0;
+    for (int64_t l = 0; l < n; ++l) total += (*coefs)[l] * kl64[l];
+    const auto options = mus[0].options();
     auto spent = at::zeros({}, at::TensorOptions().dtype(at::kBool));
     ctx->saved_data["n"] = n;
     ctx->saved_data["spent"] = spent;
+    ctx->saved_data["coefs"] = c10::List<double>(*coefs);
     ctx->mark_non_differentiable({spent});
     variable_list result(out.begin(), out.begin() + n);
-    result.push_back(out[3 * n]);
+    result.push_back(out[3 * n].to(options));
+    result.push_back(at::scalar_tensor(total, options));
     result.push_back(spent);
     return result;
   }
@@ -673,13 +752,20 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
     const int64_t n = ctx->saved_data["n"].toInt();
     ctx->saved_data["spent"].toTensor().fill_(true);
     const auto saved = ctx->get_saved_variables();
-    const auto scales = grads[n].to(at::kDouble).contiguous();
+    // each layer's KL enters the loss through the per-layer output and through the weighted sum
+    const auto scale_tensor = grads[n].to(at::kDouble).contiguous();
+    const double total_grad = grads[n + 1].defined() ? grads[n + 1].item<double>() : 0.0;
+    const auto coefs = ctx->saved_data["coefs"].toDoubleList();
+    std::vector<double> scales(n);
+    for (int64_t l = 0; l < n; ++l) scales[l] = scale_tensor.data_ptr<double>()[l] + total_grad * coefs[l];
+    const std::vector<at::Tensor> theta_grads(grads.begin(), grads.begin() + n);
+    const at::TensorList factors(saved);
+    auto g = sample_layers_backward(theta_grads, factors.slice(0, n), factors.slice(n, n), scales, factors.slice(2 * n, n),
+                                    factors.slice(3 * n, n));
     variable_list result(4 * n + kPlainArgs);
     for (int64_t l = 0; l < n; ++l) {
-      auto g = sample_backward_plus(grads[l], saved[l], saved[n + l], scales.data_ptr<double>()[l], &saved[2 * n + l],
-                                    &saved[3 * n + l]);
-      result[l] = g[0];
-      result[n + l] = g[1];
+      result[l] = g[l];
+      result[n + l] = g[n + l];
     }
     return result;
   }
@@ -688,15 +774,19 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
 }  // namespace
 
 // The fused draw for the noise bank (bmrs/nn/fused_layers.py): sample_layers as one autograd node,
-// returning θ of every layer, the layers' KL (n,) and the spent flag; or nothing when the kernels cannot
-// serve these tensors (not all on the CPU in one float32/float64 dtype, or an interval more than
-// fast_tail σ into a tail, which the reference code draws exactly).
+// returning θ of every layer, the layers' KL (n,), its sum weighted by `coefs` and the spent flag; or
+// nothing when the kernels cannot serve these tensors (not all on the CPU in one float32/float64 dtype,
+// or an interval more than fast_tail σ into a tail, which the reference code draws exactly).  An empty
+// `words` draws the key from PyTorch's default generator as bmrs.nn.uniforms.draw_key does, only once
+// the kernels are known to serve (so that a caller falling back draws the same key itself).
 std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
                                            const std::vector<at::Tensor>& masks, const std::vector<int64_t>& words,
                                            int64_t row_first, int64_t rows, const std::vector<at::Tensor>& kept,
                                            const std::vector<int64_t>& full_widths, double low, double high,
-                                           double log_sigma_min, double log_sigma_max, double fast_tail) {
+                                           double log_sigma_min, double log_sigma_max, double fast_tail,
+                                           const std::vector<double>& coefs) {
   if (mus.empty() || log_sigmas.size() != mus.size()) return {};
+  TORCH_CHECK(coefs.size() == mus.size(), "one KL coefficient per layer");
   const auto dtype = mus[0].scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return {};
   for (const auto* list : {&mus, &log_sigmas}) {
@@ -717,8 +807,14 @@ std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, c
   for (const auto& p : posteriors) {
     if (p.any_deep_tail(low, high, fast_tail)) return {};
   }
+  std::vector<int64_t> key = words;
+  if (key.empty()) {
+    const auto drawn = at::randint(0, int64_t(1) << 32, {4}, at::TensorOptions().dtype(at::kLong));
+    key.assign(drawn.data_ptr<int64_t>(), drawn.data_ptr<int64_t>() + 4);
+  }
   return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), at::TensorList(masks),
-                                 at::TensorList(kept), &posteriors, &words, row_first, rows, &full_widths, low, high);
+                                 at::TensorList(kept), &posteriors, &key, row_first, rows, &full_widths, low, high,
+                                 &coefs);
 }
 
 // Σ_l coef_l Σ_j KL(q_lj ‖ U[low, high]) with σ = exp(clamp(log σ)), and its gradient in every layer's
@@ -734,7 +830,7 @@ std::vector<at::Tensor> kl_layers(const std::vector<at::Tensor>& mus, const std:
     const SigmaOf p(mus[l], log_sigmas[l], log_sigma_min, log_sigma_max);
     out[1 + l] = at::empty({mus[l].numel()}, mus[l].options());
     out[1 + n + l] = at::empty({mus[l].numel()}, mus[l].options());
-    total += coefs[l] * layer_kl(p, low, high, coefs[l], out[1 + l], out[1 + n + l]);
+    total += coefs[l] * kl_columns(p, 0, int64_t(p.mu.size()), low, high, coefs[l], out[1 + l], out[1 + n + l]);
   }
   out[0] = at::scalar_tensor(total, mus.empty() ? at::TensorOptions().dtype(at::kDouble) : mus[0].options());
   return out;

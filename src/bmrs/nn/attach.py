@@ -118,12 +118,12 @@ def _hook_target(host: nn.Module, noise: MultiplicativeNoise, modules: dict[str,
 
 
 class _KLStash:
-    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), for ``kl_loss`` to reuse
-    while the layers' parameters and the grad mode are unchanged and no backward pass has spent its graph
-    (the node sets ``spent``)."""
+    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), per layer and as the paper's
+    mean over all of them, for ``kl_loss`` to reuse while the layers' parameters and the grad mode are
+    unchanged and no backward pass has spent its graph (the node sets ``spent``)."""
 
-    def __init__(self, members: list[MultiplicativeNoise], kl: Tensor, spent: Tensor):
-        self.members, self.versions, self.kl, self.spent = members, _versions(members), kl, spent
+    def __init__(self, members: list[MultiplicativeNoise], kl: Tensor, mean: Tensor, spent: Tensor):
+        self.members, self.versions, self.kl, self.mean, self.spent = members, _versions(members), kl, mean, spent
         self.grad_enabled = torch.is_grad_enabled()
 
     def matches(self, members: list[MultiplicativeNoise]) -> bool:
@@ -171,14 +171,17 @@ class _NoiseBank:
             return
         first = self.shard[0] if self.shard is not None else 0
         for members in _bounds_groups(layers):
-            head, key = members[0], draw_key()
+            head = members[0]
             mus, log_sigmas, masks, kept = zip(*map(MultiplicativeNoise.tensors, members))
-            fused = sample_layers(mus, log_sigmas, masks, key, first, batch, kept, [n.full_features for n in members],
-                                  head.low, head.high)
+            # the kernel draws the key itself (as draw_key() would) and weights the KL as kl_loss's "mean"
+            # does when these layers are all the model's (the only case in which kl_loss takes that sum)
+            fused = sample_layers(mus, log_sigmas, masks, None, first, batch, kept, [n.full_features for n in members],
+                                  head.low, head.high, [1.0 / (n.full_features * len(members)) for n in members])
             if fused is not None:
-                parts, kl, spent = fused
-                self.kl_stashes.append(_KLStash(members, kl, spent))
-            else:  # the reference path, on the same uniforms
+                parts, kl, mean, spent = fused
+                self.kl_stashes.append(_KLStash(members, kl, mean, spent))
+            else:  # the reference path, on uniforms of the same stream
+                key = draw_key()
                 u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, first, key)
                 theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
                 parts = torch.split(theta, [n.num_features for n in members], dim=1)
@@ -191,6 +194,14 @@ class _NoiseBank:
         for stash in self.kl_stashes:
             if stash.matches(members):
                 return stash.kl
+        return None
+
+    def stashed_mean_kl(self, layers: list[MultiplicativeNoise]) -> Tensor | None:
+        """kl_loss's "mean" of these layers, when the last draw covered exactly them in one call (and
+        stashed_kl would serve); else None."""
+        stashes = self.kl_stashes
+        if len(stashes) == 1 and stashes[0].matches(layers):
+            return stashes[0].mean
         return None
 
     def clear(self, *_) -> None:
@@ -436,6 +447,10 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     # makes the KL of a deep network as cheap as that of one layer; the mean is a weighted sum over
     # each layer's original structures (removing pruned ones changes no weight)
     bank = model.__dict__.get("_bmrs_bank")
+    if reduction == "mean" and bank is not None:
+        mean = bank.stashed_mean_kl(layers)  # the common training step: formed by this step's draw
+        if mean is not None:
+            return mean
     total = None
     for members in _bounds_groups(layers):
         coefs = [1.0 / (n.full_features * len(layers)) if reduction == "mean" else 1.0 / num_train for n in members]

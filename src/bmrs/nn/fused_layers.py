@@ -44,27 +44,31 @@ def _usable(params: Sequence[Tensor], *others: Tensor):
 
 
 def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Sequence[Tensor],
-                  key: tuple[int, int, int, int], row_first: int, rows: int, kept: Sequence[Tensor],
-                  full_widths: Sequence[int], low: float, high: float) -> tuple[list[Tensor], Tensor, Tensor] | None:
+                  key: tuple[int, int, int, int] | None, row_first: int, rows: int, kept: Sequence[Tensor],
+                  full_widths: Sequence[int], low: float, high: float,
+                  coefs: Sequence[float] | None = None) -> tuple[list[Tensor], Tensor, Tensor, Tensor] | None:
     """(θ·mask of shape (rows, len(mu_l)) for each layer, the layers' KL to the log-uniform prior on
-    [low, high] summed per layer, shape (n,), a 0-d bool flag), σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).
+    [low, high] summed per layer, shape (n,), Σ_l coefs[l]·KL_l (0-d; coefs default to 1), a 0-d bool
+    flag), σ = exp(clamp(log σ, *LOG_SIGMA_RANGE)).
 
     The uniforms are those of :mod:`bmrs.nn.uniforms` for ``key``, rows ``row_first …`` and layer l's
     structure j at column code Σ_{l' < l} full_widths[l'] + kept[l][j] (formed inside the kernel, never
-    stored).  The KL shares the per-structure work and the autograd node (built in C++), so a loss that
-    adds it costs no second pass; the node's backward sets the flag, after which the KL's graph is
-    spent.  Differentiable in every mu and log_sigma.  None where the fused kernels cannot serve (not
+    stored); ``key=None`` draws it from PyTorch's default generator as ``draw_key()`` would, only when
+    the kernels serve.  The KL shares the per-structure work and the autograd node (built in C++), so a
+    loss that adds it costs no second pass; the node's backward sets the flag, after which the KL's graph
+    is spent.  Differentiable in every mu and log_sigma.  None where the fused kernels cannot serve (not
     all on the CPU in one float32/float64 dtype, an interval deep in a tail, tracing): use the
     reference path then."""
     kernels = _kernels.usable_for()
     if kernels is None:
         return None
-    out = kernels.sample_layers_node(list(mus), list(log_sigmas), list(masks), list(key), int(row_first), int(rows),
-                                     list(kept), [int(w) for w in full_widths], float(low), float(high),
-                                     *LOG_SIGMA_RANGE, FAST_TAIL)
+    coefs = [1.0] * len(mus) if coefs is None else [float(c) for c in coefs]
+    out = kernels.sample_layers_node(list(mus), list(log_sigmas), list(masks), [] if key is None else list(key),
+                                     int(row_first), int(rows), list(kept), [int(w) for w in full_widths],
+                                     float(low), float(high), *LOG_SIGMA_RANGE, FAST_TAIL, coefs)
     if not out:
         return None
-    return out[:-2], out[-2], out[-1]
+    return out[:-3], out[-3], out[-2], out[-1]
 
 
 class _KLLayers(torch.autograd.Function):
