@@ -216,3 +216,22 @@ def test_kl_loss_reuses_the_kl_of_the_draw_only_while_it_is_valid():
     assert not any("SampleLayersNode" in name for name in _stash_users(after))
     torch.testing.assert_close(after, fresh(), rtol=0, atol=0)
 
+
+
+def test_the_mean_kl_formed_by_the_draw_is_handed_out_once():
+    # kl_loss returns the draw's own output tensor; a caller scaling it in place must not change what a
+    # second call in the same step returns
+    torch.manual_seed(0)
+    net = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5),
+                                          torch.nn.Tanh(), torch.nn.Linear(5, 3)))
+    net(torch.randn(8, 4))
+    first = bmrs.kl_loss(net)
+    assert "SampleLayersNode" in first.grad_fn.name()
+    value = first.item()
+    first.mul_(0.5)
+    second = bmrs.kl_loss(net)
+    assert second is not first and second.item() == pytest.approx(value, rel=1e-6)
+    assert any("SampleLayersNode" in name for name in _stash_users(second))  # still the draw's per-layer KL
+    (first + second).backward()  # both differentiate through the one draw
+    for _, noise in bmrs.noise_layers(net):
+        assert noise.mu.grad is not None and bool(torch.isfinite(noise.mu.grad).all())

@@ -198,10 +198,12 @@ class _NoiseBank:
 
     def stashed_mean_kl(self, layers: list[MultiplicativeNoise]) -> Tensor | None:
         """kl_loss's "mean" of these layers, when the last draw covered exactly them in one call (and
-        stashed_kl would serve); else None."""
+        stashed_kl would serve); else None.  Handed out once (the caller may change it in place): a
+        second call in the same step gets None and forms the sum afresh from the per-layer KL."""
         stashes = self.kl_stashes
-        if len(stashes) == 1 and stashes[0].matches(layers):
-            return stashes[0].mean
+        if len(stashes) == 1 and stashes[0].mean is not None and stashes[0].matches(layers):
+            mean, stashes[0].mean = stashes[0].mean, None
+            return mean
         return None
 
     def clear(self, *_) -> None:
