@@ -123,14 +123,19 @@ print(sorted(times)[len(times) // 2], min(times), (status("VmHWM") - base) / 102
 """
 
 
+def _delta_f_runs(n: int, which: str, processes: int, *flags: str) -> list[list[str]]:
+    """(median seconds, best seconds, extra MiB) of the ΔF snippet in each of ``processes`` fresh processes."""
+    return [subprocess.run([sys.executable, "-c", _DELTA_F_SNIPPET, str(n), which, *flags], capture_output=True,
+                           text=True, check=True).stdout.split() for _ in range(processes)]
+
+
 def delta_f_throughput(sizes: list[int]) -> dict:
     out = {}
     for which in ("n", "u"):
         for n in sizes:
             # a fresh process per size, so that peak memory is that of this evaluation alone; three
             # processes below 1e7 (this VM's speed drifts by ±15% between processes): median time, max memory
-            runs = [subprocess.run([sys.executable, "-c", _DELTA_F_SNIPPET, str(n), which], capture_output=True,
-                                   text=True, check=True).stdout.split() for _ in range(1 if n >= 10**7 else 3)]
+            runs = _delta_f_runs(n, which, 1 if n >= 10**7 else 3)
             median = statistics.median(float(r[0]) for r in runs)
             best = min(float(r[1]) for r in runs)
             extra_mib = max(float(r[2]) for r in runs)
@@ -141,9 +146,8 @@ def delta_f_throughput(sizes: list[int]) -> dict:
             line = (f"  ΔF BMRS_{which.upper()} {n:>9,d}: {n / best / 1e6:6.1f} M structures/s best, "
                     f"{n / median / 1e6:6.1f} median, +{extra_mib:.0f} MiB peak")
             if n == 10**6 and bmrs._kernels.get() is not None:
-                # the PyTorch closed forms beside the kernel, in fresh processes alternating with it
-                ref = [subprocess.run([sys.executable, "-c", _DELTA_F_SNIPPET, str(n), which, "reference"],
-                                      capture_output=True, text=True, check=True).stdout.split() for _ in range(3)]
+                # the PyTorch closed forms beside the kernel, in three fresh processes after its own
+                ref = _delta_f_runs(n, which, 3, "reference")
                 ref_best = min(float(r[1]) for r in ref)
                 out[f"{which}_{n:.0e}"]["reference_per_second"] = n / ref_best
                 line += f"; PyTorch forms {n / ref_best / 1e6:.1f} M/s (kernel ×{ref_best / best:.1f})"

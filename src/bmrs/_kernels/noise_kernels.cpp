@@ -342,14 +342,14 @@ inline void sample_one_f64(const Pieces<double>& P, int64_t j, double uk, double
   *wsig = theta * d_sigma * P.sigma_grad[j];
 }
 
-// Uniforms read from a (rows, ≥ S) tensor with unit column stride, structures from column `first`.
+// Uniforms read from a (rows, ≥ S) tensor with unit column stride.
 struct TensorUniforms {
   const void* data;
-  int64_t stride, first;
+  int64_t stride;
   VecF f32(int64_t r, int64_t j, int count) const {
-    return VecF::loadu(static_cast<const float*>(data) + r * stride + first + j, count);
+    return VecF::loadu(static_cast<const float*>(data) + r * stride + j, count);
   }
-  double f64(int64_t r, int64_t j) const { return static_cast<const double*>(data)[r * stride + first + j]; }
+  double f64(int64_t r, int64_t j) const { return static_cast<const double*>(data)[r * stride + j]; }
 };
 
 // Counter-based uniforms (counter_uniforms.h) for rows row_first + r and the structures' column
@@ -511,7 +511,7 @@ std::vector<at::Tensor> sample_forward(const at::Tensor& mu_in, const at::Tensor
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, "u must be float32 or float64");
   LayerDraw<TensorUniforms> d{mu64.data_ptr<double>(), sigma64.data_ptr<double>(), nullptr,
                               mask_in.has_value() ? mask32.data_ptr<float>() : nullptr, S,
-                              TensorUniforms{u.data_ptr(), u.size(1), 0}};
+                              TensorUniforms{u.data_ptr(), u.size(1)}};
   const int64_t rows = u.size(0);
   allocate_draw(d, rows, u.scalar_type());
   int64_t grain = 1;

@@ -150,10 +150,10 @@ class _NoiseBank:
 
     def __init__(self, layers: list[MultiplicativeNoise]):
         self.layers = layers
-        # (first row, global batch size) when this process holds a slice of a larger global batch
-        # (distributed training): its rows are coded by their global index in the counter-based
-        # uniform stream, so every example's θ matches a single process.
-        self.shard: tuple[int, int] | None = None
+        # the index in the global batch of this process's first row when it holds a slice of a larger
+        # batch (distributed training): rows are coded by their global index in the counter-based
+        # uniform stream, so every example's θ matches a single process
+        self.row_first = 0
         self.kl_stashes: list[_KLStash] = []
 
     def __getstate__(self) -> dict:
@@ -169,20 +169,20 @@ class _NoiseBank:
         layers = [n for n in self.layers if n.granularity == "structure" and n.training]
         if batch is None or not layers:
             return
-        first = self.shard[0] if self.shard is not None else 0
         for members in _bounds_groups(layers):
             head = members[0]
             mus, log_sigmas, masks, kept = zip(*map(MultiplicativeNoise.tensors, members))
             # the kernel draws the key itself (as draw_key() would) and weights the KL as kl_loss's "mean"
             # does when these layers are all the model's (the only case in which kl_loss takes that sum)
-            fused = sample_layers(mus, log_sigmas, masks, None, first, batch, kept, [n.full_features for n in members],
-                                  head.low, head.high, [1.0 / (n.full_features * len(members)) for n in members])
+            fused = sample_layers(mus, log_sigmas, masks, None, self.row_first, batch, kept,
+                                  [n.full_features for n in members], head.low, head.high,
+                                  _mean_weights(members, len(members)))
             if fused is not None:
                 parts, kl, mean, spent = fused
                 self.kl_stashes.append(_KLStash(members, kl, mean, spent))
             else:  # the reference path, on uniforms of the same stream
                 key = draw_key()
-                u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, first, key)
+                u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, self.row_first, key)
                 theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
                 parts = torch.split(theta, [n.num_features for n in members], dim=1)
             for noise, part in zip(members, parts):
@@ -455,7 +455,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
             return mean
     total = None
     for members in _bounds_groups(layers):
-        coefs = [1.0 / (n.full_features * len(layers)) if reduction == "mean" else 1.0 / num_train for n in members]
+        coefs = _mean_weights(members, len(layers)) if reduction == "mean" else [1.0 / num_train] * len(members)
         part = _stashed_kl_sum(bank, members, coefs)
         if part is None:
             mus, log_sigmas, _, _ = zip(*map(MultiplicativeNoise.tensors, members))
@@ -467,6 +467,12 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
             part = (kl * weights).sum()
         total = part if total is None else total + part
     return total
+
+
+def _mean_weights(members: list[MultiplicativeNoise], layer_count: int) -> list[float]:
+    """kl_loss's "mean" weight of each member's summed KL: the mean over the layer's original structures
+    (removing pruned ones changes no weight), averaged over the model's ``layer_count`` noise layers."""
+    return [1.0 / (n.full_features * layer_count) for n in members]
 
 
 def _stashed_kl_sum(bank: _NoiseBank | None, members: list[MultiplicativeNoise], coefs: list[float]) -> Tensor | None:

@@ -92,13 +92,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
             part = dist.local_slice(len(y))
             scale = dist.world * (part.stop - part.start) / len(y)
             if bank is not None:
-                bank.shard = (part.start, len(y))
+                bank.row_first = part.start
             x, y = x[part], y[part]
         try:
             logits = forward(x)
         finally:
             if bank is not None:
-                bank.shard = None
+                bank.row_first = 0
         # (a process whose slice of a short last batch is empty still joins the gradient average)
         ce = nn.functional.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
         kl = kl_weight * kl_loss(model, kl_reduction, num_train) if has_noise else torch.zeros((), device=ce.device)
