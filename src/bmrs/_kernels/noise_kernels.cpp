@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -352,18 +353,36 @@ struct TensorUniforms {
   double f64(int64_t r, int64_t j) const { return static_cast<const double*>(data)[r * stride + j]; }
 };
 
+// The compiler's vector extensions over VecF's lanes (AVX-512 or AVX2 under -march=native): at::vec has
+// no unsigned 32-bit multiply or logical shift, which the counter hash needs.
+typedef uint32_t U32Lanes __attribute__((vector_size(VecF::size() * sizeof(uint32_t))));
+typedef int32_t I32Lanes __attribute__((vector_size(VecF::size() * sizeof(int32_t))));
+typedef float F32Lanes __attribute__((vector_size(VecF::size() * sizeof(float))));
+
+// bmrs_counter::unit_f32 of one row hash against VecF::size() column hashes, all lanes at once (a few
+// vector instructions where the scalar loop takes a dozen per lane)
+inline VecF unit_f32_lanes(uint32_t row_hash, const uint32_t* column_hash) {
+  U32Lanes x;
+  std::memcpy(&x, column_hash, sizeof x);
+  x ^= row_hash;
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  const F32Lanes u = __builtin_convertvector((I32Lanes)((x >> 8) | 1U), F32Lanes) * 0x1p-24f;
+  alignas(64) float lanes[VecF::size()];
+  std::memcpy(lanes, &u, sizeof u);
+  return VecF::loadu(lanes);
+}
+
 // Counter-based uniforms (counter_uniforms.h) for rows row_first + r and the structures' column
 // hashes (padded to whole vectors), formed in the lanes that use them.
 struct CounterUniforms {
   bmrs_counter::Key key;
   int64_t row_first;
   const uint32_t *column, *column_low;
-  VecF f32(int64_t r, int64_t j, int) const {
-    alignas(64) float lanes[VecF::size()];
-    const uint32_t row = key.row(row_first + r);
-    for (int i = 0; i < VecF::size(); ++i) lanes[i] = bmrs_counter::unit_f32(row, column[j + i]);
-    return VecF::loadu(lanes);
-  }
+  VecF f32(int64_t r, int64_t j, int) const { return unit_f32_lanes(key.row(row_first + r), column + j); }
   double f64(int64_t r, int64_t j) const {
     const uint32_t row = key.row(row_first + r);
     return bmrs_counter::unit_f64(row, column[j], key.row_low(row), column_low[j]);
