@@ -65,7 +65,7 @@ _POOL_DIMS = {
 
 
 def _apply_noise(module: nn.Module, inputs, output):
-    noise = getattr(module, NOISE_ATTR)
+    noise = module._modules[NOISE_ATTR]
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
         return (noise(output[0]),) + tuple(output[1:])
     if not noise.training and not output.requires_grad and _fresh(output, inputs):
@@ -122,8 +122,8 @@ class _KLStash:
     mean over all of them, for ``kl_loss`` to reuse while the layers' parameters and the grad mode are
     unchanged and no backward pass has spent its graph (the node sets ``spent``)."""
 
-    def __init__(self, members: list[MultiplicativeNoise], kl: Tensor, mean: Tensor, spent: Tensor):
-        self.members, self.versions, self.kl, self.mean, self.spent = members, _versions(members), kl, mean, spent
+    def __init__(self, members: list[MultiplicativeNoise], versions: tuple, kl: Tensor, mean: Tensor, spent: Tensor):
+        self.members, self.versions, self.kl, self.mean, self.spent = members, versions, kl, mean, spent
         self.grad_enabled = torch.is_grad_enabled()
 
     def matches(self, members: list[MultiplicativeNoise]) -> bool:
@@ -134,8 +134,12 @@ class _KLStash:
 
 def _versions(members: list[MultiplicativeNoise]) -> tuple:
     """What identifies the values of the layers' posterior parameters."""
-    return tuple((id(mu), mu._version, id(log_sigma), log_sigma._version)
-                 for mu, log_sigma, _, _ in map(MultiplicativeNoise.tensors, members))
+    mus, log_sigmas, _, _ = zip(*map(MultiplicativeNoise.tensors, members))
+    return _versions_of(mus, log_sigmas)
+
+
+def _versions_of(mus, log_sigmas) -> tuple:
+    return tuple((id(mu), mu._version, id(log_sigma), log_sigma._version) for mu, log_sigma in zip(mus, log_sigmas))
 
 
 class _NoiseBank:
@@ -179,7 +183,7 @@ class _NoiseBank:
                                   _mean_weights(members, len(members)))
             if fused is not None:
                 parts, kl, mean, spent = fused
-                self.kl_stashes.append(_KLStash(members, kl, mean, spent))
+                self.kl_stashes.append(_KLStash(members, _versions_of(mus, log_sigmas), kl, mean, spent))
             else:  # the reference path, on uniforms of the same stream
                 key = draw_key()
                 u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, self.row_first, key)
@@ -240,6 +244,24 @@ def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
         noise = module._modules.get(NOISE_ATTR) if hasattr(module, "_modules") else None
         if isinstance(noise, MultiplicativeNoise):
             found.append((name, noise))
+    return found
+
+
+def _noise_modules(model: nn.Module) -> list[MultiplicativeNoise]:
+    """The noise layers of ``noise_layers(model)`` without their names, by a plain depth-first walk (the
+    same order, each module once): ``kl_loss`` walks the model at every training step, and this is a
+    third cheaper than ``named_modules``."""
+    found, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        children = module._modules
+        noise = children.get(NOISE_ATTR)
+        if isinstance(noise, MultiplicativeNoise):
+            found.append(noise)
+        stack.extend(child for child in reversed(children.values()) if child is not None)
     return found
 
 
@@ -378,6 +400,9 @@ def attach(
     if noise_layers(model):
         raise ModelError("attach: the model already has noise layers; attach once (or compact it first)")
     chosen = _default_targets(model) if targets is None else _explicit_targets(model, targets)
+    # a module used in several places (shared weights) is one target: one noise layer, one hook
+    modules_seen: set[int] = set()
+    chosen = [entry for entry in chosen if not (id(entry[1]) in modules_seen or modules_seen.add(id(entry[1])))]
     if not chosen:
         raise ModelError(
             f"attach: found nothing to attach noise to in {type(model).__name__} (no Conv/Linear/BatchNorm "
@@ -438,7 +463,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
         True
     """
-    layers = [noise for _, noise in noise_layers(model)]
+    layers = _noise_modules(model)
     if not layers:
         raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
     if reduction not in ("mean", "elbo"):
