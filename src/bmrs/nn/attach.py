@@ -19,7 +19,9 @@ Default policy (``targets=None``):
     it, Conv → ReLU (noise registered here) → MaxPool → noise applied here, as above);
   * never on the layer that produces the model's output (the last Conv/Linear registered);
   * never on layers inside ``nn.MultiheadAttention`` (its projections are not called as modules):
-    target the ``MultiheadAttention`` module itself to gate its output channels.
+    target the ``MultiheadAttention`` module itself to gate its output channels;
+  * a module used in several places (shared weights) gets one noise layer and one hook, which gates its
+    output wherever it runs.
 
 Example:
     >>> import torch, bmrs
