@@ -141,6 +141,7 @@ def _versions(members: list[MultiplicativeNoise]) -> tuple:
 
 
 def _versions_of(mus, log_sigmas) -> tuple:
+    """_versions from the layers' mu and log σ tensors, already read."""
     return tuple((id(mu), mu._version, id(log_sigma), log_sigma._version) for mu, log_sigma in zip(mus, log_sigmas))
 
 
