@@ -12,7 +12,9 @@
 
 namespace bmrs_counter {
 
-inline uint32_t mix(uint32_t x) {
+// one uint32_t, or a vector of them in the compiler's vector extensions (the fused sampler's lanes)
+template <typename U>
+inline U mix(U x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
   x ^= x >> 15;

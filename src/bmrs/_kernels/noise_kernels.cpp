@@ -362,14 +362,9 @@ typedef float F32Lanes __attribute__((vector_size(VecF::size() * sizeof(float)))
 // bmrs_counter::unit_f32 of one row hash against VecF::size() column hashes, all lanes at once (a few
 // vector instructions where the scalar loop takes a dozen per lane)
 inline VecF unit_f32_lanes(uint32_t row_hash, const uint32_t* column_hash) {
-  U32Lanes x;
-  std::memcpy(&x, column_hash, sizeof x);
-  x ^= row_hash;
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
+  U32Lanes columns;
+  std::memcpy(&columns, column_hash, sizeof columns);
+  const U32Lanes x = bmrs_counter::mix(columns ^ row_hash);
   const F32Lanes u = __builtin_convertvector((I32Lanes)((x >> 8) | 1U), F32Lanes) * 0x1p-24f;
   alignas(64) float lanes[VecF::size()];
   std::memcpy(lanes, &u, sizeof u);
