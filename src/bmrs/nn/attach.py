@@ -250,24 +250,6 @@ def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
     return found
 
 
-def _noise_modules(model: nn.Module) -> list[MultiplicativeNoise]:
-    """The noise layers of ``noise_layers(model)`` without their names, by a plain depth-first walk (the
-    same order, each module once): ``kl_loss`` walks the model at every training step, and this is a
-    third cheaper than ``named_modules``."""
-    found, seen, stack = [], set(), [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        children = module._modules
-        noise = children.get(NOISE_ATTR)
-        if isinstance(noise, MultiplicativeNoise):
-            found.append(noise)
-        stack.extend(child for child in reversed(children.values()) if child is not None)
-    return found
-
-
 def _features_and_dim(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, _CONV):
         return module.out_channels, 1
@@ -466,7 +448,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
         True
     """
-    layers = _noise_modules(model)
+    layers = [noise for _, noise in noise_layers(model)]
     if not layers:
         raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
     if reduction not in ("mean", "elbo"):

@@ -211,11 +211,8 @@ class MultiplicativeNoise(nn.Module):
             shape = x.movedim(dim, -1).shape[:-1]
             theta = self.draw_theta(self.mu, self.sigma, shape, self.kept_index, self.mask).to(x.dtype)
             return theta.movedim(-1, dim)
-        attributes = self.__dict__
-        pending = attributes["pending_theta"]
-        attributes["pending_theta"] = None  # used once
-        if pending is not None and pending.shape == x.shape and pending.dtype == x.dtype and self.dim % 2 == 1:
-            return pending  # the usual (examples, structures) input: _view would return θ itself
+        pending = self.__dict__["pending_theta"]
+        self.hold_theta(None)
         if pending is not None and pending.shape[0] == x.shape[0]:
             theta = pending  # the bank's draw, mask applied
         else:
