@@ -141,8 +141,10 @@ def _assert_agree(got, want, theta_rtol, grad_rtol):
 
 def test_float32_inverse_normal_cdf_matches_mpmath():
     # the float32 sampler's Φ⁻¹ (Giles centrally, Acklam in the tail) over p in (0, 1/2], including
-    # both sides of the switch at 0.02425 and float32's subnormals
-    p = np.concatenate([np.logspace(-45, np.log10(0.5), 400), np.linspace(0.0235, 0.025, 40), [0.5]])
+    # both sides of the switch at 0.0017 (where Giles's central polynomial ends), Acklam's own switch at
+    # 0.02425, and float32's subnormals
+    p = np.concatenate([np.logspace(-45, np.log10(0.5), 400), np.linspace(0.0016, 0.0018, 40),
+                        np.linspace(0.0235, 0.025, 20), [0.5]])
     p = torch.from_numpy(p).float()
     p = p[p > 0]
     got = _kernels.get().ndtri_lower_f32(p).double().numpy()
