@@ -235,3 +235,84 @@ def test_the_mean_kl_formed_by_the_draw_is_handed_out_once():
     (first + second).backward()  # both differentiate through the one draw
     for _, noise in bmrs.noise_layers(net):
         assert noise.mu.grad is not None and bool(torch.isfinite(noise.mu.grad).all())
+
+
+class _Blocks(torch.nn.Module):
+    """Blocks in a ModuleList, run one after the other (ModuleList.insert registers without hooks)."""
+
+    def __init__(self, *blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _block(width=6):
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width))
+
+
+def _expected_mean_kl(model):
+    return torch.stack([noise.kl().mean() for _, noise in bmrs.noise_layers(model)]).mean()
+
+
+def test_kl_loss_skips_the_model_walk_only_while_the_bank_covers_the_model(monkeypatch):
+    torch.manual_seed(0)
+    attach_module = __import__("sys").modules["bmrs.nn.attach"]
+    walks = []
+    real_walk = attach_module.noise_layers
+    monkeypatch.setattr(attach_module, "noise_layers", lambda model: walks.append(1) or real_walk(model))
+    x = torch.randn(8, 6)
+
+    def confirmed_net():
+        """A model whose bank kl_loss has confirmed, and a spare noisy block built before that."""
+        net, spare = bmrs.attach(_Blocks(_block(), _block(), torch.nn.Linear(6, 3))), bmrs.attach(_block())
+        for _ in range(3):  # the first call walks and confirms; later steps need no walk
+            net(x)
+            walks.clear()
+            torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
+        assert not walks
+        return net, spare
+
+    def step_kl_walks(net):
+        net(x)
+        walks.clear()
+        torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
+        assert walks
+
+    # a block inserted past the registration hooks (ModuleList.insert writes the dict): its layer runs,
+    # and the bank counts more noise applications than it has layers
+    net, spare = confirmed_net()
+    net.blocks.insert(1, spare)
+    step_kl_walks(net)
+    # a block deleted (no hook sees that): its layers no longer run on their draw
+    net, _ = confirmed_net()
+    del net.blocks[0]
+    step_kl_walks(net)
+    # a module registered (a noisy block that never runs): the registration count moved
+    net, spare = confirmed_net()
+    net.spare = spare
+    step_kl_walks(net)
+
+
+def test_kl_loss_walks_when_a_noise_layer_is_skipped_by_the_forward():
+    torch.manual_seed(0)
+
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = _block(), _block(), torch.nn.Linear(6, 3)
+            self.use_b = True
+
+        def forward(self, x):
+            return self.head(self.b(x) if self.use_b else self.a(x))
+
+    net = bmrs.attach(Branches())
+    x = torch.randn(8, 6)
+    net(x)
+    bmrs.kl_loss(net)  # confirmed
+    net.use_b = False  # b's noise layer is drawn for but not applied: its KL still counts, computed afresh
+    net(x)
+    torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)

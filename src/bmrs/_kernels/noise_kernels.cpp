@@ -56,8 +56,7 @@ inline std::pair<double, double> ndtr_both(double x) {
   return x < 0.0 ? std::make_pair(small, large) : std::make_pair(large, small);
 }
 
-// λ(t) = φ(t) / (1 − Φ(t)), t ≥ 0
-inline double inv_mills(double t) { return kSqrt2OverPi / calc_erfcx(t * kInvSqrt2); }
+// λ(t) = φ(t) / (1 − Φ(t)) = √(2/π) / erfcx(t/√2), t ≥ 0: formed in tail_kl_terms from its erfcx
 
 // Σ_{k ≥ first} c_k s^(k − first), Horner in s = 1/t²
 inline double h_series(double t, int first) {
@@ -67,14 +66,14 @@ inline double h_series(double t, int first) {
   return acc;
 }
 
-// λ(t) − t without cancellation (≈ 1/t for large t)
-inline double inv_mills_excess(double t) {
-  return t > kSeriesFrom ? h_series(t, 0) / t : inv_mills(t) - t;
+// λ(t) − t without cancellation (≈ 1/t for large t), given lam = λ(t)
+inline double inv_mills_excess(double t, double lam) {
+  return t > kSeriesFrom ? h_series(t, 0) / t : lam - t;
 }
 
-// G(t) = 1 − t(λ(t) − t), ≈ 2/t² for large t
-inline double one_minus_t_excess(double t) {
-  return t > kSeriesFrom ? -h_series(t, 1) / (t * t) : 1.0 - t * (inv_mills(t) - t);
+// G(t) = 1 − t(λ(t) − t), ≈ 2/t² for large t, given lam = λ(t)
+inline double one_minus_t_excess(double t, double lam) {
+  return t > kSeriesFrom ? -h_series(t, 1) / (t * t) : 1.0 - t * (lam - t);
 }
 
 // ln(1 − eˣ), x ≤ 0
@@ -100,19 +99,21 @@ inline KLTerms mid_kl_terms(double alpha, double beta) {
 
 // the interval on one side of the mean, mirrored so that its near end is t ≥ 0 and its far end
 // t_far ≥ t σ away (_truncnorm._tail_kl_terms); `width` = (high − low)/σ
+// (each erfcx is evaluated once: it is most of a structure's cost)
 inline KLTerms tail_kl_terms(double t, double t_far, double width) {
-  const double lam = inv_mills(t);
-  const double g = one_minus_t_excess(t);
-  double kl = -0.5 + std::log(lam) - 0.5 * t * inv_mills_excess(t);
+  const double erfcx_near = calc_erfcx(t * kInvSqrt2);
+  const double lam = kSqrt2OverPi / erfcx_near;
+  const double g = one_minus_t_excess(t, lam);
+  double kl = -0.5 + std::log(lam) - 0.5 * t * inv_mills_excess(t, lam);
   if (width * (t + t_far) > kFarNegligibleSq) {  // the far end is negligible: ρ = 0
     return {kl, 0.5 * lam * g, 1.0 + 0.5 * t * lam * g};
   }
   // ln r = ln Φ(−t_far) − ln Φ(−t), r the far end's share of the tail mass
-  const double log_r = -0.5 * width * (t + t_far) + std::log(calc_erfcx(t_far * kInvSqrt2))
-                       - std::log(calc_erfcx(t * kInvSqrt2));
+  const double erfcx_far = calc_erfcx(t_far * kInvSqrt2);
+  const double log_r = -0.5 * width * (t + t_far) + std::log(erfcx_far) - std::log(erfcx_near);
   const double log_one_minus_r = log1mexp(log_r);
   const double rho = std::exp(log_r - log_one_minus_r);
-  const double lam_far = inv_mills(t_far);
+  const double lam_far = kSqrt2OverPi / erfcx_far;
   kl += 0.5 * rho * (t_far * lam_far - t * lam) - log_one_minus_r;
   const double far_rho = lam_far * rho;
   const double h_mu = 0.5 * (lam * (1.0 + rho) * (g - t * lam * rho)

@@ -66,7 +66,27 @@ _POOL_DIMS = {
 }
 
 
+# How many times a registered noise layer has been applied (by its hook), and how many module registrations
+# (setattr, add_module, register_module) there have been, process-wide: with them a model's noise bank
+# can tell, without walking the model, that its list of noise layers is still the model's (see
+# _NoiseBank.covers_model).
+_applications = [0]
+_registrations = [0]
+_registration_hook: list = []
+
+
+def _count_registration(module: nn.Module, name: str, submodule) -> None:
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Count every module registration from now on (one global hook, installed once)."""
+    if not _registration_hook:
+        _registration_hook.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
+
+
 def _apply_noise(module: nn.Module, inputs, output):
+    _applications[0] += 1
     noise = module._modules[NOISE_ATTR]
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
         return (noise(output[0]),) + tuple(output[1:])
@@ -162,6 +182,12 @@ class _NoiseBank:
         # uniform stream, so every example's θ matches a single process
         self.row_first = 0
         self.kl_stashes: list[_KLStash] = []
+        # _registrations when a walk of the model last found exactly these layers (-1: never)
+        self.confirmed = -1
+        # the last training forward applied these layers once each, each to its own draw, and no other
+        # noise layer (set when the model's forward returns)
+        self.complete = False
+        self._applications_at_draw = 0
 
     def __getstate__(self) -> dict:
         # copies and pickles of the model leave this step's draw (and its graph) behind
@@ -170,6 +196,8 @@ class _NoiseBank:
     def draw(self, model: nn.Module, args) -> None:
         self.clear()
         self.kl_stashes = []
+        self.complete = False
+        self._applications_at_draw = _applications[0]
         if not model.training:
             return
         batch = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
@@ -213,6 +241,26 @@ class _NoiseBank:
             return mean
         return None
 
+    def finish(self) -> None:
+        """At the end of the model's forward: note whether it applied exactly this bank's layers, each once
+        to the θ drawn for it (then ``covers_model`` needs no walk), and drop any θ left unused."""
+        self.complete = (bool(self.kl_stashes) and _applications[0] - self._applications_at_draw == len(self.layers)
+                         and all(noise.__dict__["pending_theta"] is None for noise in self.layers))
+        self.clear()
+
+    def covers_model(self) -> bool:
+        """True when ``self.layers`` are known to be all of the model's noise layers without walking it: a
+        walk found exactly them and no module has been registered anywhere since, and the last forward
+        applied each of them once and no other (so none was deleted, nor added past the registration hooks,
+        as ``nn.ModuleList.insert`` does)."""
+        return self.complete and self.confirmed == _registrations[0]
+
+    def confirm(self, layers: list[MultiplicativeNoise]) -> None:
+        """Record a walk of the model that found ``layers``: if they are exactly this bank's, ``covers_model``
+        holds until the next module registration."""
+        if len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers)):
+            self.confirmed = _registrations[0]
+
     def clear(self, *_) -> None:
         for noise in self.layers:
             noise.hold_theta(None)
@@ -237,7 +285,7 @@ def _bank_draw(model: nn.Module, args):
 def _bank_clear(model: nn.Module, args, output):
     bank = getattr(model, "_bmrs_bank", None)
     if bank is not None:
-        bank.clear()
+        bank.finish()
 
 
 def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
@@ -416,6 +464,7 @@ def install_noise(model: nn.Module, entries: list[tuple[nn.Module, Multiplicativ
         module.add_module(NOISE_ATTR, noise)
         target = _hook_target(module, noise, modules, places)
         target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module))
+    _watch_registrations()
     model._bmrs_bank = _NoiseBank([noise for _, noise in noise_layers(model)])
     model.register_forward_pre_hook(_bank_draw)
     model.register_forward_hook(_bank_clear)
@@ -448,19 +497,27 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
         True
     """
-    layers = [noise for _, noise in noise_layers(model)]
-    if not layers:
-        raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
     if reduction not in ("mean", "elbo"):
         raise ConfigError(f"kl_loss: reduction must be 'mean' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and (isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1):
         raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
+    bank = model.__dict__.get("_bmrs_bank")
+    if reduction == "mean" and bank is not None and bank.covers_model():
+        # the common training step: the mean formed by this step's draw, the model not walked (a walk
+        # reads every module, which after the step's matrix products costs tens of microseconds)
+        mean = bank.stashed_mean_kl(bank.layers)
+        if mean is not None:
+            return mean
+    layers = [noise for _, noise in noise_layers(model)]
+    if not layers:
+        raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
+    if bank is not None:
+        bank.confirm(layers)
     # one batched KL per group of bounds: the work is per operation, so concatenating all layers
     # makes the KL of a deep network as cheap as that of one layer; the mean is a weighted sum over
     # each layer's original structures (removing pruned ones changes no weight)
-    bank = model.__dict__.get("_bmrs_bank")
     if reduction == "mean" and bank is not None:
-        mean = bank.stashed_mean_kl(layers)  # the common training step: formed by this step's draw
+        mean = bank.stashed_mean_kl(layers)  # formed by this step's draw
         if mean is not None:
             return mean
     total = None
