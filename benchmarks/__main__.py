@@ -1,6 +1,7 @@
 """bmrs benchmarks, measured side by side in one run: ``python -m benchmarks [--quick] [--compile]``.
 
-1. training step with noise layers ÷ without (LeNet5 b64/b32, Fashion-MNIST MLP b128, 3×1000 MLP b256)
+1. training step with noise layers ÷ without (LeNet5 b64/b32, Fashion-MNIST MLP b128, 3×1000 MLP b256),
+   the median over 3 fresh processes (:mod:`benchmarks.step_ratio`; 1 with ``--quick``)
 2. eval forward with noise layers (E[θ] cached) ÷ without (LeNet5)
 3. ΔF throughput (BMRS_N, BMRS_U) at 1e4, 1e6, 1e7 structures in float64, and the extra peak memory
 4. compacted ÷ masked inference latency at batch 1 and 256 beside the FLOP ratio, after a real run (and
@@ -32,69 +33,26 @@ from bmrs.compaction import compact, compression_report
 from bmrs.experiments.timing import alternating_times
 from bmrs.io import atomic_write, write_json
 from bmrs.training import TrainConfig, train
-from bmrs.training.optim import make_optimizer
-from bmrs.training.run import build_for
 
 from benchmarks.continuous_run import measure as full_schedule_ratio
+from benchmarks.step_ratio import build_model, measure_in_processes
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_CASES = [  # name, model, kwargs, batch
-    ("lenet5_b64", "lenet5", {}, 64),
-    ("lenet5_b32", "lenet5", {}, 32),
-    ("mlp_fmnist_b128", "mlp", {"hidden": 150, "layers": 1}, 128),
-    ("mlp1000_b256", "mlp", {"hidden": 1000, "layers": 2}, 256),
-]
-
-
-def _model(name: str, noise: bool, **kw) -> torch.nn.Module:
-    cfg = TrainConfig(model=name, criterion="bmrs-n" if noise else "none", noise=noise, **kw)
-    return build_for(cfg, 1, 10)
-
-
-def _train_step(model, x, y, with_kl: bool):
-    opt = make_optimizer(model.parameters(), lr=1e-3)  # the training engine's Adam
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        if with_kl:
-            loss = loss + bmrs.kl_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def train_step_ratios(repeats: int) -> dict:
-    out = {}
-    for key, name, kw, batch in STEP_CASES:
-        x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
-        plain = _train_step(_model(name, False, **kw), x, y, False)
-        noisy = _train_step(_model(name, True, **kw), x, y, True)
-        t_plain, t_noise, ratio = alternating_times(plain, noisy, repeats)
-        out[key] = {"plain_ms": t_plain, "noise_ms": t_noise, "ratio": ratio}
-        line = f"  train step {key:16s} {t_plain:7.2f} ms plain, {t_noise:7.2f} ms noise (×{ratio:.2f})"
-        if bmrs._kernels.get() is not None:
-            # the same noisy step on the PyTorch reference code, beside the fused kernels
-            t_ref, t_fused, gain = alternating_times(_without_kernels(noisy), noisy, max(repeats // 2, 5))
-            out[key].update(reference_noise_ms=t_ref, kernels_noise_ms=t_fused, kernel_time_ratio=gain)
-            line += f"; reference code {t_ref:.2f} ms, kernels ×{gain:.2f} of it"
+def train_step_ratios(repeats: int, processes: int, flags: list[str]) -> dict:
+    """The step ratios of :mod:`benchmarks.step_ratio`, medians over ``processes`` fresh processes."""
+    out = measure_in_processes(processes, repeats, flags)
+    for key, row in out.items():
+        line = (f"  train step {key:16s} {row['plain_ms']:7.2f} ms plain, {row['noise_ms']:7.2f} ms noise "
+                f"(×{row['ratio']:.2f}; per process {', '.join(f'{r:.2f}' for r in row['ratios'])})")
+        if "kernel_time_ratio" in row:
+            line += f"; reference code {row['reference_noise_ms']:.2f} ms, kernels ×{row['kernel_time_ratio']:.2f} of it"
         print(line, flush=True)
     return out
 
 
-def _without_kernels(step):
-    def run():
-        bmrs._kernels.set_enabled(False)
-        try:
-            step()
-        finally:
-            bmrs._kernels.set_enabled(True)
-    return run
-
-
 def eval_ratio(repeats: int) -> dict:
     x = torch.randn(256, 1, 32, 32)
-    plain, noisy = _model("lenet5", False).eval(), _model("lenet5", True).eval()
+    plain, noisy = build_model("lenet5", False).eval(), build_model("lenet5", True).eval()
     with torch.no_grad():
         t_plain, t_noise, ratio = alternating_times(lambda: plain(x), lambda: noisy(x), repeats)
     print(f"  eval lenet5 b256: {t_plain:.2f} ms plain, {t_noise:.2f} ms noise (×{ratio:.3f})")
@@ -167,7 +125,7 @@ def _pruned_models(quick: bool) -> dict:
              ("mlp1000", "mlp", {"hidden": 1000, "layers": 2})]
     for key, name, kw in specs:
         if quick:
-            model = _model(name, True, **kw)
+            model = build_model(name, True, **kw)
             g = torch.Generator().manual_seed(0)
             for _, noise in bmrs.noise_layers(model):
                 noise.mask.copy_((torch.rand(noise.num_features, generator=g) > 0.8).float())
@@ -271,7 +229,8 @@ def markdown(results: dict) -> str:
              f"fused kernels {'on' if results.get('kernels') else 'off'}; "
              f"{'quick' if results['quick'] else 'full'} run. Command: `{results['command']}`.", "",
              "Ratios time the two sides in alternating blocks (median of the per-round ratios), so that the "
-             "host's drift hits both alike; ΔF throughput is the best of 7 repeats in each of 3 fresh processes "
+             "host's drift hits both alike; the step ratios are the median over fresh processes (each "
+             "process's ratio in the JSON), as this VM's speed differs between processes; ΔF throughput is the best of 7 repeats in each of 3 fresh processes "
              "(medians in the JSON). Run-to-run spread on this VM: about ±0.1 on the step ratios. "
              + ("continuous_run_time_ratio_lenet5 is the full schedule (50 + 10 epochs on all of Fashion-MNIST, "
                 "the two runs side by side, one thread each); the short-run figures beside it are 5 epochs on "
@@ -300,7 +259,9 @@ def main(argv=None) -> int:
                "command": "python -m benchmarks" + (" --quick" if args.quick else "")
                + (" --compile" if args.compile else "") + (" --no-kernels" if args.no_kernels else "")}
     print("training step (forward, loss with KL, backward, Adam):")
-    results["train_step"] = train_step_ratios(repeats=10 if args.quick else 50)
+    flags = [f"--threads={args.threads}"] + (["--compile"] if args.compile else []) \
+        + (["--no-kernels"] if args.no_kernels else [])
+    results["train_step"] = train_step_ratios(10 if args.quick else 50, 1 if args.quick else 3, flags)
     print("eval forward:")
     results["eval"] = eval_ratio(repeats=10 if args.quick else 50)
     print("ΔF throughput (float64):")
