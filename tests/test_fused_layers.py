@@ -316,3 +316,22 @@ def test_kl_loss_walks_when_a_noise_layer_is_skipped_by_the_forward():
     net.use_b = False  # b's noise layer is drawn for but not applied: its KL still counts, computed afresh
     net(x)
     torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
+
+
+def test_a_copied_model_walks_again_before_trusting_its_bank():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    net = bmrs.attach(_Blocks(_block(), torch.nn.Linear(6, 3)))
+    x = torch.randn(8, 6)
+    net(x)
+    bmrs.kl_loss(net)
+    net(x)
+    assert net._bmrs_bank.covers_model()
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        twin(x)
+        assert not twin._bmrs_bank.covers_model()  # its count of registrations may be another process's
+        torch.testing.assert_close(bmrs.kl_loss(twin), _expected_mean_kl(twin), rtol=1e-6, atol=0)
+        twin(x)
+        assert twin._bmrs_bank.covers_model()

@@ -190,8 +190,12 @@ class _NoiseBank:
         self._applications_at_draw = 0
 
     def __getstate__(self) -> dict:
-        # copies and pickles of the model leave this step's draw (and its graph) behind
-        return {**self.__dict__, "kl_stashes": []}
+        # copies and pickles of the model leave this step's draw (and its graph) behind, and walk the
+        # model again before trusting the layer list (the registration count is this process's)
+        return {**self.__dict__, "kl_stashes": [], "confirmed": -1, "complete": False}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_applications_at_draw": 0, **state})  # (banks pickled before it existed)
 
     def draw(self, model: nn.Module, args) -> None:
         self.clear()
