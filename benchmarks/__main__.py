@@ -228,6 +228,10 @@ def markdown(results: dict) -> str:
              f"{results['threads']} threads; compile {'on' if results['compile'] else 'off'}; "
              f"fused kernels {'on' if results.get('kernels') else 'off'}; "
              f"{'quick' if results['quick'] else 'full'} run. Command: `{results['command']}`.", "",
+             "The host's speed at the time, for comparing runs (this VM's varies by 2× over hours): a plain "
+             f"training step took {results['train_step']['lenet5_b64']['plain_ms']:.2f} ms for LeNet5 at batch 64 "
+             f"and {results['train_step']['mlp_fmnist_b128']['plain_ms']:.2f} ms for the Fashion-MNIST MLP at batch 128.",
+             "",
              "Ratios time the two sides in alternating blocks (median of the per-round ratios), so that the "
              "host's drift hits both alike; the step ratios are the median over fresh processes (each "
              "process's ratio in the JSON), as this VM's speed differs between processes; ΔF throughput is the best of 7 repeats in each of 3 fresh processes "
