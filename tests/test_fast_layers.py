@@ -14,7 +14,8 @@ from torch import nn
 
 import bmrs
 from bmrs import _kernels
-from bmrs.compaction import NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
+from bmrs.compaction import AlignedLinear, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
+from bmrs.compaction.fast_layers import aligned_width
 
 needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason="no C++ compiler: the fallback is tested below")
 
@@ -201,15 +202,16 @@ def test_use_fast_layers_swaps_narrow_convs_and_tiling_pools_in_place():
     with torch.no_grad():
         before = model(x)
     macs = count(model, x)["macs"]
-    assert use_fast_layers(holder) == 4
+    assert use_fast_layers(holder) == 5
     assert type(model[0]) is NarrowConv2d and type(model[3][0]) is NarrowConv2d
     assert type(model[2]) is TiledMaxPool2d and type(model[3][2]) is TiledMaxPool2d
+    assert type(model[5]) is AlignedLinear  # 10 outputs: computed at 16
     assert holder.wide is wide
     with torch.no_grad():
         assert rel_err(model(x), before) < 1e-5
     assert count(model, x)["macs"] == macs  # the counter sees the subclasses as the torch layers
     assert use_fast_layers(model) == 0      # already swapped
-    assert use_fast_layers(lenet(), max_channel_product=1) == 2  # the pools only
+    assert use_fast_layers(lenet(), max_channel_product=1) == 3  # the pools and the linear layer only
     with pytest.raises(ValueError, match="max_channel_product"):
         use_fast_layers(model, max_channel_product=-1)
 
@@ -239,3 +241,35 @@ def test_compact_returns_fast_layers_unless_asked_not_to():
     with torch.no_grad():
         assert rel_err(small(x), model.eval()(x)) < 1e-5
         assert rel_err(small(x), plain(x)) < 1e-5
+
+
+@pytest.mark.parametrize("out_features", [1, 10, 29, 45])
+@pytest.mark.parametrize("bias", [True, False])
+def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, bias):
+    torch.manual_seed(out_features)
+    plain = nn.Linear(96, out_features, bias=bias)
+    fast = AlignedLinear.from_linear(plain)
+    assert fast.weight is plain.weight and aligned_width(out_features) % 16 == 0
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(64, 96)
+    with torch.no_grad():
+        y = fast(x)
+        assert y.shape == (64, out_features) and y.is_contiguous()
+        assert rel_err(y, plain(x)) < 1e-6
+        assert rel_err(fast(x.view(8, 8, 96)), plain(x.view(8, 8, 96))) < 1e-6  # extra leading dimensions
+        assert torch.equal(fast(x[:4]), plain(x[:4]))  # a few rows: nn.Linear's own product
+        plain.weight.mul_(2.0)  # a parameter changed in place: the padded copy is rebuilt
+        assert rel_err(fast(x), plain(x)) < 1e-6
+    # with gradients, nn.Linear's path: the same graph and gradients
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fast(xg).square().sum(), xg)
+    (want,) = torch.autograd.grad(plain(xg).square().sum(), xg)
+    assert torch.equal(grad, want)
+    double = nn.Linear(96, out_features, bias=bias).double()  # float64: nn.Linear's own product
+    with torch.no_grad():
+        assert torch.equal(AlignedLinear.from_linear(double)(x.double()), double(x.double()))
+
+
+def test_aligned_width_pads_only_the_widths_that_run_faster():
+    assert [aligned_width(n) for n in (1, 8, 15, 16, 17, 31, 32)] == [16, 16, 16, 16, 32, 32, 32]
+    assert [aligned_width(n) for n in (33, 34, 35, 40, 47, 48, 56, 66, 67)] == [33, 34, 48, 40, 48, 48, 56, 66, 80]

@@ -8,9 +8,13 @@ Two PyTorch CPU kernels stop scaling down with the layer once a network is prune
   load) whose cost follows the multiply-adds that are left;
 * ``max_pool2d`` on CPU walks each window with index bookkeeping, several times slower than the
   convolution before it.  :class:`TiledMaxPool2d` takes non-overlapping windows as element-wise maxima
-  of strided views.
+  of strided views;
+* the float32 matrix product (MKL here) runs an output width that is a whole number of 16-float vectors
+  far faster than a ragged one: at batch 256 with 1,024 inputs, a ``Linear`` with 29 outputs took
+  164 µs and one with 32 took 102-109 µs.  :class:`AlignedLinear` multiplies by its weight padded with
+  zero rows to such a width and keeps the columns it has.
 
-Both are subclasses of the torch layer they replace, with the same parameters, state dict and
+All three are subclasses of the torch layer they replace, with the same parameters, state dict and
 ``repr``; they take their fast path only for inference (no gradient needed) on CPU, and defer to the
 torch layer otherwise — under autograd, ``torch.compile``, tracing and ONNX export, on other devices
 and dtypes — so outputs are those of the torch layer (to float32 rounding for the convolution,
@@ -33,11 +37,15 @@ from torch import Tensor, nn
 
 from .. import _kernels
 
-__all__ = ["NarrowConv2d", "TiledMaxPool2d", "use_fast_layers"]
+__all__ = ["NarrowConv2d", "TiledMaxPool2d", "AlignedLinear", "aligned_width", "use_fast_layers"]
 
 # oneDNN is faster once a layer reads and writes enough channels to fill its vector blocks; measured on
 # AVX-512 at batch 256 with 5×5 kernels, the direct kernel wins up to about 12 input × output channels.
 MAX_DIRECT_CHANNEL_PRODUCT = 12
+# The matrix product's vector of float32 outputs (AVX-512), and the fewest rows for which padding pays: a
+# single row is a matrix-vector product, about as fast either way.
+ALIGN = 16
+MIN_ALIGNED_ROWS = 32
 
 
 def _inference_only(*tensors: Tensor) -> bool:
@@ -145,12 +153,83 @@ class TiledMaxPool2d(nn.MaxPool2d):
         return pooled
 
 
+def aligned_width(out_features: int) -> int:
+    """The output width an :class:`AlignedLinear` computes at: the next multiple of 16 below 32 outputs, and
+    above for widths that are not a multiple of 8 and more than 2 past a multiple of 16; else the width
+    itself.  Measured at batch 256 over widths 1-80 (MKL on AVX-512): padding those widths cut the time
+    by 10-60%, where padding a multiple of 8, or 1-2 past a multiple of 16, cost up to 20% more.
+
+    Example:
+        >>> [aligned_width(n) for n in (10, 29, 32, 40, 45, 49, 150)]
+        [16, 32, 32, 40, 48, 49, 160]
+    """
+    rest = out_features % ALIGN
+    if rest == 0 or not (out_features < 2 * ALIGN or (out_features % 8 != 0 and rest > 2)):
+        return out_features
+    return out_features + ALIGN - rest
+
+
+class AlignedLinear(nn.Linear):
+    """``nn.Linear`` whose float32 CPU inference on at least 32 rows multiplies by its weight padded with
+    zero rows to :func:`aligned_width` and returns the first ``out_features`` columns (contiguous).
+
+    The padded weight and bias are a cached copy (rebuilt when the parameters change); the parameters, state
+    dict and ``repr`` are the ``nn.Linear``'s.  Any other call (a gradient needed, tracing, compiling, other
+    devices and dtypes, fewer rows) is ``nn.Linear.forward``.  Outputs are the ``nn.Linear``'s to float32
+    rounding (the product may sum in another order).
+
+    Example:
+        >>> import torch
+        >>> layer = AlignedLinear.from_linear(torch.nn.Linear(64, 29))
+        >>> x = torch.randn(40, 64)
+        >>> with torch.no_grad():
+        ...     y = layer(x)
+        >>> y.shape, y.is_contiguous(), bool(torch.allclose(y, x @ layer.weight.T + layer.bias, atol=1e-5))
+        (torch.Size([40, 29]), True, True)
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "AlignedLinear":
+        """The same layer (sharing its parameters) as an AlignedLinear."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        return new
+
+    def _padded(self) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) padded with zeros to the aligned width, cached while the parameters are unchanged."""
+        weight, bias = self.weight, self.bias
+        key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
+        cache = self.__dict__.get("_aligned")
+        if cache is None or cache[0] != key:
+            width = aligned_width(self.out_features)
+            with torch.no_grad():
+                padded = weight.new_zeros(width, self.in_features)
+                padded[: self.out_features] = weight
+                padded_bias = None
+                if bias is not None:
+                    padded_bias = bias.new_zeros(width)
+                    padded_bias[: self.out_features] = bias
+            cache = self.__dict__["_aligned"] = (key, padded, padded_bias)
+        return cache[1], cache[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32
+                and weight.device.type == "cpu" and x.dim() >= 2 and x.numel() >= MIN_ALIGNED_ROWS * self.in_features
+                and aligned_width(self.out_features) != self.out_features
+                and _inference_only(x, weight, *([] if self.bias is None else [self.bias]))):
+            padded, padded_bias = self._padded()
+            return nn.functional.linear(x, padded, padded_bias)[..., : self.out_features].contiguous()
+        return super().forward(x)
+
+
 def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHANNEL_PRODUCT) -> int:
     """Swap, in place, the layers of ``model`` that have a faster inference form; returns how many.
 
     Each ``nn.Conv2d`` (exactly that type) with ``in_channels × out_channels <= max_channel_product``
-    becomes a :class:`NarrowConv2d` and each tiling ``nn.MaxPool2d`` a :class:`TiledMaxPool2d`,
-    sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
+    becomes a :class:`NarrowConv2d`, each tiling ``nn.MaxPool2d`` a :class:`TiledMaxPool2d` and each
+    ``nn.Linear`` whose width :func:`aligned_width` pads an :class:`AlignedLinear`, sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
     change (see the module docstring); training calls are unaffected.  :func:`bmrs.compaction.compact`
     applies this to what it returns.
 
@@ -169,6 +248,8 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
                 swaps.append((parent, name, NarrowConv2d.from_conv(child)))
             elif type(child) is nn.MaxPool2d and (pool := TiledMaxPool2d.from_pool(child)).tiles():
                 swaps.append((parent, name, pool))
+            elif type(child) is nn.Linear and aligned_width(child.out_features) != child.out_features:
+                swaps.append((parent, name, AlignedLinear.from_linear(child)))
     for parent, name, layer in swaps:
         setattr(parent, name, layer)
     return len(swaps)
