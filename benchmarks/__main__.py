@@ -215,6 +215,8 @@ def summary(results: dict) -> dict:
         "compact_speedup_over_flop_ratio_lenet5_b256": results["compaction"]["lenet5"]["b256"]["speedup_over_flop_ratio"],
         "compact_speedup_over_flop_ratio_lenet5_b256_torch_layers":
             results["compaction"]["lenet5"]["b256"]["speedup_plain_layers_over_flop_ratio"],
+        "compact_speedup_over_flop_ratio_mlp_fmnist_b256":
+            results["compaction"]["mlp_fmnist"]["b256"]["speedup_over_flop_ratio"],
         "compact_speedup_over_flop_ratio_mlp1000_b256": results["compaction"]["mlp1000"]["b256"]["speedup_over_flop_ratio"],
         "continuous_run_time_ratio_lenet5": results.get("continuous_run_full_schedule", {}).get(
             "ratio", results["continuous_run"]["ratio_shrink"]),
