@@ -14,7 +14,7 @@ from torch import nn
 
 import bmrs
 from bmrs import _kernels
-from bmrs.compaction import AlignedLinear, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
+from bmrs.compaction import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
 from bmrs.compaction.fast_layers import aligned_width
 
 needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason="no C++ compiler: the fallback is tested below")
@@ -273,3 +273,20 @@ def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, b
 def test_aligned_width_pads_only_the_widths_that_run_faster():
     assert [aligned_width(n) for n in (1, 8, 15, 16, 17, 31, 32)] == [16, 16, 16, 16, 32, 32, 32]
     assert [aligned_width(n) for n in (33, 34, 35, 40, 47, 48, 56, 66, 67)] == [33, 34, 48, 40, 48, 48, 56, 66, 80]
+
+
+def test_fast_tanh_is_within_two_ulps_of_tanh_and_defers_when_it_should():
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.randn(4099, generator=g) * 4, torch.tensor([0.0, -0.0, 1e-30, -1e-8, 0.3, 9.0, -20.0,
+                                                                      float("inf"), -float("inf")])])
+    with torch.no_grad():
+        got = FastTanh()(x.view(-1, 1))
+    assert got.shape == (x.numel(), 1)
+    want = torch.tanh(x.double()).view(-1, 1)
+    ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert bool(((got.double() - want).abs() <= 2 * ulp).all())
+    assert torch.equal(FastTanh()(x.double()), torch.tanh(x.double()))  # float64: torch's own
+    xg = x.clone().requires_grad_()
+    assert torch.equal(FastTanh()(xg), torch.tanh(xg)) and FastTanh()(xg).grad_fn is not None
+    nan = FastTanh()(torch.tensor([float("nan")] * 17))
+    assert bool(nan.isnan().all())

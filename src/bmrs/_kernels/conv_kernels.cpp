@@ -128,3 +128,21 @@ at::Tensor direct_conv2d(const at::Tensor& input, const at::Tensor& weight, cons
   });
   return out;
 }
+
+// tanh of a float32 CPU tensor a vector of lanes at a time (at::vec: SLEEF's 1-ulp tanh on AVX-512 and
+// AVX2), for the compacted network's activations: PyTorch's own float32 tanh runs at about a seventh of
+// its sigmoid's speed on this CPU (46 µs against 6.4 µs for 256 × 150 values).  Returns a new
+// contiguous tensor of x's shape.
+at::Tensor tanh_f32(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), "tanh_f32: a float32 CPU tensor");
+  const auto x = x_in.contiguous();
+  auto out = at::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 32768, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + Vec::size() <= end; i += Vec::size()) Vec::loadu(src + i).tanh().store(dst + i);
+    if (i < end) Vec::loadu(src + i, int(end - i)).tanh().store(dst + i, int(end - i));
+  });
+  return out;
+}

@@ -882,5 +882,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_f_normal", &delta_f_normal, "BMRS_N's delta F without gradients");
   m.def("delta_f_uniform", &delta_f_uniform, "BMRS_U's delta F without gradients");
   m.def("direct_conv2d", &direct_conv2d, "stride-1 float32 convolution for narrow layers");
+  m.def("tanh_f32", &tanh_f32, "float32 tanh, a vector of lanes at a time");
   m.def("ndtri_lower_f32", &ndtri_lower_f32, "the float32 sampler's inverse normal CDF, p <= 1/2");
 }
