@@ -260,6 +260,9 @@ def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, b
         assert torch.equal(fast(x[:4]), plain(x[:4]))  # a few rows: nn.Linear's own product
         plain.weight.mul_(2.0)  # a parameter changed in place: the padded copy is rebuilt
         assert rel_err(fast(x), plain(x)) < 1e-6
+        plain.weight.data.mul_(0.5)  # written past the version counter (as a fused optimizer may) ...
+        fast.train().eval()          # ... then a mode switch, as after training: rebuilt too
+        assert rel_err(fast(x), plain(x)) < 1e-6
     # with gradients, nn.Linear's path: the same graph and gradients
     xg = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(fast(xg).square().sum(), xg)

@@ -199,6 +199,12 @@ class AlignedLinear(nn.Linear):
         new.train(linear.training)
         return new
 
+    def train(self, mode: bool = True) -> "AlignedLinear":
+        # a mode switch drops the padded copy: parameters written without a version bump (``.data``, some
+        # fused optimizers) cannot leave the next evaluation stale
+        self.__dict__.pop("_aligned", None)
+        return super().train(mode)
+
     def _padded(self) -> tuple[Tensor, Tensor | None]:
         """(weight, bias) padded with zeros to the aligned width, cached while the parameters are unchanged."""
         weight, bias = self.weight, self.bias
