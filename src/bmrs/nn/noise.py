@@ -227,13 +227,6 @@ class MultiplicativeNoise(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            theta = self.__dict__["pending_theta"]
-            if theta is not None and x.dim() == 2 and self.dim % 2 == 1 and theta.shape == x.shape \
-                    and theta.dtype == x.dtype:
-                # the usual (examples, features) input and the bank's draw for it: what sample_theta and
-                # _view would do, without their checks (a few microseconds a layer, every step)
-                self.__dict__["pending_theta"] = None
-                return x * theta
             return x * self.sample_theta(x)
         return x * self._view(self.expected_theta().to(x.dtype), x)
 
