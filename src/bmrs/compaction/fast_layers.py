@@ -1,6 +1,6 @@
 """Drop-in CPU inference layers for the narrow networks that compaction leaves behind.
 
-Two PyTorch CPU kernels stop scaling down with the layer once a network is pruned:
+Four PyTorch CPU kernels stop scaling down with the layer once a network is pruned:
 
 * oneDNN pads a convolution's channels to its vector block, so a first layer pruned from 6 filters to
   2 on a 1-channel image costs as much as before.  :class:`NarrowConv2d` runs such layers through a
@@ -20,8 +20,8 @@ Two PyTorch CPU kernels stop scaling down with the layer once a network is prune
 All four are subclasses of the torch layer they replace, with the same parameters, state dict and
 ``repr``; they take their fast path only for inference (no gradient needed) on CPU, and defer to the
 torch layer otherwise — under autograd, ``torch.compile``, tracing and ONNX export, on other devices
-and dtypes — so outputs are those of the torch layer (to float32 rounding for the convolution,
-bit for bit for the pooling).
+and dtypes — so outputs are those of the torch layer (to float32 rounding for the convolution, the
+linear layer and tanh, bit for bit for the pooling).
 
 Example:
     >>> import torch
