@@ -247,16 +247,16 @@ def test_compact_returns_fast_layers_unless_asked_not_to():
 @pytest.mark.parametrize("bias", [True, False])
 def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, bias):
     torch.manual_seed(out_features)
-    plain = nn.Linear(96, out_features, bias=bias)
+    plain = nn.Linear(160, out_features, bias=bias)
     fast = AlignedLinear.from_linear(plain)
     assert fast.weight is plain.weight and aligned_width(out_features) % 16 == 0
     assert fast.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randn(64, 96)
+    x = torch.randn(64, 160)
     with torch.no_grad():
         y = fast(x)
         assert y.shape == (64, out_features) and y.is_contiguous()
         assert rel_err(y, plain(x)) < 1e-6
-        assert rel_err(fast(x.view(8, 8, 96)), plain(x.view(8, 8, 96))) < 1e-6  # extra leading dimensions
+        assert rel_err(fast(x.view(8, 8, 160)), plain(x.view(8, 8, 160))) < 1e-6  # extra leading dimensions
         assert torch.equal(fast(x[:4]), plain(x[:4]))  # a few rows: nn.Linear's own product
         plain.weight.mul_(2.0)  # a parameter changed in place: the padded copy is rebuilt
         assert rel_err(fast(x), plain(x)) < 1e-6
@@ -268,9 +268,21 @@ def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, b
     (grad,) = torch.autograd.grad(fast(xg).square().sum(), xg)
     (want,) = torch.autograd.grad(plain(xg).square().sum(), xg)
     assert torch.equal(grad, want)
-    double = nn.Linear(96, out_features, bias=bias).double()  # float64: nn.Linear's own product
+    double = nn.Linear(160, out_features, bias=bias).double()  # float64: nn.Linear's own product
     with torch.no_grad():
         assert torch.equal(AlignedLinear.from_linear(double)(x.double()), double(x.double()))
+
+
+def test_linear_layers_with_few_inputs_are_left_to_torch():
+    # with few inputs the product is too small to gain from whole vectors: no swap, and no padding
+    small, wide = nn.Linear(64, 29), nn.Linear(128, 29)
+    net = nn.Sequential(small, nn.ReLU(), wide)
+    assert use_fast_layers(net) == 1 and net[0] is small and type(net[2]) is AlignedLinear
+    fast_small = AlignedLinear.from_linear(small)
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        assert torch.equal(fast_small(x), small(x))  # nn.Linear's own product, bit for bit
+    assert "_aligned" not in fast_small.__dict__   # no padded copy was made
 
 
 def test_aligned_width_pads_only_the_widths_that_run_faster():

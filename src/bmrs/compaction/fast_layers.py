@@ -49,6 +49,10 @@ MAX_DIRECT_CHANNEL_PRODUCT = 12
 # single row is a matrix-vector product, about as fast either way.
 ALIGN = 16
 MIN_ALIGNED_ROWS = 32
+# The fewest inputs for which padding pays: at batch 256, padding cut a product with 1,024 inputs by up to
+# 40% but made one with 16-64 inputs up to 50% slower (the product is then too small to gain from whole
+# vectors, and the slice and copy cost more than it saves); from 128 inputs on it broke even or won.
+MIN_ALIGNED_INPUTS = 128
 
 
 def _inference_only(*tensors: Tensor) -> bool:
@@ -172,9 +176,14 @@ def aligned_width(out_features: int) -> int:
     return out_features + ALIGN - rest
 
 
+def _pads(linear: nn.Linear) -> bool:
+    """Whether padding ``linear``'s output width pays: a ragged width and at least MIN_ALIGNED_INPUTS inputs."""
+    return linear.in_features >= MIN_ALIGNED_INPUTS and aligned_width(linear.out_features) != linear.out_features
+
+
 class AlignedLinear(nn.Linear):
-    """``nn.Linear`` whose float32 CPU inference on at least 32 rows multiplies by its weight padded with
-    zero rows to :func:`aligned_width` and returns the first ``out_features`` columns (contiguous).
+    """``nn.Linear`` whose float32 CPU inference on at least 32 rows (with at least 128 inputs) multiplies by
+    its weight padded with zero rows to :func:`aligned_width` and returns the first ``out_features`` columns (contiguous).
 
     The padded weight and bias are a cached copy (rebuilt when the parameters change); the parameters, state
     dict and ``repr`` are the ``nn.Linear``'s.  Any other call (a gradient needed, tracing, compiling, other
@@ -183,8 +192,8 @@ class AlignedLinear(nn.Linear):
 
     Example:
         >>> import torch
-        >>> layer = AlignedLinear.from_linear(torch.nn.Linear(64, 29))
-        >>> x = torch.randn(40, 64)
+        >>> layer = AlignedLinear.from_linear(torch.nn.Linear(128, 29))
+        >>> x = torch.randn(40, 128)
         >>> with torch.no_grad():
         ...     y = layer(x)
         >>> y.shape, y.is_contiguous(), bool(torch.allclose(y, x @ layer.weight.T + layer.bias, atol=1e-5))
@@ -226,7 +235,7 @@ class AlignedLinear(nn.Linear):
         weight = self.weight
         if (x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32
                 and weight.device.type == "cpu" and x.dim() >= 2 and x.numel() >= MIN_ALIGNED_ROWS * self.in_features
-                and aligned_width(self.out_features) != self.out_features
+                and _pads(self)
                 and _inference_only(x, weight, *([] if self.bias is None else [self.bias]))):
             padded, padded_bias = self._padded()
             return nn.functional.linear(x, padded, padded_bias)[..., : self.out_features].contiguous()
@@ -259,7 +268,7 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
 
     Each ``nn.Conv2d`` (exactly that type) with ``in_channels × out_channels <= max_channel_product``
     becomes a :class:`NarrowConv2d`, each tiling ``nn.MaxPool2d`` a :class:`TiledMaxPool2d` and each
-    ``nn.Linear`` whose width :func:`aligned_width` pads an :class:`AlignedLinear` (and each ``nn.Tanh`` a
+    ``nn.Linear`` with at least 128 inputs whose width :func:`aligned_width` pads an :class:`AlignedLinear` (and each ``nn.Tanh`` a
     :class:`FastTanh`), sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
     change (see the module docstring); training calls are unaffected.  :func:`bmrs.compaction.compact`
     applies this to what it returns.
@@ -279,7 +288,7 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
                 swaps.append((parent, name, NarrowConv2d.from_conv(child)))
             elif type(child) is nn.MaxPool2d and (pool := TiledMaxPool2d.from_pool(child)).tiles():
                 swaps.append((parent, name, pool))
-            elif type(child) is nn.Linear and aligned_width(child.out_features) != child.out_features:
+            elif type(child) is nn.Linear and _pads(child):
                 swaps.append((parent, name, AlignedLinear.from_linear(child)))
             elif type(child) is nn.Tanh:
                 swaps.append((parent, name, FastTanh()))
