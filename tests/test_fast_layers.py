@@ -290,7 +290,7 @@ def test_aligned_width_pads_only_the_widths_that_run_faster():
     assert [aligned_width(n) for n in (33, 34, 35, 40, 47, 48, 56, 66, 67)] == [33, 34, 48, 40, 48, 48, 56, 66, 80]
 
 
-def test_fast_tanh_is_within_two_ulps_of_tanh_and_defers_when_it_should():
+def test_fast_tanh_is_within_four_ulps_of_tanh_and_defers_when_it_should():
     g = torch.Generator().manual_seed(9)
     x = torch.cat([torch.randn(4099, generator=g) * 4, torch.tensor([0.0, -0.0, 1e-30, -1e-8, 0.3, 9.0, -20.0,
                                                                       float("inf"), -float("inf")])])
@@ -299,7 +299,7 @@ def test_fast_tanh_is_within_two_ulps_of_tanh_and_defers_when_it_should():
     assert got.shape == (x.numel(), 1)
     want = torch.tanh(x.double()).view(-1, 1)
     ulp = torch.finfo(torch.float32).eps * want.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    assert bool(((got.double() - want).abs() <= 2 * ulp).all())
+    assert bool(((got.double() - want).abs() <= 4 * ulp).all())  # SLEEF's 3.5-ulp tanh
     assert torch.equal(FastTanh()(x.double()), torch.tanh(x.double()))  # float64: torch's own
     xg = x.clone().requires_grad_()
     assert torch.equal(FastTanh()(xg), torch.tanh(xg)) and FastTanh()(xg).grad_fn is not None

@@ -15,13 +15,13 @@ Four PyTorch CPU kernels stop scaling down with the layer once a network is prun
   zero rows to such a width and keeps the columns it has;
 * float32 ``torch.tanh`` runs at about a seventh of ``torch.sigmoid``'s speed here (46 µs against
   6.4 µs for 256 × 150 values), more than the pruned layers around it.  :class:`FastTanh` evaluates it a
-  vector of lanes at a time (SLEEF's 1-ulp tanh, ``bmrs._kernels``).
+  vector of lanes at a time (SLEEF's 3.5-ulp tanh, ``bmrs._kernels``).
 
 All four are subclasses of the torch layer they replace, with the same parameters, state dict and
 ``repr``; they take their fast path only for inference (no gradient needed) on CPU, and defer to the
 torch layer otherwise — under autograd, ``torch.compile``, tracing and ONNX export, on other devices
 and dtypes — so outputs are those of the torch layer (to float32 rounding for the convolution, the
-linear layer and tanh, bit for bit for the pooling).
+linear layer and within a few ulps for tanh, bit for bit for the pooling).
 
 Example:
     >>> import torch
@@ -244,7 +244,7 @@ class AlignedLinear(nn.Linear):
 
 class FastTanh(nn.Tanh):
     """``nn.Tanh`` whose float32 CPU inference evaluates tanh a vector of lanes at a time (SLEEF's tanh,
-    within 1 ulp; torch's own may differ from it by an ulp).  Any other call (a gradient needed, tracing,
+    within 3.5 ulps, tested to 4; torch's own is within 1).  Any other call (a gradient needed, tracing,
     compiling, other devices and dtypes, no compiled kernels) is ``nn.Tanh.forward``.
 
     Example:
