@@ -102,8 +102,8 @@ class NarrowConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         padding = self._direct_padding()
-        if (padding is not None and x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"
+        if (padding is not None and x.dim() == 4 and x.dtype == torch.float32 and x.is_cpu
+                and self.weight.dtype == torch.float32 and self.weight.is_cpu
                 and _inference_only(x, self.weight, *([] if self.bias is None else [self.bias]))):
             kernels = _kernels.usable_for()
             if kernels is not None:
@@ -233,8 +233,8 @@ class AlignedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32
-                and weight.device.type == "cpu" and x.dim() >= 2 and x.numel() >= MIN_ALIGNED_ROWS * self.in_features
+        if (x.dtype == torch.float32 and x.is_cpu and weight.dtype == torch.float32
+                and weight.is_cpu and x.dim() >= 2 and x.numel() >= MIN_ALIGNED_ROWS * self.in_features
                 and _pads(self)
                 and _inference_only(x, weight, *([] if self.bias is None else [self.bias]))):
             padded, padded_bias = self._padded()
@@ -256,7 +256,7 @@ class FastTanh(nn.Tanh):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and _inference_only(x):
+        if x.dtype == torch.float32 and x.is_cpu and _inference_only(x):
             kernels = _kernels.usable_for()
             if kernels is not None:
                 return kernels.tanh_f32(x)
