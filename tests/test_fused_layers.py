@@ -80,6 +80,27 @@ def test_sampling_all_layers_matches_the_per_layer_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_draw_and_gradient_are_the_same_on_one_thread_and_on_two(dtype):
+    # wide enough (2 × 150 structures, 128 rows) that the draw and the backward's column sums split their
+    # column blocks between two threads: every column is still drawn and summed by one thread in row order
+    g = torch.Generator().manual_seed(3)
+    mus = [torch.empty(150, dtype=dtype).uniform_(-3, 0, generator=g).requires_grad_() for _ in range(2)]
+    log_sigmas = [torch.empty(150, dtype=dtype).uniform_(-5, 0, generator=g).requires_grad_() for _ in range(2)]
+    masks, kept = [torch.ones(150, dtype=dtype)] * 2, [torch.arange(150)] * 2
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            thetas, _, weighted, _ = sample_layers(mus, log_sigmas, masks, KEY, 0, 128, kept, [150, 150], LOW, HIGH)
+            results.append([t.detach() for t in thetas] + list(_grads(thetas + [weighted], mus + log_sigmas)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_narrowed_layers_and_row_slices_draw_the_full_networks_theta(dtype):
     # shrink keeps some structures of each layer (their original positions in `kept`), a distributed
     # shard some rows: both must draw exactly what the full network draws for them

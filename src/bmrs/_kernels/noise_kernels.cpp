@@ -36,9 +36,10 @@ constexpr int kHTerms = 6;
 
 // Per-sample elements below which one thread does it all (waking the second costs more).
 constexpr int64_t kGrainElements = 4096;
-// The same for the backward's column sums, two multiply-adds an element: two 128 × 150 layers (38,400
-// elements) take 5.7 µs on one thread and 4.8 µs on two, so the second thread is woken only for more.
-constexpr int64_t kSumGrainElements = 65536;
+// The backward's column sums split the blocks between threads exactly as the draw did (the same grain),
+// so that each thread reads the factors it wrote, still in its own cache: in a training step of the
+// Fashion-MNIST MLP (two 128 × 150 layers) the sums took 18-54 µs on one thread reading the other's
+// factors, and 7 µs on each of two threads (about 1.5% of the step).
 
 // Below this Φ(x) < 2⁻¹⁰⁷⁵ rounds to 0: returned without calling erfc, whose underflow path (errno) is slow.
 constexpr double kNdtrZeroBelow = -38.6;
@@ -693,7 +694,7 @@ std::vector<at::Tensor> sample_layers_backward(const std::vector<at::Tensor>& gr
   }
   if (n == 0) return out;
   int64_t grain = 1;
-  const auto blocks = column_blocks(widths, rows, grain, kSumGrainElements);
+  const auto blocks = column_blocks(widths, rows, grain);
   AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "sample_layers_backward", [&] {
     for_column_blocks(blocks, grain, [&](int64_t, const ColumnBlock& b) {
       const int64_t S = widths[b.layer], count = b.last - b.first;
