@@ -274,15 +274,48 @@ def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, b
 
 
 def test_linear_layers_with_few_inputs_are_left_to_torch():
-    # with few inputs the product is too small to gain from whole vectors: no swap, and no padding
-    small, wide = nn.Linear(64, 29), nn.Linear(128, 29)
-    net = nn.Sequential(small, nn.ReLU(), wide)
-    assert use_fast_layers(net) == 1 and net[0] is small and type(net[2]) is AlignedLinear
+    # with few inputs the product is too small to gain from whole vectors: no swap and no padding, unless the
+    # layer has fewer than 16 outputs (padded to 16, which paid at every input count)
+    small, narrow, wide = nn.Linear(48, 29), nn.Linear(25, 10), nn.Linear(64, 29)
+    net = nn.Sequential(small, nn.ReLU(), narrow, nn.ReLU(), wide)
+    assert use_fast_layers(net) == 2 and net[0] is small
+    assert type(net[2]) is AlignedLinear and type(net[4]) is AlignedLinear
     fast_small = AlignedLinear.from_linear(small)
-    x = torch.randn(64, 64)
+    x = torch.randn(64, 48)
     with torch.no_grad():
         assert torch.equal(fast_small(x), small(x))  # nn.Linear's own product, bit for bit
     assert "_aligned" not in fast_small.__dict__   # no padded copy was made
+
+
+def test_aligned_linear_without_kernels_pads_only_from_128_inputs():
+    # the Python slice and copy that keep the columns without the kernels cost 2-3 µs more: padding pays later
+    torch.manual_seed(11)
+    mid, wide = nn.Linear(64, 29), nn.Linear(128, 29)
+    x_mid, x_wide = torch.randn(64, 64), torch.randn(64, 128)
+    _kernels.set_enabled(False)
+    try:
+        fast_mid, fast_wide = AlignedLinear.from_linear(mid), AlignedLinear.from_linear(wide)
+        with torch.no_grad():
+            assert torch.equal(fast_mid(x_mid), mid(x_mid)) and "_aligned" not in fast_mid.__dict__
+            y = fast_wide(x_wide)
+            assert "_aligned" in fast_wide.__dict__ and y.is_contiguous() and rel_err(y, wide(x_wide)) < 1e-6
+    finally:
+        _kernels.set_enabled(True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_aligned_linear_kernel_keeps_the_columns_of_the_padded_product_bit_for_bit(bias):
+    kernels = _kernels.get()
+    torch.manual_seed(12)
+    weight = torch.randn(32, 40)
+    weight[29:] = 0
+    b = torch.randn(32) if bias else None
+    for x in (torch.randn(50, 40), torch.randn(5, 10, 40), torch.randn(40, 50).t()):  # 2-D, 3-D, strided
+        got = kernels.aligned_linear_f32(x, weight, b, 29)
+        assert got.shape == (*x.shape[:-1], 29) and got.is_contiguous()
+        assert torch.equal(got, F.linear(x, weight, b)[..., :29])
+    with pytest.raises(RuntimeError, match="out_features"):
+        kernels.aligned_linear_f32(torch.randn(4, 40), weight, b, 33)
 
 
 def test_aligned_width_pads_only_the_widths_that_run_faster():

@@ -166,3 +166,26 @@ at::Tensor tanh_f32(const at::Tensor& x_in) {
   });
   return out;
 }
+
+// An AlignedLinear's inference: x (…, in) times weight (width, in) padded with zero rows to a whole number of
+// vectors, plus bias (width) if given, keeping the first `out_features` columns, contiguous.  The product is
+// PyTorch's own (addmm, as F.linear), so the result is bit for bit that of slicing F.linear's output; the
+// columns are copied here in one pass, which costs a fraction of Python's slice and .contiguous() (about
+// 3 µs of a 5 µs product at 256 × 25 → 10).
+at::Tensor aligned_linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              int64_t out_features) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 2,
+              "aligned_linear_f32: a float32 CPU input with at least two dimensions");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1) && out_features >= 0 && out_features <= weight.size(0),
+              "aligned_linear_f32: weight must be (width >= out_features, in_features)");
+  const auto rows2d = x.reshape({-1, x.size(-1)});
+  const auto full = bias.has_value() ? at::addmm(*bias, rows2d, weight.t()) : at::mm(rows2d, weight.t());
+  const int64_t rows = full.size(0), width = full.size(1);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  auto out = at::empty(sizes, x.options());
+  const float* src = full.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) std::copy(src + r * width, src + r * width + out_features, dst + r * out_features);
+  return out;
+}

@@ -884,5 +884,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_f_uniform", &delta_f_uniform, "BMRS_U's delta F without gradients");
   m.def("direct_conv2d", &direct_conv2d, "stride-1 float32 convolution for narrow layers");
   m.def("tanh_f32", &tanh_f32, "float32 tanh, a vector of lanes at a time");
+  m.def("aligned_linear_f32", &aligned_linear_f32, "float32 linear layer on a zero-padded weight, first columns kept");
   m.def("ndtri_lower_f32", &ndtri_lower_f32, "the float32 sampler's inverse normal CDF, p <= 1/2");
 }

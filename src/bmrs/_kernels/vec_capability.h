@@ -26,3 +26,5 @@ at::Tensor delta_f_uniform(const at::Tensor& mu, const at::Tensor& sigma, double
 at::Tensor direct_conv2d(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          int64_t pad_h, int64_t pad_w);
 at::Tensor tanh_f32(const at::Tensor& x);
+at::Tensor aligned_linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              int64_t out_features);

@@ -49,15 +49,21 @@ MAX_DIRECT_CHANNEL_PRODUCT = 12
 # single row is a matrix-vector product, about as fast either way.
 ALIGN = 16
 MIN_ALIGNED_ROWS = 32
-# The fewest inputs for which padding pays: at batch 256, padding cut a product with 1,024 inputs by up to
-# 40% but made one with 16-64 inputs up to 50% slower (the product is then too small to gain from whole
-# vectors, and the slice and copy cost more than it saves); from 128 inputs on it broke even or won.
-MIN_ALIGNED_INPUTS = 128
+# The fewest inputs for which padding pays, measured at batch 256 over 8-1,024 inputs and 10-45 outputs
+# (bmrs._kernels' aligned_linear_f32 keeping the columns): from 64 inputs the padded product won (by up to
+# 36% at 1,024) or broke even; below, padding 25-45 outputs to 32-48 cost up to 20% more, while padding
+# fewer than 16 outputs to 16 won at every input count (by 8-38%).  Without the compiled kernels the
+# columns are kept by a Python slice and copy, 2-3 µs more, and padding pays only from 128 inputs.
+MIN_ALIGNED_INPUTS = 64
+MIN_ALIGNED_INPUTS_WITHOUT_KERNELS = 128
 
 
-def _inference_only(*tensors: Tensor) -> bool:
-    """No gradient can flow through this call, and nothing is tracing or compiling it."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+def _inference_only(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> bool:
+    """No gradient can flow through this call (input ``x``, optional parameters), and nothing is tracing or
+    compiling it: the checks of ``_kernels.usable_for``, so that a caller past them takes ``_kernels.get()``.
+    Runs on every call of a fast layer, where a microsecond counts: hence no generator or ``*args``."""
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         return False
     return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
 
@@ -104,8 +110,8 @@ class NarrowConv2d(nn.Conv2d):
         padding = self._direct_padding()
         if (padding is not None and x.dim() == 4 and x.dtype == torch.float32 and x.is_cpu
                 and self.weight.dtype == torch.float32 and self.weight.is_cpu
-                and _inference_only(x, self.weight, *([] if self.bias is None else [self.bias]))):
-            kernels = _kernels.usable_for()
+                and _inference_only(x, self.weight, self.bias)):
+            kernels = _kernels.get()
             if kernels is not None:
                 return kernels.direct_conv2d(x, self.weight, self.bias, *padding)
         return super().forward(x)
@@ -176,14 +182,21 @@ def aligned_width(out_features: int) -> int:
     return out_features + ALIGN - rest
 
 
-def _pads(linear: nn.Linear) -> bool:
-    """Whether padding ``linear``'s output width pays: a ragged width and at least MIN_ALIGNED_INPUTS inputs."""
-    return linear.in_features >= MIN_ALIGNED_INPUTS and aligned_width(linear.out_features) != linear.out_features
+def _pads(linear: nn.Linear, kernels: bool = True) -> bool:
+    """Whether padding ``linear``'s output width pays: a ragged width, and fewer than 16 outputs or at least
+    MIN_ALIGNED_INPUTS inputs (with ``kernels``; else at least MIN_ALIGNED_INPUTS_WITHOUT_KERNELS)."""
+    if aligned_width(linear.out_features) == linear.out_features:
+        return False
+    if not kernels:
+        return linear.in_features >= MIN_ALIGNED_INPUTS_WITHOUT_KERNELS
+    return linear.in_features >= MIN_ALIGNED_INPUTS or linear.out_features < ALIGN
 
 
 class AlignedLinear(nn.Linear):
-    """``nn.Linear`` whose float32 CPU inference on at least 32 rows (with at least 128 inputs) multiplies by
-    its weight padded with zero rows to :func:`aligned_width` and returns the first ``out_features`` columns (contiguous).
+    """``nn.Linear`` whose float32 CPU inference on at least 32 rows multiplies by its weight padded with zero
+    rows to :func:`aligned_width` and returns the first ``out_features`` columns (contiguous), where that pays:
+    fewer than 16 outputs, or at least 64 inputs (128 without the compiled kernels, which keep the columns
+    in one pass).
 
     The padded weight and bias are a cached copy (rebuilt when the parameters change); the parameters, state
     dict and ``repr`` are the ``nn.Linear``'s.  Any other call (a gradient needed, tracing, compiling, other
@@ -214,9 +227,9 @@ class AlignedLinear(nn.Linear):
         self.__dict__.pop("_aligned", None)
         return super().train(mode)
 
-    def _padded(self) -> tuple[Tensor, Tensor | None]:
-        """(weight, bias) padded with zeros to the aligned width, cached while the parameters are unchanged."""
-        weight, bias = self.weight, self.bias
+    def _padded(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias), this layer's parameters, padded with zeros to the aligned width, cached while the
+        parameters are unchanged."""
         key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
         cache = self.__dict__.get("_aligned")
         if cache is None or cache[0] != key:
@@ -232,13 +245,17 @@ class AlignedLinear(nn.Linear):
         return cache[1], cache[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
+        params = self._parameters  # past nn.Module's attribute lookup: a microsecond a call at these sizes
+        weight, bias = params["weight"], params["bias"]
         if (x.dtype == torch.float32 and x.is_cpu and weight.dtype == torch.float32
                 and weight.is_cpu and x.dim() >= 2 and x.numel() >= MIN_ALIGNED_ROWS * self.in_features
-                and _pads(self)
-                and _inference_only(x, weight, *([] if self.bias is None else [self.bias]))):
-            padded, padded_bias = self._padded()
-            return nn.functional.linear(x, padded, padded_bias)[..., : self.out_features].contiguous()
+                and _inference_only(x, weight, bias)):
+            kernels = _kernels.get()
+            if _pads(self, kernels is not None):
+                padded, padded_bias = self._padded(weight, bias)
+                if kernels is not None:
+                    return kernels.aligned_linear_f32(x, padded, padded_bias, self.out_features)
+                return nn.functional.linear(x, padded, padded_bias)[..., : self.out_features].contiguous()
         return super().forward(x)
 
 
@@ -257,7 +274,7 @@ class FastTanh(nn.Tanh):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and x.is_cpu and _inference_only(x):
-            kernels = _kernels.usable_for()
+            kernels = _kernels.get()
             if kernels is not None:
                 return kernels.tanh_f32(x)
         return super().forward(x)
@@ -268,7 +285,8 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
 
     Each ``nn.Conv2d`` (exactly that type) with ``in_channels × out_channels <= max_channel_product``
     becomes a :class:`NarrowConv2d`, each tiling ``nn.MaxPool2d`` a :class:`TiledMaxPool2d` and each
-    ``nn.Linear`` with at least 128 inputs whose width :func:`aligned_width` pads an :class:`AlignedLinear` (and each ``nn.Tanh`` a
+    ``nn.Linear`` whose width :func:`aligned_width` pads, with fewer than 16 outputs or at least 64 inputs, an
+    :class:`AlignedLinear` (and each ``nn.Tanh`` a
     :class:`FastTanh`), sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
     change (see the module docstring); training calls are unaffected.  :func:`bmrs.compaction.compact`
     applies this to what it returns.
