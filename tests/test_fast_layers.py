@@ -16,6 +16,7 @@ import bmrs
 from bmrs import _kernels
 from bmrs.compaction import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
 from bmrs.compaction.fast_layers import aligned_width
+from test_kernels import kernels
 
 needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason="no C++ compiler: the fallback is tested below")
 
@@ -119,12 +120,8 @@ def test_narrow_conv_without_kernels_is_conv2d():
     plain = nn.Conv2d(1, 3, 5)
     fast = NarrowConv2d.from_conv(plain)
     x = torch.randn(2, 1, 12, 12)
-    _kernels.set_enabled(False)
-    try:
-        with torch.no_grad():
-            assert torch.equal(fast(x), plain(x))
-    finally:
-        _kernels.set_enabled(True)
+    with kernels(False), torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
 
 
 def test_narrow_conv_keeps_state_dict_and_repr():
@@ -292,30 +289,26 @@ def test_aligned_linear_without_kernels_pads_only_from_128_inputs():
     torch.manual_seed(11)
     mid, wide = nn.Linear(64, 29), nn.Linear(128, 29)
     x_mid, x_wide = torch.randn(64, 64), torch.randn(64, 128)
-    _kernels.set_enabled(False)
-    try:
-        fast_mid, fast_wide = AlignedLinear.from_linear(mid), AlignedLinear.from_linear(wide)
-        with torch.no_grad():
-            assert torch.equal(fast_mid(x_mid), mid(x_mid)) and "_aligned" not in fast_mid.__dict__
-            y = fast_wide(x_wide)
-            assert "_aligned" in fast_wide.__dict__ and y.is_contiguous() and rel_err(y, wide(x_wide)) < 1e-6
-    finally:
-        _kernels.set_enabled(True)
+    fast_mid, fast_wide = AlignedLinear.from_linear(mid), AlignedLinear.from_linear(wide)
+    with kernels(False), torch.no_grad():
+        assert torch.equal(fast_mid(x_mid), mid(x_mid)) and "_aligned" not in fast_mid.__dict__
+        y = fast_wide(x_wide)
+        assert "_aligned" in fast_wide.__dict__ and y.is_contiguous() and rel_err(y, wide(x_wide)) < 1e-6
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_aligned_linear_kernel_keeps_the_columns_of_the_padded_product_bit_for_bit(bias):
-    kernels = _kernels.get()
+    compiled = _kernels.get()
     torch.manual_seed(12)
     weight = torch.randn(32, 40)
     weight[29:] = 0
     b = torch.randn(32) if bias else None
     for x in (torch.randn(50, 40), torch.randn(5, 10, 40), torch.randn(40, 50).t()):  # 2-D, 3-D, strided
-        got = kernels.aligned_linear_f32(x, weight, b, 29)
+        got = compiled.aligned_linear_f32(x, weight, b, 29)
         assert got.shape == (*x.shape[:-1], 29) and got.is_contiguous()
         assert torch.equal(got, F.linear(x, weight, b)[..., :29])
     with pytest.raises(RuntimeError, match="out_features"):
-        kernels.aligned_linear_f32(torch.randn(4, 40), weight, b, 33)
+        compiled.aligned_linear_f32(torch.randn(4, 40), weight, b, 33)
 
 
 def test_aligned_width_pads_only_the_widths_that_run_faster():

@@ -404,9 +404,8 @@ struct ColumnBlock {
 };
 
 // The layers' structures in blocks of at most kColumnBlock, and (in `grain`) how many blocks give a
-// thread at least `grain_elements` samples' worth of work: small passes run on the calling thread alone.
-std::vector<ColumnBlock> column_blocks(const std::vector<int64_t>& widths, int64_t rows, int64_t& grain,
-                                       int64_t grain_elements = kGrainElements) {
+// thread at least kGrainElements samples' worth of work: small passes run on the calling thread alone.
+std::vector<ColumnBlock> column_blocks(const std::vector<int64_t>& widths, int64_t rows, int64_t& grain) {
   std::vector<ColumnBlock> blocks;
   int64_t work = 0;
   for (size_t l = 0; l < widths.size(); ++l) {
@@ -414,7 +413,7 @@ std::vector<ColumnBlock> column_blocks(const std::vector<int64_t>& widths, int64
     work += widths[l] * (rows + kStructureWork);
   }
   const int64_t count = std::max<int64_t>(int64_t(blocks.size()), 1);
-  grain = std::max<int64_t>(1, (grain_elements * count + std::max<int64_t>(work, 1) - 1) / std::max<int64_t>(work, 1));
+  grain = std::max<int64_t>(1, (kGrainElements * count + std::max<int64_t>(work, 1) - 1) / std::max<int64_t>(work, 1));
   return blocks;
 }
 
