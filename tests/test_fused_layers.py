@@ -10,7 +10,7 @@ import bmrs
 from bmrs.distributions.fast_sample import sample_theta
 from bmrs.nn.fused_layers import kl_layers, sample_layers
 from bmrs.nn.noise import sigma_of
-from bmrs.nn.uniforms import reference_uniforms
+from bmrs.nn.uniforms import draw_key, reference_uniforms
 from test_kernels import kernels
 
 LOW, HIGH = -20.0, 0.0
@@ -167,6 +167,39 @@ def test_kl_of_all_layers_matches_kl_loss_reference(dtype, reduction):
     torch.testing.assert_close(fused, reference, rtol=rtol, atol=0)
     for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(reference, params)):
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+def test_the_kernels_own_key_is_the_one_draw_key_takes_from_the_generator():
+    # with key=None the kernel draws the four words itself (without torch.randint): the same words, and the
+    # same generator state after, as the reference path's draw_key()
+    mus, log_sigmas, masks = _layers(torch.float64)
+    for seed in (0, 1, 12345):
+        torch.manual_seed(seed)
+        own = sample_layers(mus, log_sigmas, masks, None, 0, 4, KEPT, SIZES, LOW, HIGH)
+        after_own = torch.rand(3)
+        torch.manual_seed(seed)
+        key = draw_key()
+        given = sample_layers(mus, log_sigmas, masks, key, 0, 4, KEPT, SIZES, LOW, HIGH)
+        assert torch.equal(after_own, torch.rand(3))
+        for a, b in zip(own[0], given[0]):
+            assert torch.equal(a, b)
+
+
+def test_outputs_left_out_of_the_loss_get_no_gradient_and_break_nothing():
+    # the node leaves unused outputs' gradients undefined (no tensors of zeros): a loss on one layer's θ
+    # alone gives the other layers' parameters zero gradient, and the KL alone gives exactly its gradient
+    mus, log_sigmas, masks = _layers(torch.float64)
+    thetas, kl, weighted, _ = _fused_with_kl(mus, log_sigmas, masks)
+    grads = torch.autograd.grad(thetas[1].sum(), mus + log_sigmas, allow_unused=True)
+    for i in (0, 2):
+        assert grads[i] is None or bool((grads[i] == 0).all())
+        assert grads[3 + i] is None or bool((grads[3 + i] == 0).all())
+    assert bool((grads[1] != 0).any())
+    thetas, kl, weighted, _ = _fused_with_kl(mus, log_sigmas, masks)
+    got = torch.autograd.grad(weighted, mus + log_sigmas)
+    want = torch.autograd.grad(kl_layers(mus, log_sigmas, [1.0] * 3, LOW, HIGH), mus + log_sigmas)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_kl_gradient_scales_with_the_incoming_gradient():

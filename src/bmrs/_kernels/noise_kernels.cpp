@@ -12,6 +12,7 @@
 #include <utility>
 #include "counter_uniforms.h"
 #include <ATen/native/Math.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -47,6 +48,41 @@ constexpr double kNdtrZeroBelow = -38.6;
 constexpr double kExpZeroBelow = -745.2;
 
 inline double ndtr(double x) { return x < kNdtrZeroBelow ? 0.0 : 0.5 * std::erfc(-x * kInvSqrt2); }
+
+// The draw's and its backward's bookkeeping runs between the training step's matrix products, where
+// every distinct ATen code path it touches is cold: in a LeNet-5 step the draw's serial parts took
+// 125-135 µs against 26-36 µs when the draw ran back to back (25-35 µs of it before the parallel region,
+// mostly torch.randint for the key).  So tensors already in the wanted form are used as they are, and
+// small results are written through their pointers instead of by tensor operations (85-90 µs then).
+
+// t itself when it is contiguous in `dtype` (no dispatch), else a contiguous copy in it
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
+// a new 1-d tensor holding `values` in `options`' dtype (float32 or float64)
+inline at::Tensor tensor_of(const std::vector<double>& values, const at::TensorOptions& options) {
+  auto out = at::empty({int64_t(values.size())}, options);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "tensor_of", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) dst[i] = scalar_t(values[i]);
+  });
+  return out;
+}
+
+// a new 0-d tensor holding `value` in `options`' dtype (float32 or float64)
+inline at::Tensor scalar_of(double value, const at::TensorOptions& options) {
+  auto out = at::empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "scalar_of", [&] { *out.data_ptr<scalar_t>() = scalar_t(value); });
+  return out;
+}
+
+// element i of a floating-point tensor, as a double
+inline double value_at(const at::Tensor& t, int64_t i) {
+  double v = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "value_at", [&] { v = double(t.data_ptr<scalar_t>()[i]); });
+  return v;
+}
 
 inline double exp_or_zero(double x) { return x < kExpZeroBelow ? 0.0 : std::exp(x); }
 
@@ -474,7 +510,7 @@ struct SigmaOf {
     TORCH_CHECK(mu_in.numel() == log_sigma_in.numel(), "mu and log sigma must have the same size");
     const int64_t n = mu_in.numel();
     mu.resize(n); sigma.resize(n); sigma_grad.resize(n);
-    const auto mu_c = mu_in.contiguous(), ls_c = log_sigma_in.to(mu_in.scalar_type()).contiguous();
+    const auto mu_c = mu_in.contiguous(), ls_c = contiguous_as(log_sigma_in, mu_in.scalar_type());
     AT_DISPATCH_FLOATING_TYPES(mu_c.scalar_type(), "SigmaOf", [&] {
       const scalar_t *m = mu_c.data_ptr<scalar_t>(), *ls = ls_c.data_ptr<scalar_t>();
       for (int64_t i = 0; i < n; ++i) {
@@ -557,7 +593,7 @@ void check_rows(int64_t row_first, int64_t rows) {
 // with zeros to `padded` entries
 void column_hashes(const bmrs_counter::Key& key, const at::Tensor& index_in, int64_t offset, int64_t padded,
                    std::vector<uint32_t>& column, std::vector<uint32_t>& column_low) {
-  const auto index = index_in.to(at::kLong).contiguous();
+  const auto index = contiguous_as(index_in, at::kLong);
   const int64_t* idx = index.data_ptr<int64_t>();
   column.assign(padded, 0U);
   column_low.assign(padded, 0U);
@@ -624,7 +660,7 @@ std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posterior
   int64_t offset = 0;
   for (size_t l = 0; l < n; ++l) {
     const SigmaOf& p = posteriors[l];
-    masks32[l] = masks[l].to(at::kFloat).contiguous();
+    masks32[l] = contiguous_as(masks[l], at::kFloat);
     const int64_t S = widths[l] = mus[l].numel();
     TORCH_CHECK(kept[l].numel() == S && masks32[l].numel() == S, "one mask entry and kept index per structure");
     column_hashes(key, kept[l], offset, (S + VecF::size() - 1) / VecF::size() * VecF::size(), column[l], column_low[l]);
@@ -649,7 +685,7 @@ std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posterior
   });
   std::vector<double> kl(n, 0.0);
   for (size_t i = 0; i < blocks.size(); ++i) kl[blocks[i].layer] += kl_of_block[i];
-  out[3 * n] = at::tensor(kl, at::TensorOptions().dtype(at::kDouble));  // float64: the node weights and rounds it
+  out[3 * n] = tensor_of(kl, at::TensorOptions().dtype(at::kDouble));  // float64: the node weights and rounds it
   return out;
 }
 
@@ -675,36 +711,39 @@ namespace {
 std::vector<at::Tensor> sample_layers_backward(const std::vector<at::Tensor>& grads_in, at::TensorList w_mu,
                                                at::TensorList w_sigma, const std::vector<double>& scales,
                                                at::TensorList extra_mu, at::TensorList extra_sigma) {
-  const size_t n = grads_in.size();
-  TORCH_CHECK(w_mu.size() == n && w_sigma.size() == n, "one gradient and two factors per layer");
+  const size_t n = w_mu.size();
+  TORCH_CHECK(grads_in.size() == n && w_sigma.size() == n, "one gradient and two factors per layer");
   const bool extra = !extra_mu.empty();
   TORCH_CHECK(!extra || (extra_mu.size() == n && extra_sigma.size() == n && scales.size() == n),
               "one extra term and scale per layer");
   std::vector<at::Tensor> grads(n), out(2 * n);
   std::vector<int64_t> widths(n);
-  const int64_t rows = n > 0 ? grads_in[0].size(0) : 0;
+  const int64_t rows = n > 0 ? w_mu[0].size(0) : 0;
   for (size_t l = 0; l < n; ++l) {
-    grads[l] = grads_in[l].contiguous();
-    TORCH_CHECK(grads[l].dim() == 2 && grads[l].size(0) == rows && grads[l].sizes() == w_mu[l].sizes(),
-                "the gradient of a layer's θ must be (rows, S)");
-    widths[l] = grads[l].size(1);
-    out[l] = at::empty({widths[l]}, grads[l].options());
-    out[n + l] = at::empty({widths[l]}, grads[l].options());
+    widths[l] = w_mu[l].size(1);
+    if (grads_in[l].defined()) {  // undefined: this θ did not reach the loss
+      grads[l] = grads_in[l].contiguous();
+      TORCH_CHECK(grads[l].dim() == 2 && grads[l].sizes() == w_mu[l].sizes(), "the gradient of a layer's θ must be (rows, S)");
+    }
+    out[l] = at::empty({widths[l]}, w_mu[l].options());
+    out[n + l] = at::empty({widths[l]}, w_mu[l].options());
   }
   if (n == 0) return out;
   int64_t grain = 1;
   const auto blocks = column_blocks(widths, rows, grain);
-  AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "sample_layers_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(w_mu[0].scalar_type(), "sample_layers_backward", [&] {
     for_column_blocks(blocks, grain, [&](int64_t, const ColumnBlock& b) {
       const int64_t S = widths[b.layer], count = b.last - b.first;
-      const scalar_t* __restrict__ g = grads[b.layer].data_ptr<scalar_t>() + b.first;
-      const scalar_t* __restrict__ wm = w_mu[b.layer].data_ptr<scalar_t>() + b.first;
-      const scalar_t* __restrict__ ws = w_sigma[b.layer].data_ptr<scalar_t>() + b.first;
       double acc_mu[kColumnBlock] = {}, acc_sigma[kColumnBlock] = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t j = 0; j < count; ++j) {
-          acc_mu[j] += double(g[r * S + j] * wm[r * S + j]);
-          acc_sigma[j] += double(g[r * S + j] * ws[r * S + j]);
+      if (grads[b.layer].defined()) {
+        const scalar_t* __restrict__ g = grads[b.layer].data_ptr<scalar_t>() + b.first;
+        const scalar_t* __restrict__ wm = w_mu[b.layer].data_ptr<scalar_t>() + b.first;
+        const scalar_t* __restrict__ ws = w_sigma[b.layer].data_ptr<scalar_t>() + b.first;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < count; ++j) {
+            acc_mu[j] += double(g[r * S + j] * wm[r * S + j]);
+            acc_sigma[j] += double(g[r * S + j] * ws[r * S + j]);
+          }
         }
       }
       scalar_t* dst_mu = out[b.layer].data_ptr<scalar_t>() + b.first;
@@ -753,32 +792,36 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
     variable_list saved(out.begin() + n, out.begin() + 3 * n);
     saved.insert(saved.end(), out.begin() + 3 * n + 1, out.end());
     ctx->save_for_backward(saved);
+    ctx->set_materialize_grads(false);  // an unused output's gradient is left undefined, not a tensor of zeros
     const double* kl64 = out[3 * n].data_ptr<double>();
     double total = 0.0;
     for (int64_t l = 0; l < n; ++l) total += (*coefs)[l] * kl64[l];
     const auto options = mus[0].options();
-    auto spent = at::zeros({}, at::TensorOptions().dtype(at::kBool));
+    auto spent = at::empty({}, at::TensorOptions().dtype(at::kBool));
+    *spent.data_ptr<bool>() = false;
     ctx->saved_data["n"] = n;
     ctx->saved_data["spent"] = spent;
     ctx->saved_data["coefs"] = c10::List<double>(*coefs);
     ctx->mark_non_differentiable({spent});
     variable_list result(out.begin(), out.begin() + n);
-    result.push_back(out[3 * n].to(options));
-    result.push_back(at::scalar_tensor(total, options));
+    result.push_back(tensor_of(std::vector<double>(kl64, kl64 + n), options));
+    result.push_back(scalar_of(total, options));
     result.push_back(spent);
     return result;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t n = ctx->saved_data["n"].toInt();
-    ctx->saved_data["spent"].toTensor().fill_(true);
+    *ctx->saved_data["spent"].toTensor().data_ptr<bool>() = true;
     const auto saved = ctx->get_saved_variables();
     // each layer's KL enters the loss through the per-layer output and through the weighted sum
-    const auto scale_tensor = grads[n].to(at::kDouble).contiguous();
-    const double total_grad = grads[n + 1].defined() ? grads[n + 1].item<double>() : 0.0;
+    const at::Tensor scale_tensor = grads[n].defined() ? grads[n].contiguous() : at::Tensor();
+    const double total_grad = grads[n + 1].defined() ? value_at(grads[n + 1], 0) : 0.0;
     const auto coefs = ctx->saved_data["coefs"].toDoubleList();
     std::vector<double> scales(n);
-    for (int64_t l = 0; l < n; ++l) scales[l] = scale_tensor.data_ptr<double>()[l] + total_grad * coefs[l];
+    for (int64_t l = 0; l < n; ++l) {
+      scales[l] = (scale_tensor.defined() ? value_at(scale_tensor, l) : 0.0) + total_grad * coefs[l];
+    }
     const std::vector<at::Tensor> theta_grads(grads.begin(), grads.begin() + n);
     const at::TensorList factors(saved);
     auto g = sample_layers_backward(theta_grads, factors.slice(0, n), factors.slice(n, n), scales, factors.slice(2 * n, n),
@@ -800,6 +843,22 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
 // or an interval more than fast_tail σ into a tail, which the reference code draws exactly).  An empty
 // `words` draws the key from PyTorch's default generator as bmrs.nn.uniforms.draw_key does, only once
 // the kernels are known to serve (so that a caller falling back draws the same key itself).
+namespace {
+
+// torch.randint(0, 2**32, (4,)) from the default CPU generator (bmrs.nn.uniforms.draw_key), without the
+// operator: for a range of 2³² PyTorch takes each value as random64() mod 2³², in order, under the
+// generator's lock (ATen's uniform_int_from_to_distribution); tests/test_fused_layers.py checks the two agree.
+std::vector<int64_t> draw_key_words() {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  auto* cpu = at::check_generator<at::CPUGeneratorImpl>(generator);
+  std::vector<int64_t> words(4);
+  for (auto& w : words) w = int64_t(cpu->random64() % (uint64_t(1) << 32));
+  return words;
+}
+
+}  // namespace
+
 std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, const std::vector<at::Tensor>& log_sigmas,
                                            const std::vector<at::Tensor>& masks, const std::vector<int64_t>& words,
                                            int64_t row_first, int64_t rows, const std::vector<at::Tensor>& kept,
@@ -830,8 +889,7 @@ std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, c
   }
   std::vector<int64_t> key = words;
   if (key.empty()) {
-    const auto drawn = at::randint(0, int64_t(1) << 32, {4}, at::TensorOptions().dtype(at::kLong));
-    key.assign(drawn.data_ptr<int64_t>(), drawn.data_ptr<int64_t>() + 4);
+    key = draw_key_words();
   }
   return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), at::TensorList(masks),
                                  at::TensorList(kept), &posteriors, &key, row_first, rows, &full_widths, low, high,
