@@ -780,15 +780,18 @@ using torch::autograd::variable_list;
 // layer, the layers' KL (n,), their sum weighted by `coefs` (0-d), and a flag (0-d bool, not
 // differentiable) that the backward sets, telling a holder of the KL that its graph is spent.
 struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
-  static constexpr int kPlainArgs = 8;  // the arguments after the four tensor lists
+  // the arguments after the two tensor lists: masks and kept indices travel by pointer, not as inputs
+  // (they take no gradient, and each input costs the node's construction an edge)
+  static constexpr int kPlainArgs = 10;
 
   static variable_list forward(AutogradContext* ctx, at::TensorList mus, at::TensorList log_sigmas,
-                               at::TensorList masks, at::TensorList kept, const std::vector<SigmaOf>* posteriors,
+                               const std::vector<at::Tensor>* masks, const std::vector<at::Tensor>* kept,
+                               const std::vector<SigmaOf>* posteriors,
                                const std::vector<int64_t>* words, int64_t row_first, int64_t rows,
                                const std::vector<int64_t>* full_widths, double low, double high,
                                const std::vector<double>* coefs) {
     const int64_t n = int64_t(mus.size());
-    auto out = sample_layers_from(*posteriors, mus, masks, *words, row_first, rows, kept, *full_widths, low, high);
+    auto out = sample_layers_from(*posteriors, mus, *masks, *words, row_first, rows, *kept, *full_widths, low, high);
     variable_list saved(out.begin() + n, out.begin() + 3 * n);
     saved.insert(saved.end(), out.begin() + 3 * n + 1, out.end());
     ctx->save_for_backward(saved);
@@ -826,7 +829,7 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
     const at::TensorList factors(saved);
     auto g = sample_layers_backward(theta_grads, factors.slice(0, n), factors.slice(n, n), scales, factors.slice(2 * n, n),
                                     factors.slice(3 * n, n));
-    variable_list result(4 * n + kPlainArgs);
+    variable_list result(2 * n + kPlainArgs);
     for (int64_t l = 0; l < n; ++l) {
       result[l] = g[l];
       result[n + l] = g[n + l];
@@ -891,8 +894,7 @@ std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, c
   if (key.empty()) {
     key = draw_key_words();
   }
-  return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), at::TensorList(masks),
-                                 at::TensorList(kept), &posteriors, &key, row_first, rows, &full_widths, low, high,
+  return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), &masks, &kept, &posteriors, &key, row_first, rows, &full_widths, low, high,
                                  &coefs);
 }
 

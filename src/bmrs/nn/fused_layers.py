@@ -62,10 +62,10 @@ def sample_layers(mus: Sequence[Tensor], log_sigmas: Sequence[Tensor], masks: Se
     kernels = _kernels.usable_for()
     if kernels is None:
         return None
-    coefs = [1.0] * len(mus) if coefs is None else [float(c) for c in coefs]
-    out = kernels.sample_layers_node(list(mus), list(log_sigmas), list(masks), [] if key is None else list(key),
-                                     int(row_first), int(rows), list(kept), [int(w) for w in full_widths],
-                                     float(low), float(high), *LOG_SIGMA_RANGE, FAST_TAIL, coefs)
+    # sequences go to the kernel as they are (pybind11 converts them, and rejects what is not a number)
+    out = kernels.sample_layers_node(mus, log_sigmas, masks, () if key is None else key, row_first, rows, kept,
+                                     full_widths, low, high, *LOG_SIGMA_RANGE, FAST_TAIL,
+                                     (1.0,) * len(mus) if coefs is None else coefs)
     if not out:
         return None
     return out[:-3], out[-3], out[-2], out[-1]
