@@ -815,7 +815,9 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t n = ctx->saved_data["n"].toInt();
-    *ctx->saved_data["spent"].toTensor().data_ptr<bool>() = true;
+    const auto spent = ctx->saved_data["spent"].toTensor();
+    *spent.data_ptr<bool>() = true;
+    spent.unsafeGetTensorImpl()->bump_version();  // so that Python can tell from spent._version, no operator
     const auto saved = ctx->get_saved_variables();
     // each layer's KL enters the loss through the per-layer output and through the weighted sum
     const at::Tensor scale_tensor = grads[n].defined() ? grads[n].contiguous() : at::Tensor();

@@ -147,11 +147,14 @@ class _KLStash:
     def __init__(self, members: list[MultiplicativeNoise], versions: tuple, kl: Tensor, mean: Tensor, spent: Tensor):
         self.members, self.versions, self.kl, self.mean, self.spent = members, versions, kl, mean, spent
         self.grad_enabled = torch.is_grad_enabled()
+        # the node's backward sets the flag and bumps its version: reading _version needs no operator
+        # (bool(spent) is one, and a cold one when kl_loss runs after the forward's matrix products)
+        self.spent_version = spent._version
 
     def matches(self, members: list[MultiplicativeNoise]) -> bool:
-        return (self.grad_enabled == torch.is_grad_enabled() and len(members) == len(self.members)
-                and all(a is b for a, b in zip(members, self.members)) and self.versions == _versions(members)
-                and not bool(self.spent))
+        return (self.spent._version == self.spent_version and self.grad_enabled == torch.is_grad_enabled()
+                and len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
+                and self.versions == _versions(members))
 
 
 def _versions(members: list[MultiplicativeNoise]) -> tuple:
