@@ -227,12 +227,6 @@ class MultiplicativeNoise(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            pending = self.__dict__["pending_theta"]
-            if pending is not None and x.dim() == 2 and self.dim in (1, -1) and pending.shape == x.shape \
-                    and pending.dtype == x.dtype and self.granularity == "structure":
-                # the common case (features of a linear layer, the bank's draw), past sample_theta and _view
-                self.__dict__["pending_theta"] = None
-                return x * pending
             return x * self.sample_theta(x)
         return x * self._view(self.expected_theta().to(x.dtype), x)
 
