@@ -211,7 +211,7 @@ class _NoiseBank:
         layers = [n for n in self.layers if n.granularity == "structure" and n.training]
         if batch is None or not layers:
             return
-        for members in _draw_groups(layers):
+        for members in _bounds_groups(layers):
             head = members[0]
             mus, log_sigmas, masks, kept = zip(*map(MultiplicativeNoise.tensors, members))
             # the kernel draws the key itself (as draw_key() would) and weights the KL as kl_loss's "mean"
@@ -558,31 +558,26 @@ def _stashed_kl_sum(bank: _NoiseBank | None, members: list[MultiplicativeNoise],
 
 
 def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[MultiplicativeNoise]]:
-    """The layers split by (low, high, device): each group's posteriors concatenate into one batched call."""
-    groups: dict[tuple, list[MultiplicativeNoise]] = {}
-    for noise in layers:
-        groups.setdefault((noise.low, noise.high, noise.tensors()[0].device), []).append(noise)
-    return list(groups.values())
+    """The layers split by (low, high, device): each group's posteriors concatenate into one batched call.
 
-
-def _draw_groups(layers: list[MultiplicativeNoise]) -> list[list[MultiplicativeNoise]]:
-    """``_bounds_groups`` for the noise bank's draw at every training step, without forming a device object
-    per layer in the common case (all layers on the CPU with the same bounds: one group).  The draw runs
-    right after the previous step's matrix products, where each Python object it touches is a cache miss
-    (its Python took 15-60 µs there, a few µs hot); this and the unconverted arguments of sample_layers
-    took bank.draw from 111 to 109 µs inside the Fashion-MNIST MLP's steps.
+    The common case (all on the CPU with the same bounds: one group) forms no device object per layer: the
+    noise bank's draw calls this at every training step, right after the previous step's matrix products,
+    where each Python object it touches is a cache miss (its Python took 15-60 µs there, a few µs hot).
 
     Example:
         >>> from bmrs.nn.noise import MultiplicativeNoise
         >>> a, b = MultiplicativeNoise(3), MultiplicativeNoise(4, high=-1.0)
-        >>> [len(g) for g in _draw_groups([a, a])], [len(g) for g in _draw_groups([a, b])]
-        ([2], [1, 1])
+        >>> [len(g) for g in _bounds_groups([a, a])], [len(g) for g in _bounds_groups([a, b, a])]
+        ([2], [2, 1])
     """
-    head = layers[0]
-    low, high = head.low, head.high
-    if all(n.low == low and n.high == high and n._parameters["mu"].is_cpu for n in layers):
-        return [layers]
-    return _bounds_groups(layers)
+    if layers:
+        low, high = layers[0].low, layers[0].high
+        if all(n.low == low and n.high == high and n._parameters["mu"].is_cpu for n in layers):
+            return [layers]
+    groups: dict[tuple, list[MultiplicativeNoise]] = {}
+    for noise in layers:
+        groups.setdefault((noise.low, noise.high, noise.tensors()[0].device), []).append(noise)
+    return list(groups.values())
 
 
 def _concat_posteriors(members: list[MultiplicativeNoise]) -> tuple[Tensor, Tensor]:
