@@ -60,12 +60,12 @@ inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
 }
 
-// a new 1-d tensor holding `values` in `options`' dtype (float32 or float64)
-inline at::Tensor tensor_of(const std::vector<double>& values, const at::TensorOptions& options) {
-  auto out = at::empty({int64_t(values.size())}, options);
+// a new 1-d tensor holding values[0 … n − 1] in `options`' dtype (float32 or float64)
+inline at::Tensor tensor_of(const double* values, int64_t n, const at::TensorOptions& options) {
+  auto out = at::empty({n}, options);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "tensor_of", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
-    for (size_t i = 0; i < values.size(); ++i) dst[i] = scalar_t(values[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = scalar_t(values[i]);
   });
   return out;
 }
@@ -685,7 +685,7 @@ std::vector<at::Tensor> sample_layers_from(const std::vector<SigmaOf>& posterior
   });
   std::vector<double> kl(n, 0.0);
   for (size_t i = 0; i < blocks.size(); ++i) kl[blocks[i].layer] += kl_of_block[i];
-  out[3 * n] = tensor_of(kl, at::TensorOptions().dtype(at::kDouble));  // float64: the node weights and rounds it
+  out[3 * n] = tensor_of(kl.data(), int64_t(n), at::TensorOptions().dtype(at::kDouble));  // float64: the node weights and rounds it
   return out;
 }
 
@@ -807,7 +807,7 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
     ctx->saved_data["coefs"] = c10::List<double>(*coefs);
     ctx->mark_non_differentiable({spent});
     variable_list result(out.begin(), out.begin() + n);
-    result.push_back(tensor_of(std::vector<double>(kl64, kl64 + n), options));
+    result.push_back(tensor_of(kl64, n, options));
     result.push_back(scalar_of(total, options));
     result.push_back(spent);
     return result;
@@ -896,8 +896,8 @@ std::vector<at::Tensor> sample_layers_node(const std::vector<at::Tensor>& mus, c
   if (key.empty()) {
     key = draw_key_words();
   }
-  return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), &masks, &kept, &posteriors, &key, row_first, rows, &full_widths, low, high,
-                                 &coefs);
+  return SampleLayersNode::apply(at::TensorList(mus), at::TensorList(log_sigmas), &masks, &kept, &posteriors, &key,
+                                 row_first, rows, &full_widths, low, high, &coefs);
 }
 
 // Σ_l coef_l Σ_j KL(q_lj ‖ U[low, high]) with σ = exp(clamp(log σ)), and its gradient in every layer's
