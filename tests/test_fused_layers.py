@@ -79,21 +79,24 @@ def test_sampling_all_layers_matches_the_per_layer_reference(dtype):
         assert bool(clamped.any() | (ls.numel() < 5)) and bool((grad[clamped] == 0).all())
 
 
+@pytest.mark.parametrize("widths", [(150, 150), (6, 16, 120, 84)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_draw_and_gradient_are_the_same_on_one_thread_and_on_two(dtype):
-    # wide enough (2 × 150 structures, 128 rows) that the draw and the backward's column sums split their
-    # column blocks between two threads: every column is still drawn and summed by one thread in row order
+def test_draw_and_gradient_are_the_same_on_one_thread_and_on_two(dtype, widths):
+    # wide enough (128 rows) that the draw and the backward's column sums split their column blocks between
+    # two threads (for LeNet-5's widths inside the 120-wide layer, which then runs as two segments, not one):
+    # every column is still drawn and summed by one thread in row order
     g = torch.Generator().manual_seed(3)
-    mus = [torch.empty(150, dtype=dtype).uniform_(-3, 0, generator=g).requires_grad_() for _ in range(2)]
-    log_sigmas = [torch.empty(150, dtype=dtype).uniform_(-5, 0, generator=g).requires_grad_() for _ in range(2)]
-    masks, kept = [torch.ones(150, dtype=dtype)] * 2, [torch.arange(150)] * 2
+    mus = [torch.empty(w, dtype=dtype).uniform_(-3, 0, generator=g).requires_grad_() for w in widths]
+    log_sigmas = [torch.empty(w, dtype=dtype).uniform_(-5, 0, generator=g).requires_grad_() for w in widths]
+    masks, kept = [torch.ones(w, dtype=dtype) for w in widths], [torch.arange(w) for w in widths]
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            thetas, _, weighted, _ = sample_layers(mus, log_sigmas, masks, KEY, 0, 128, kept, [150, 150], LOW, HIGH)
-            results.append([t.detach() for t in thetas] + list(_grads(thetas + [weighted], mus + log_sigmas)))
+            thetas, kl, weighted, _ = sample_layers(mus, log_sigmas, masks, KEY, 0, 128, kept, list(widths), LOW, HIGH)
+            results.append([t.detach() for t in thetas] + [kl.detach()]
+                           + list(_grads(thetas + [weighted], mus + log_sigmas)))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
