@@ -139,6 +139,14 @@ def test_shrinking_during_training_matches_masking_and_resumes(fmnist_slice, tmp
     from bmrs.training.artifacts import load_run
     run = load_run(tmp_path / "shrunk")
     assert bmrs.pruning.structure_counts(run.model).pruned == shrunk["structures_pruned"]
+    # bmrs compact and bmrs curve measure against the network as built, as bmrs train did, not the shrunk one
+    from bmrs.experiments.compact_run import compact_run
+    from bmrs.experiments.curve import sweep
+    report = compact_run(tmp_path / "shrunk", batch_size=4, log=quiet)
+    assert (report["params_before"], report["params_after"]) == (shrunk["params_before"], shrunk["params_after"])
+    first = sweep(run.model, fmnist_slice, "ev", 2, baseline=run.built_model(), progress=False)["points"][0]
+    assert first["structures_pruned"] == shrunk["structures_pruned"]
+    assert first["compression"] == pytest.approx(shrunk["parameter_compression_pct"])
 
 
 def test_resume_removes_files_half_written_by_a_killed_process(fmnist_slice, tmp_path):

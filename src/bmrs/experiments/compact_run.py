@@ -28,13 +28,15 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     in_channels = run.metrics["data"]["in_channels"]
     example = torch.randn(2, in_channels, size, size)
     compacted = compact(run.model, example)
-    report = compression_report(run.model, compacted, example)
-    run.model.eval()
+    # against the network as built: a --shrink run's model has already lost what it pruned
+    masked = run.built_model() if run.config.shrink else run.model
+    report = compression_report(masked, compacted, example)
+    masked.eval()
     compacted.eval()
     for batch in sorted({1, batch_size}):
         x = torch.randn(batch, in_channels, size, size)
         with torch.no_grad():
-            compact_ms, masked_ms, speedup = alternating_times(lambda: compacted(x), lambda: run.model(x), rounds=30)
+            compact_ms, masked_ms, speedup = alternating_times(lambda: compacted(x), lambda: masked(x), rounds=30)
         report[f"latency_masked_b{batch}_ms"] = masked_ms
         report[f"latency_compact_b{batch}_ms"] = compact_ms
         report[f"latency_speedup_b{batch}"] = speedup

@@ -34,15 +34,20 @@ def _criterion(name: str, p1: float):
     return get_criterion("bmrs-u", p1=p1) if name == "bmrs-u" else get_criterion(name)
 
 
-def _compression(model, example) -> float:
+def _compression(baseline, model, example) -> float:
     from ..compaction import compact, compression_report
 
-    return compression_report(model, compact(model, example), example)["parameter_compression_pct"]
+    return compression_report(baseline, compact(model, example), example)["parameter_compression_pct"]
 
 
 def sweep(model, data, criterion_name: str, levels: int, *, finetune_epochs: int = 0, p1: float = 8.0,
-          batch_size: int = 128, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
-    """One criterion's curve from a trained model (not modified): levels, accuracy, compression, stop."""
+          batch_size: int = 128, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+          baseline=None) -> dict:
+    """One criterion's curve from a trained model (not modified): levels, accuracy, compression, stop.
+
+    Compression is measured against ``baseline`` (default: ``model``), the network before any pruning:
+    pass ``LoadedRun.built_model()`` for a run that shrank its network as it trained."""
+    baseline = model if baseline is None else baseline
     base = copy.deepcopy(model)
     example = data.test.tensors[0][:2]
     crit = _criterion(criterion_name, p1)
@@ -60,14 +65,14 @@ def sweep(model, data, criterion_name: str, levels: int, *, finetune_epochs: int
             train_epoch(current, optimizer, data.train, batch_size=batch_size, generator=gen, progress=False)
         accuracy = evaluate(current, data.test)["accuracy"]
         points.append({"fraction": float(fraction), "structures_pruned": structure_counts(current).pruned,
-                       "accuracy": accuracy, "compression": _compression(current, example)})
+                       "accuracy": accuracy, "compression": _compression(baseline, current, example)})
     result = {"criterion": criterion_name, "points": points}
     if criterion_name in ("bmrs-n", "bmrs-u"):
         stopped = copy.deepcopy(base)
         report = prune(stopped, crit)
         result["stop"] = {"fraction": report.pruned / total, "structures_pruned": report.pruned,
                           "accuracy": evaluate(stopped, data.test)["accuracy"],
-                          "compression": _compression(stopped, example)}
+                          "compression": _compression(baseline, stopped, example)}
     return result
 
 
@@ -130,7 +135,8 @@ def run_curve(run_dir, criteria: list[str], output, *, levels: int = 21, finetun
     results = []
     for name in criteria:
         res = sweep(run.model, data, name, levels, finetune_epochs=finetune_epochs, p1=p1,
-                    batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress)
+                    batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress,
+                    baseline=run.built_model())
         results.append(res)
         stop = f", stops at {res['stop']['compression']:.1f}% / {100 * res['stop']['accuracy']:.2f}%" \
             if "stop" in res else ""

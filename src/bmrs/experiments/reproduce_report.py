@@ -204,7 +204,7 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log) -> 
         results = []
         for name in CURVE_CRITERIA:
             results.append(sweep(run.model, data, name, levels, p1=8.0, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 progress=False))
+                                 progress=False, baseline=run.built_model()))
         for res in results:
             res["knee"] = knee_distances(res)
         write_json(cache, {"levels": levels, "run": str(base), "weights": "final", "results": results})
@@ -299,7 +299,8 @@ def _p1_sweep(runs: Path, report: Path, log) -> str:
         for p1 in range(1, 23):
             model = load_run(base, final=True).model
             prune(model, BMRSU(p1))
-            comps.append(compression_report(model, compact(model, example), example)["parameter_compression_pct"])
+            comps.append(compression_report(run.built_model(), compact(model, example), example)
+                         ["parameter_compression_pct"])
             accs.append(100 * evaluate(model, data.test)["accuracy"])
             rows.append({"network": network, "p1": p1, "compression": comps[-1], "accuracy": accs[-1]})
         ax.plot(range(1, 23), comps, marker="o", color=f"C{i}", label=f"{network} compression")

@@ -30,6 +30,18 @@ class LoadedRun:
     metrics: dict
     model: nn.Module  # the masked model (noise layers attached), in eval mode
 
+    def built_model(self) -> nn.Module:
+        """The network as configured, before training pruned or shrank it (fresh weights, eval mode): the
+        "before" of compression figures, as ``bmrs train`` reports them.  For a ``--shrink`` run ``model``
+        has already lost what it pruned, so measuring against it would report nothing removed.
+
+        Example:
+            run = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
+            compression_report(run.built_model(), compact(run.model, x), x)
+        """
+        data = self.metrics["data"]
+        return build_for(self.config, data["in_channels"], data["num_classes"]).eval()
+
 
 def load_run(path: str | Path, final: bool = False) -> LoadedRun:
     """Rebuild the masked model of a finished ``bmrs train`` run from its JSON and safetensors files.
