@@ -255,11 +255,11 @@ def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, b
         assert rel_err(y, plain(x)) < 1e-6
         assert rel_err(fast(x.view(8, 8, 160)), plain(x.view(8, 8, 160))) < 1e-6  # extra leading dimensions
         assert torch.equal(fast(x[:4]), plain(x[:4]))  # a few rows: nn.Linear's own product
-        plain.weight.mul_(2.0)  # a parameter changed in place: the padded copy is rebuilt
+        plain.weight.mul_(2.0)  # a parameter changed in place: the padded product sees it
         assert rel_err(fast(x), plain(x)) < 1e-6
-        plain.weight.data.mul_(0.5)  # written past the version counter (as a fused optimizer may) ...
-        fast.train().eval()          # ... then a mode switch, as after training: rebuilt too
+        plain.weight.data.mul_(0.5)  # written past the version counter, as fused Adam does, no mode switch
         assert rel_err(fast(x), plain(x)) < 1e-6
+        assert fast.weight is plain.weight  # the same parameter objects, now views of the padded buffers
     # with gradients, nn.Linear's path: the same graph and gradients
     xg = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(fast(xg).square().sum(), xg)
@@ -268,6 +268,32 @@ def test_aligned_linear_matches_linear_and_defers_when_it_should(out_features, b
     double = nn.Linear(160, out_features, bias=bias).double()  # float64: nn.Linear's own product
     with torch.no_grad():
         assert torch.equal(AlignedLinear.from_linear(double)(x.double()), double(x.double()))
+
+
+def test_aligned_linear_fine_tuned_in_eval_mode_by_fused_adam_is_not_stale():
+    # compact() → evaluate → fine-tune with fused Adam (which bumps no version) → evaluate, all in eval mode
+    torch.manual_seed(5)
+    fast = AlignedLinear.from_linear(nn.Linear(100, 29)).eval()
+    x = torch.randn(64, 100)
+    with torch.inference_mode():
+        before = fast(x)  # the first padded call, under inference mode: the parameters stay trainable
+    opt = torch.optim.Adam(fast.parameters(), lr=1e-2, fused=True)
+    for _ in range(3):
+        opt.zero_grad()
+        fast(x).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        after = fast(x)
+        want = nn.functional.linear(x, fast.weight.detach().clone(), fast.bias.detach().clone())
+    assert rel_err(after, want) < 1e-6 and not torch.allclose(after, before)
+    fast.weight = nn.Parameter(torch.randn(29, 100))  # a replaced parameter moves into new padded buffers
+    with torch.no_grad():
+        assert rel_err(fast(x), nn.functional.linear(x, fast.weight, fast.bias)) < 1e-6
+    copy = __import__("copy").deepcopy(fast)  # a copy's parameters are its own: padded afresh, not shared
+    with torch.no_grad():
+        copy.weight.mul_(3.0)
+        assert rel_err(copy(x), nn.functional.linear(x, copy.weight, copy.bias)) < 1e-6
+        assert rel_err(fast(x), nn.functional.linear(x, fast.weight, fast.bias)) < 1e-6
 
 
 def test_linear_layers_with_few_inputs_are_left_to_torch():

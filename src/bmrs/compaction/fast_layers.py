@@ -192,14 +192,23 @@ def _pads(linear: nn.Linear, kernels: bool = True) -> bool:
     return linear.in_features >= MIN_ALIGNED_INPUTS or linear.out_features < ALIGN
 
 
+def _rows_of(buffer: Tensor, part: Tensor) -> bool:
+    """``part`` is the first rows of ``buffer`` (a view of its memory with the same row layout)."""
+    return (part.data_ptr() == buffer.data_ptr() and part.shape[1:] == buffer.shape[1:]
+            and part.stride() == buffer.stride() and part.dtype == buffer.dtype)
+
+
 class AlignedLinear(nn.Linear):
     """``nn.Linear`` whose float32 CPU inference on at least 32 rows multiplies by its weight padded with zero
     rows to :func:`aligned_width` and returns the first ``out_features`` columns (contiguous), where that pays:
     fewer than 16 outputs, or at least 64 inputs (128 without the compiled kernels, which keep the columns
     in one pass).
 
-    The padded weight and bias are a cached copy (rebuilt when the parameters change); the parameters, state
-    dict and ``repr`` are the ``nn.Linear``'s.  Any other call (a gradient needed, tracing, compiling, other
+    The parameters live in zero-padded buffers: ``weight`` and ``bias`` are views of their first
+    ``out_features`` rows, so every write to them (an optimizer step, fused or not, ``.data`` or a state-dict
+    load) reaches the padded product, and nothing is copied per call.  A parameter replaced by another
+    tensor is moved into a new padded buffer at the next such call.  The parameters, state dict and ``repr``
+    are the ``nn.Linear``'s.  Any other call (a gradient needed, tracing, compiling, other
     devices and dtypes, fewer rows) is ``nn.Linear.forward``.  Outputs are the ``nn.Linear``'s to float32
     rounding (the product may sum in another order).
 
@@ -221,28 +230,27 @@ class AlignedLinear(nn.Linear):
         new.train(linear.training)
         return new
 
-    def train(self, mode: bool = True) -> "AlignedLinear":
-        # a mode switch drops the padded copy: parameters written without a version bump (``.data``, some
-        # fused optimizers) cannot leave the next evaluation stale
-        self.__dict__.pop("_aligned", None)
-        return super().train(mode)
-
     def _padded(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(weight, bias), this layer's parameters, padded with zeros to the aligned width, cached while the
-        parameters are unchanged."""
-        key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
-        cache = self.__dict__.get("_aligned")
-        if cache is None or cache[0] != key:
-            width = aligned_width(self.out_features)
-            with torch.no_grad():
-                padded = weight.new_zeros(width, self.in_features)
-                padded[: self.out_features] = weight
-                padded_bias = None
-                if bias is not None:
-                    padded_bias = bias.new_zeros(width)
-                    padded_bias[: self.out_features] = bias
-            cache = self.__dict__["_aligned"] = (key, padded, padded_bias)
-        return cache[1], cache[2]
+        """The zero-padded buffers whose first rows are ``weight`` and ``bias``, these parameters moved into
+        new ones when they are not (a first call, a parameter replaced, a copy of the module).  The values are
+        unchanged: the parameters take views of the buffers as their data, so writes to them land there.
+        (A copy keyed on the parameters' versions went stale: fused Adam writes without a version bump.)"""
+        held = self.__dict__.get("_aligned")
+        if held is not None and _rows_of(held[0], weight) and (bias is None) == (held[1] is None) \
+                and (bias is None or _rows_of(held[1], bias)):
+            return held
+        width = aligned_width(self.out_features)
+        with torch.inference_mode(False), torch.no_grad():  # buffers that training may use later
+            padded = weight.new_zeros(width, self.in_features)
+            padded[: self.out_features] = weight
+            weight.data = padded[: self.out_features]
+            padded_bias = None
+            if bias is not None:
+                padded_bias = bias.new_zeros(width)
+                padded_bias[: self.out_features] = bias
+                bias.data = padded_bias[: self.out_features]
+        self.__dict__["_aligned"] = (padded, padded_bias)
+        return padded, padded_bias
 
     def forward(self, x: Tensor) -> Tensor:
         params = self._parameters  # past nn.Module's attribute lookup: a microsecond a call at these sizes
