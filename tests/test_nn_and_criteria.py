@@ -63,12 +63,19 @@ class _ReusesActivationInput(nn.Module):
         return self.out(self.act(h)) + h.sum(1, keepdim=True)
 
 
+class _PassesActivationInputByKeyword(_ReusesActivationInput):
+    def forward(self, x):
+        h = self.fc(x)
+        return self.out(self.act(input=h)) + h.sum(1, keepdim=True)
+
+
 @pytest.mark.parametrize("build", [
     lambda: bmrs.attach(small_mlp()),
     lambda: bmrs.attach(_ReusesActivationInput(), targets=["act"]),  # the in-place ReLU hosts the noise
+    lambda: bmrs.attach(_PassesActivationInputByKeyword(), targets=["act"]),
     lambda: bmrs.attach(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                       nn.Linear(4 * 3 * 3, 2))),
-], ids=["mlp", "inplace-host", "cnn"])
+], ids=["mlp", "inplace-host", "inplace-host-keyword", "cnn"])
 def test_eval_without_grad_equals_eval_with_grad(build):
     """Without gradients evaluation scales activations in place where that is safe; the outputs must be
     those of the out-of-place multiply taken with gradients on (an in-place ReLU's input is left alone)."""

@@ -30,7 +30,8 @@ def host_placed(model: nn.Module) -> nn.Module:
         for key, hook in list(module._forward_hooks.items()):
             if isinstance(hook, _NoiseAfterPool):
                 del module._forward_hooks[key]
-                hook.host.register_forward_hook(_apply_noise)
+                module._forward_hooks_with_kwargs.pop(key, None)
+                hook.host.register_forward_hook(_apply_noise, with_kwargs=True)
     return model
 
 

@@ -85,23 +85,24 @@ def _watch_registrations() -> None:
         _registration_hook.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
 
 
-def _apply_noise(module: nn.Module, inputs, output):
+def _apply_noise(module: nn.Module, args, kwargs, output):
+    """Forward hook (registered with ``with_kwargs=True``) applying the noise registered under ``module``."""
     _applications[0] += 1
     noise = module._modules[NOISE_ATTR]
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
         return (noise(output[0]),) + tuple(output[1:])
-    if not noise.training and not output.requires_grad and _fresh(output, inputs):
+    if not noise.training and not output.requires_grad and _fresh(output, args, kwargs):
         return noise.scale_(output)  # evaluation: scale the module's own new output in place
     return noise(output)
 
 
-def _fresh(output: Tensor, inputs) -> bool:
-    """The output shares no memory with the module's tensor inputs (an in-place ReLU returns its input,
-    which its caller may still hold)."""
+def _fresh(output: Tensor, args, kwargs) -> bool:
+    """The output shares no memory with the module's tensor inputs, positional or keyword (an in-place
+    ReLU returns its input, which its caller may still hold)."""
     try:
         storage = output.untyped_storage().data_ptr()
         return storage != 0 and all(not isinstance(i, Tensor) or i.untyped_storage().data_ptr() != storage
-                                    for i in inputs)
+                                    for inputs in (args, kwargs.values()) for i in inputs)
     except (RuntimeError, NotImplementedError):  # a tensor without plain storage (sparse, nested …)
         return False
 
@@ -112,8 +113,8 @@ class _NoiseAfterPool:
     def __init__(self, host: nn.Module):
         self.host = host
 
-    def __call__(self, module: nn.Module, inputs, output):
-        return _apply_noise(self.host, inputs, output)
+    def __call__(self, module: nn.Module, args, kwargs, output):
+        return _apply_noise(self.host, args, kwargs, output)
 
 
 def _hook_target(host: nn.Module, noise: MultiplicativeNoise, modules: dict[str, nn.Module],
@@ -470,7 +471,7 @@ def install_noise(model: nn.Module, entries: list[tuple[nn.Module, Multiplicativ
     for module, noise in entries:
         module.add_module(NOISE_ATTR, noise)
         target = _hook_target(module, noise, modules, places)
-        target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module))
+        target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module), with_kwargs=True)
     _watch_registrations()
     model._bmrs_bank = _NoiseBank([noise for _, noise in noise_layers(model)])
     model.register_forward_pre_hook(_bank_draw)
@@ -486,6 +487,7 @@ def detach_noise(model: nn.Module) -> nn.Module:
             for key, hook in list(hooks.items()):
                 if hook in (_apply_noise, _bank_draw, _bank_clear) or isinstance(hook, _NoiseAfterPool):
                     del hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
         if "_bmrs_bank" in module.__dict__:
             del module.__dict__["_bmrs_bank"]
     return model
