@@ -169,6 +169,27 @@ def test_resume_with_other_settings_is_refused(fmnist_slice, tmp_path):
         train(other, tmp_path / "r", resume=True, progress=False, log=quiet, data=fmnist_slice)
 
 
+def test_damaged_run_files_give_checkpoint_errors(fmnist_slice, tmp_path):
+    from bmrs.io import read_json, save_checkpoint
+    from bmrs.training.artifacts import load_run
+    cfg = TrainConfig(model="mlp", hidden=16, criterion="none", epochs=1, finetune_epochs=0, batch_size=256,
+                      train_subset=3000)
+    train(cfg, tmp_path / "r", progress=False, log=quiet, data=fmnist_slice)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    for key, damaged in [("best_val_accuracy", None), ("history", None), ("config", "x"), ("epoch", 1.5)]:
+        save_checkpoint(tmp_path / "r" / "checkpoint.pt", {**state, key: damaged})
+        with pytest.raises(bmrs.CheckpointError, match=repr(key)):
+            train(cfg, tmp_path / "r", resume=True, progress=False, log=quiet, data=fmnist_slice)
+    metrics = read_json(tmp_path / "r" / "metrics.json")
+    for damaged in ["null", json.dumps({**metrics, "data": {}}), json.dumps({**metrics, "config": [1]})]:
+        (tmp_path / "r" / "metrics.json").write_text(damaged)
+        with pytest.raises(bmrs.CheckpointError, match="not written by bmrs train"):
+            load_run(tmp_path / "r")
+    (tmp_path / "r" / "metrics.json").write_bytes(b"\x9c\xff\x00 not text")
+    with pytest.raises(bmrs.CheckpointError, match="UTF-8"):
+        load_run(tmp_path / "r")
+
+
 def test_nan_loss_stops_with_the_layer_named(fmnist_slice, tmp_path):
     cfg = TrainConfig(model="mlp", hidden=16, criterion="bmrs-n", epochs=1, finetune_epochs=0, batch_size=256,
                       train_subset=3000)
@@ -193,6 +214,8 @@ def _cli(*args, timeout=600, **kwargs):
     (["train", "--batch-size", "0"], "batch_size must be"),
     (["train", "--model", "alexnet"], "unknown model"),
     (["train", "--dataset", "imagenet21k", "--output", "{tmp}/x"], "unknown dataset"),
+    (["compact", "--run", "{tmp}/x", "--batch-size", "-5"], "batch size"),
+    (["compact", "--run", "{tmp}/x", "--batch-size", "0"], "batch size"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, fragment, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -73,6 +73,8 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); delete it and rerun") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a UTF-8 text file, so not JSON; delete it and rerun") from None
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

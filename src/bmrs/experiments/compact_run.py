@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..io import save_state_dict, write_json
 from ..training.artifacts import load_run
 from .timing import alternating_times
@@ -23,6 +24,8 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     """
     from ..compaction import compact, compression_report
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size for the latency measurement must be a positive integer, got {batch_size!r}")
     run = load_run(run_dir)
     size = run.config.image_size
     in_channels = run.metrics["data"]["in_channels"]

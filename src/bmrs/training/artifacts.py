@@ -56,8 +56,11 @@ def load_run(path: str | Path, final: bool = False) -> LoadedRun:
         raise CheckpointError(f"{path}: no {METRICS} here — not a finished bmrs run (finish it with "
                               f"bmrs train --resume --output {path})")
     metrics = read_json(metrics_path)
-    if "config" not in metrics or "data" not in metrics:
-        raise CheckpointError(f"{metrics_path}: lacks 'config'/'data'; it was not written by bmrs train")
+    data = metrics.get("data") if isinstance(metrics, dict) else None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict) or not isinstance(data, dict) \
+            or not all(isinstance(data.get(k), int) and data[k] > 0 for k in ("in_channels", "num_classes")):
+        raise CheckpointError(f"{metrics_path}: lacks a 'config' and a 'data' with in_channels and num_classes; "
+                              "it was not written by bmrs train")
     config = TrainConfig.from_dict(metrics["config"])
     model = build_for(config, metrics["data"]["in_channels"], metrics["data"]["num_classes"])
     if final:

@@ -92,12 +92,19 @@ def _comparable(config: dict) -> dict:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
+# what a training checkpoint holds, and of what kind (checked before any is used on --resume)
+_CHECKPOINT_FIELDS = {"config": dict, "model": dict, "optimizer": dict, "epoch": int, "history": list,
+                      "best_val_accuracy": (int, float), "best_epoch": int,
+                      "best_state": (dict, type(None))}  # None until an epoch may be kept as the best
+
+
 def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tuple[dict, nn.Module, torch.optim.Optimizer]:
     """Load a checkpoint into ``model`` (rebuilt narrower first if it was shrunk) and a fresh optimizer."""
     state = load_checkpoint(path)
-    for key in ("config", "model", "optimizer", "epoch", "history"):
-        if key not in state:
-            raise CheckpointError(f"{path}: not a bmrs training checkpoint (no {key!r}); delete it to start over")
+    for key, kind in _CHECKPOINT_FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"{path}: not a bmrs training checkpoint (no {key!r} of the right kind); "
+                                  "delete it to start over")
     if _comparable(state["config"]) != _comparable(config.to_dict()):
         changed = sorted(k for k in _comparable(config.to_dict())
                          if state["config"].get(k) != config.to_dict().get(k))
