@@ -355,3 +355,59 @@ def test_published_bmrs_n_adds_half_log_two_pi():
                               torch.full_like(exact[name][small], 0.5 * math.log(2 * math.pi)), atol=1e-4)
     exact_d, published_d = criteria.BMRSN().decide(model), criteria.PublishedBMRSN().decide(model)
     assert all(bool((published_d[n] | ~exact_d[n]).all()) for n in exact_d)  # prunes a superset
+
+
+class _TokensThenPool(nn.Module):
+    """Linear layers on (tokens, examples, features) or (examples, tokens, features), pooled over tokens."""
+
+    def __init__(self, token_axis: int):
+        super().__init__()
+        self.token_axis = token_axis
+        self.fc, self.act, self.out = nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)).mean(self.token_axis))
+
+
+def _theta_seen(model, noise, x):
+    """θ the layer applied in a training forward: output ÷ input."""
+    seen = {}
+    handle = noise.register_forward_hook(lambda m, inp, out: seen.setdefault("theta", (out / inp[0]).detach()))
+    model.train()
+    model(x)
+    handle.remove()
+    return seen["theta"]
+
+
+def test_sequence_first_layers_draw_theta_per_example_shared_across_tokens():
+    torch.manual_seed(0)
+    tokens, examples = 5, 3
+    # inside nn.TransformerEncoderLayer (batch_first=False by default) the layers are found sequence-first
+    encoder = bmrs.attach(nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0)))
+    assert {name: noise.batch_dim for name, noise in bmrs.noise_layers(encoder)} == {"0.linear1": 1}
+    # a whole model declared sequence-first
+    model = bmrs.attach(_TokensThenPool(token_axis=0), targets=["act"], batch_dim=1)
+    (_, noise), = bmrs.noise_layers(model)
+    with torch.no_grad():
+        noise.mu.fill_(-3.0)
+        noise.log_sigma.fill_(1.0)  # wide: θ visibly random
+    for net, layer in [(model, noise)] + [(encoder, n) for _, n in bmrs.noise_layers(encoder)]:
+        theta = _theta_seen(net, layer, torch.randn(tokens, examples, 6 if net is model else 16))
+        torch.testing.assert_close(theta, theta[:1].expand_as(theta))  # the same θ for every token of an example
+        assert (theta[0].std(0) > 0).any()  # but not for every example
+    with pytest.raises(bmrs.ConfigError, match="batch_dim"):
+        bmrs.attach(_TokensThenPool(0), batch_dim=2)
+
+
+def test_gradient_scores_of_a_sequence_first_model_equal_its_batch_first_twin():
+    torch.manual_seed(1)
+    first = bmrs.attach(_TokensThenPool(token_axis=0), targets=["act"], batch_dim=1)
+    twin = bmrs.attach(_TokensThenPool(token_axis=1), targets=["act"])
+    twin.load_state_dict(first.state_dict())
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (4,))
+    scores = []
+    for net, inputs in ((first, x), (twin, x.transpose(0, 1))):
+        crit = bmrs.criteria.Gradient()
+        crit.accumulate(net, [(inputs, y)])
+        scores.append(crit.layer_scores("act", None, net))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-9)

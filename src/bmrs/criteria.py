@@ -289,8 +289,8 @@ class Gradient(Criterion):
                 loss_fn(model(x.to(device)), y.to(device)).backward()
                 for name, noise in layers:
                     act = captured[name]
-                    dim = noise.dim % act.dim()
-                    contrib = (act * act.grad).movedim(dim, -1)
+                    dim, examples = noise.dim % act.dim(), noise.example_axis(act)
+                    contrib = (act * act.grad).movedim((examples, dim), (0, -1))
                     per_example = contrib.reshape(contrib.shape[0], -1, noise.num_features).sum(1).abs().sum(0)
                     self._scores[name] = self._scores.get(name, 0) + per_example.detach().double().cpu()
         finally:

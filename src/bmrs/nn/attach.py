@@ -208,8 +208,11 @@ class _NoiseBank:
         self._applications_at_draw = _applications[0]
         if not model.training:
             return
-        batch = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
         layers = [n for n in self.layers if n.granularity == "structure" and n.training]
+        first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+        # the examples of the model's input (a layer whose input counts other examples draws for itself)
+        batch = None if first is None or not layers else \
+            first.shape[layers[0].batch_dim if first.dim() > layers[0].batch_dim else 0]
         if batch is None or not layers:
             return
         for members in _bounds_groups(layers):
@@ -423,10 +426,15 @@ def attach(
     low: float = -20.0,
     high: float = 0.0,
     granularity: str = "structure",
+    batch_dim: int | None = None,
 ) -> nn.Module:
     """Insert a noise layer after each target (see the module docstring for the default policy).
 
     ``targets``: module names (``"layer1.0.bn1"``) or nn.Module types (``nn.Linear``).
+    ``batch_dim``: the axis of the layers' (three- or more-dimensional) inputs that indexes examples, each
+    of which draws its own θ: 0 for batch-first tensors, 1 for sequence-first (tokens, examples, features)
+    ones.  Default: 1 inside a module built with ``batch_first=False`` (``nn.MultiheadAttention`` and the
+    ``nn.Transformer`` layers' default), else 0; pass 1 for a model that is sequence-first throughout.
     Returns the same model, modified in place.
 
     Example:
@@ -449,9 +457,14 @@ def attach(
             f"attach: found nothing to attach noise to in {type(model).__name__} (no Conv/Linear/BatchNorm "
             "layer other than the output layer); pass targets=[...] naming the layers to gate"
         )
+    if batch_dim is not None and (isinstance(batch_dim, bool) or batch_dim not in (0, 1)):
+        raise ConfigError(f"attach: batch_dim must be 0, 1 or None, got {batch_dim!r}")
+    modules = dict(model.named_modules())
     entries = []
     for name, module, features, dim, producer in chosen:
-        noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity)
+        examples_at = _sequence_first_axis(modules, name) if batch_dim is None else batch_dim
+        noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity,
+                                    batch_dim=examples_at)
         noise.producer = producer  # the Conv/Linear whose output structures this layer gates
         param = next(module.parameters(), None)
         if param is not None:
@@ -459,6 +472,20 @@ def attach(
         entries.append((module, noise))
     install_noise(model, entries)
     return model
+
+
+def _sequence_first_axis(modules: dict[str, nn.Module], name: str) -> int:
+    """1 when the module ``name`` or one around it was built with ``batch_first=False``, or holds an
+    ``nn.MultiheadAttention`` that was (as ``nn.TransformerEncoderLayer`` does by default): its tensors
+    are (tokens, examples, features).  Else 0."""
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        module = modules.get(".".join(parts[:depth]))
+        if getattr(module, "batch_first", None) is False or any(
+                isinstance(child, nn.MultiheadAttention) and not child.batch_first
+                for child in getattr(module, "_modules", {}).values()):
+            return 1
+    return 0
 
 
 def install_noise(model: nn.Module, entries: list[tuple[nn.Module, MultiplicativeNoise]]) -> None:

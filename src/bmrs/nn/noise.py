@@ -56,6 +56,8 @@ class MultiplicativeNoise(nn.Module):
         (torch.Size([6]), torch.Size([6]))
     """
 
+    batch_dim = 0  # (layers pickled before it existed were batch-first)
+
     def __init__(
         self,
         num_features: int,
@@ -65,14 +67,17 @@ class MultiplicativeNoise(nn.Module):
         granularity: str = "structure",
         init_mu: float = 0.0,
         init_log_sigma: float = -5.0,
+        batch_dim: int = 0,
     ):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ConfigError(f"num_features must be a positive integer, got {num_features!r}")
+        if batch_dim not in (0, 1) or isinstance(batch_dim, bool):
+            raise ConfigError(f"batch_dim must be 0 (batch-first inputs) or 1 (sequence-first), got {batch_dim!r}")
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         check_bounds(torch.tensor(float(low)), torch.tensor(float(high)))
-        self.num_features, self.dim, self.granularity = num_features, dim, granularity
+        self.num_features, self.dim, self.granularity, self.batch_dim = num_features, dim, granularity, batch_dim
         self.low, self.high = float(low), float(high)
         self.mu = nn.Parameter(torch.full((num_features,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((num_features,), float(init_log_sigma)))
@@ -101,7 +106,7 @@ class MultiplicativeNoise(nn.Module):
         """
         keep = keep.to(self.mask.device)
         out = MultiplicativeNoise(int(keep.numel()), dim=self.dim, low=self.low, high=self.high,
-                                  granularity=self.granularity).to(self.mu.device)
+                                  granularity=self.granularity, batch_dim=self.batch_dim).to(self.mu.device)
         with torch.no_grad():
             out.mu = nn.Parameter(self.mu.detach()[keep].clone(), requires_grad=self.mu.requires_grad)
             out.log_sigma = nn.Parameter(self.log_sigma.detach()[keep].clone(),
@@ -175,8 +180,20 @@ class MultiplicativeNoise(nn.Module):
         return value
 
     # -- forward --------------------------------------------------------------------------------
+    def example_axis(self, x: Tensor) -> int:
+        """The axis of x that indexes examples: ``batch_dim`` for inputs of three or more dimensions
+        (1 for sequence-first (tokens, examples, features) tensors), 0 for (examples, features).
+
+        Example:
+            >>> import torch
+            >>> MultiplicativeNoise(4, dim=-1, batch_dim=1).example_axis(torch.zeros(7, 3, 4))
+            1
+        """
+        return self.batch_dim if x.dim() >= 3 else 0
+
     def _view(self, values: Tensor, x: Tensor) -> Tensor:
-        """Reshape per-structure values (…, C) so they broadcast along ``self.dim`` of x."""
+        """Reshape per-structure values (…, C) so they broadcast along ``self.dim`` of x (and values
+        (examples, C) along its example axis too)."""
         dim = self.dim % x.dim()
         if x.shape[dim] != self.num_features:
             raise ConfigError(
@@ -188,7 +205,12 @@ class MultiplicativeNoise(nn.Module):
         shape = [1] * x.dim()
         shape[dim] = self.num_features
         if values.dim() == 2:  # one sample per example and structure
-            shape[0] = values.shape[0]
+            axis = self.example_axis(x)
+            if axis == dim:
+                raise ConfigError(f"MultiplicativeNoise: batch_dim {self.batch_dim} is the feature dim {self.dim}")
+            shape[axis] = values.shape[0]
+            if axis > dim:
+                values = values.t()
         return values.reshape(shape)
 
     def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...],
@@ -213,10 +235,11 @@ class MultiplicativeNoise(nn.Module):
             return theta.movedim(-1, dim)
         pending = self.__dict__["pending_theta"]
         self.hold_theta(None)
-        if pending is not None and pending.shape[0] == x.shape[0]:
+        examples = x.shape[self.example_axis(x)]
+        if pending is not None and pending.shape[0] == examples:
             theta = pending  # the bank's draw, mask applied
         else:
-            theta = self.draw_theta(self.mu, self.sigma, x.shape[0], self.kept_index, self.mask)
+            theta = self.draw_theta(self.mu, self.sigma, examples, self.kept_index, self.mask)
         return self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x)
 
     def hold_theta(self, theta: Tensor | None) -> None:
@@ -255,5 +278,6 @@ class MultiplicativeNoise(nn.Module):
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
         removed = f", removed={self.removed}" if self.removed else ""
+        batch = f", batch_dim={self.batch_dim}" if self.batch_dim else ""
         return (f"{self.num_features}, dim={self.dim}, low={self.low:g}, high={self.high:g}, "
-                f"granularity={self.granularity!r}, kept={kept}{removed}")
+                f"granularity={self.granularity!r}{batch}, kept={kept}{removed}")
