@@ -215,8 +215,15 @@ def test_attach_errors():
         bmrs.attach(small_mlp(), targets=["nope"])
     with pytest.raises(bmrs.ConfigError):
         bmrs.attach(small_mlp(), targets=[3])
+    with pytest.raises(bmrs.ConfigError, match="list of module names"):
+        bmrs.attach(small_mlp(), targets=3)
     with pytest.raises(bmrs.ConfigError):
         bmrs.attach("not a model")
+    # one name or type on its own stands for the list of it
+    assert [n for n, _ in bmrs.noise_layers(bmrs.attach(small_mlp(), targets=nn.Linear))] == \
+        [n for n, _ in bmrs.noise_layers(bmrs.attach(small_mlp(), targets=[nn.Linear]))]
+    only = bmrs.attach(small_mlp(), targets="0")
+    assert [n for n, _ in bmrs.noise_layers(only)] == ["0"]
 
 
 def test_kl_loss_reductions():

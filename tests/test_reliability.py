@@ -177,3 +177,18 @@ def test_optimizer_falls_back_where_no_fused_kernel_exists():
 
     assert not fused_supported([torch.nn.Parameter(torch.ones(2, device="meta"))])
     assert make_optimizer([torch.nn.Parameter(torch.ones(2, device="meta"))], lr=0.1).defaults["fused"] is None
+
+
+def test_compacting_a_diverged_model_names_the_broken_tensor():
+    model = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)))
+    with torch.no_grad():
+        model[2].bias[1] = float("nan")
+    with pytest.raises(bmrs.errors.ModelError, match="2.bias holds NaN"):
+        bmrs.compact(model, torch.randn(2, 3))
+
+
+def test_writing_under_a_file_is_a_clear_error(tmp_path):
+    from bmrs.io import atomic_write
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(bmrs.ConfigError, match="is a file, not a folder"):
+        atomic_write(tmp_path / "afile" / "sub" / "out.json", lambda tmp: None)

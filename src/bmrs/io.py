@@ -28,6 +28,9 @@ __all__ = ["atomic_write", "remove_stale_temporaries", "write_json", "read_json"
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
     path = Path(path)
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"cannot write {path}: {folder} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -463,6 +463,12 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
         raise ModelError(f"{caller}: expected an nn.Module, got {type(model).__name__}")
     if not noise_layers(model):
         raise ModelError(f"{caller}: the model has no noise layers; attach and train it first")
+    broken = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ModelError(f"{caller}: {broken[0]} holds NaN or infinite values"
+                         f"{f' (and {len(broken) - 1} more tensors)' if len(broken) > 1 else ''}; "
+                         "a diverged model cannot be folded")
     work = copy.deepcopy(model).eval()
     checks = _reference_checks(work, example_inputs)
     with torch.no_grad():

@@ -390,6 +390,12 @@ def _producer_of(entries, index: int) -> str | None:
 
 
 def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn.Module, int, int, str | None]]:
+    if isinstance(targets, (str, type)):  # one name or type: the list of it
+        targets = [targets]
+    try:
+        targets = list(targets)
+    except TypeError:
+        raise ConfigError(f"attach: targets must be a list of module names or nn.Module types, got {targets!r}") from None
     entries = _leaf_modules(model)
     index_of = {name: i for i, (name, _, _, _) in enumerate(entries)}
     by_name = {name: (name, m) for name, m, _, _ in entries}
