@@ -53,6 +53,18 @@ def test_mean_matches_mpmath(grid):
     assert _rel_err(q.mean.double(), want).max() < tol
 
 
+def test_mean_of_very_wide_posteriors_matches_mpmath():
+    # σ far above the layers' clamp (e⁵), mean inside the interval: the density is nearly flat on it, and
+    # kμ + k²σ²/2 against the anchor's quadratic once cancelled in floating point (2e-5 off at σ = 1e6)
+    points = [(mu, sigma) for mu in (-10.0, -3.0, -17.0) for sigma in (1e3, 1e4, 1e5, 1e6)]
+    mu = torch.tensor([m for m, _ in points], dtype=torch.float64)
+    sigma = torch.tensor([s for _, s in points], dtype=torch.float64)
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    want = [R.moments(m, s)[0] for m, s in points]
+    assert _rel_err(q.mean, want).max() < 1e-10
+    assert _rel_err(q.log_mean, [float(R.mp.log(w)) for w in want]).max() < 1e-10
+
+
 def test_variance_and_snr_match_mpmath_where_snr_decides(grid):
     dtype, mu, sigma, points, tol = grid
     q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
