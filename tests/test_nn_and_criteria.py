@@ -418,3 +418,15 @@ def test_gradient_scores_of_a_sequence_first_model_equal_its_batch_first_twin():
         crit.accumulate(net, [(inputs, y)])
         scores.append(crit.layer_scores("act", None, net))
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-9)
+
+
+def test_noise_hooks_registered_without_kwargs_still_apply():
+    # models pickled before the hooks took keyword inputs hold them without the with_kwargs flag
+    torch.manual_seed(2)
+    model = set_posteriors(bmrs.attach(small_mlp())).eval()
+    x = torch.randn(4, small_mlp()[0].in_features)
+    with torch.no_grad():
+        want = model(x)
+        for module in model.modules():
+            module._forward_hooks_with_kwargs.clear()
+        assert torch.equal(model(x), want)

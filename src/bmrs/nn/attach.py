@@ -85,8 +85,10 @@ def _watch_registrations() -> None:
         _registration_hook.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
 
 
-def _apply_noise(module: nn.Module, args, kwargs, output):
-    """Forward hook (registered with ``with_kwargs=True``) applying the noise registered under ``module``."""
+def _apply_noise(module: nn.Module, args, *rest):
+    """Forward hook applying the noise registered under ``module``: (module, args, kwargs, output) as
+    registered with ``with_kwargs=True``, or (module, args, output) as models pickled before that were."""
+    kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
     _applications[0] += 1
     noise = module._modules[NOISE_ATTR]
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
@@ -113,8 +115,8 @@ class _NoiseAfterPool:
     def __init__(self, host: nn.Module):
         self.host = host
 
-    def __call__(self, module: nn.Module, args, kwargs, output):
-        return _apply_noise(self.host, args, kwargs, output)
+    def __call__(self, module: nn.Module, args, *rest):
+        return _apply_noise(self.host, args, *rest)
 
 
 def _hook_target(host: nn.Module, noise: MultiplicativeNoise, modules: dict[str, nn.Module],
