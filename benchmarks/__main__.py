@@ -30,6 +30,7 @@ import torch
 
 import bmrs
 from bmrs.compaction import compact, compression_report
+from bmrs.data import load_dataset
 from bmrs.experiments.timing import alternating_times
 from bmrs.io import atomic_write, write_json
 from bmrs.training import TrainConfig, train
@@ -97,13 +98,13 @@ def _delta_f_runs(n: int, which: str, processes: int, *flags: str) -> list[list[
                            text=True, check=True).stdout.split() for _ in range(processes)]
 
 
-def delta_f_throughput(sizes: list[int]) -> dict:
+def delta_f_throughput(sizes: list[int], processes: int = 3) -> dict:
     out = {}
     for which in ("n", "u"):
         for n in sizes:
             # a fresh process per size, so that peak memory is that of this evaluation alone; three
             # processes below 1e7 (this VM's speed drifts by ±15% between processes): median time, max memory
-            runs = _delta_f_runs(n, which, 1 if n >= 10**7 else 3)
+            runs = _delta_f_runs(n, which, 1 if n >= 10**7 else processes)
             median = statistics.median(float(r[0]) for r in runs)
             best = min(float(r[1]) for r in runs)
             extra_mib = max(float(r[2]) for r in runs)
@@ -115,7 +116,7 @@ def delta_f_throughput(sizes: list[int]) -> dict:
                     f"{n / median / 1e6:6.1f} median, +{extra_mib:.0f} MiB peak")
             if n == 10**6 and bmrs._kernels.get() is not None:
                 # the PyTorch closed forms beside the kernel, in three fresh processes after its own
-                ref = _delta_f_runs(n, which, 3, "reference")
+                ref = _delta_f_runs(n, which, processes, "reference")
                 ref_best = min(float(r[1]) for r in ref)
                 out[f"{which}_{n:.0e}"]["reference_per_second"] = n / ref_best
                 line += f"; PyTorch forms {n / ref_best / 1e6:.1f} M/s (kernel ×{ref_best / best:.1f})"
@@ -161,8 +162,10 @@ def compaction_latency(quick: bool) -> dict:
         for batch in (1, 256):
             x = torch.randn(batch, 1, 32, 32)
             with torch.no_grad():
-                compacted, masked, speedup = alternating_times(lambda: small(x), lambda: model(x), rounds=30)
-                plain_ms, _, plain_speedup = alternating_times(lambda: plain(x), lambda: model(x), rounds=15)
+                compacted, masked, speedup = alternating_times(lambda: small(x), lambda: model(x),
+                                                               rounds=10 if quick else 30)
+                plain_ms, _, plain_speedup = alternating_times(lambda: plain(x), lambda: model(x),
+                                                               rounds=5 if quick else 15)
             row[f"b{batch}"] = {"masked_ms": masked, "compact_ms": compacted,
                                 "speedup": speedup, "speedup_over_flop_ratio": speedup / flop_ratio,
                                 "compact_plain_layers_ms": plain_ms, "speedup_plain_layers": plain_speedup,
@@ -188,11 +191,15 @@ def continuous_run_ratio(quick: bool) -> dict:
     # untimed warm-up (data files read, kernels loaded, allocator grown): else the first run timed pays it
     warm_up = dataclasses.replace(runs["pruning_shrink"], epochs=1, finetune_epochs=0, train_subset=256)
     train(warm_up, Path(f"/tmp/bmrs-bench-run-warm-up-{time.time_ns()}"), progress=False, log=lambda *_: None)
+    # --quick reads and resizes the images once for all runs (seconds a run); the full version times whole runs
+    cfg = runs["plain"]
+    data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.seed,
+                        image_size=cfg.image_size, train_subset=cfg.train_subset, progress=False) if quick else None
     for _ in range(rounds):
         for key, cfg in runs.items():
             folder = Path(f"/tmp/bmrs-bench-run-{key}-{time.time_ns()}")
             start = time.perf_counter()
-            metrics = train(cfg, folder, progress=False, log=lambda *_: None)
+            metrics = train(cfg, folder, progress=False, log=lambda *_: None, data=data)
             seconds[key].append(time.perf_counter() - start)
             pruned[key] = metrics.get("parameter_compression_pct", 0.0)
     ratio = statistics.median(p / q for p, q in zip(seconds["pruning"], seconds["plain"]))
@@ -276,7 +283,8 @@ def main(argv=None) -> int:
     print("eval forward:")
     results["eval"] = eval_ratio(repeats=10 if args.quick else 50)
     print("ΔF throughput (float64):")
-    results["delta_f"] = delta_f_throughput([10**4, 10**6] if args.quick else [10**4, 10**6, 10**7])
+    results["delta_f"] = delta_f_throughput([10**4, 10**6] if args.quick else [10**4, 10**6, 10**7],
+                                            processes=1 if args.quick else 3)
     print("compacted vs masked latency:")
     results["compaction"] = compaction_latency(args.quick)
     print("continuous-pruning run wall time:")
