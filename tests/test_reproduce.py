@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 
 import numpy as np
 import pytest
 
+import bmrs
 from bmrs.experiments.reproduce_report import CSV_COLUMNS, aggregate, build_report, knee_distances, mantissa_test
 from bmrs.experiments.reproduce_runs import grid_jobs, run_jobs
 
@@ -56,6 +59,22 @@ def test_tiny_grid_runs_and_reports(tmp_path):
     for name in ("fashion-mnist.md", "fashion-mnist-table.png", "post-training-mlp.png", "p1-sweep.png",
                  "mantissa.png", "theta-histograms.png"):
         assert (report / name).stat().st_size > 0, name
+    # the report states the schedule the runs used, not the paper's
+    assert "1 epochs with pruning after each, then 1 fine-tuning epochs, on 300 training" in \
+        (report / "fashion-mnist.md").read_text()
+    # a retrained unpruned run (a new checkpoint) invalidates the cached post-training curves
+    cache = report / "post-training-mlp.json"
+    before = json.loads(cache.read_text())["checkpoint"]
+    checkpoint = tmp_path / "runs" / "mlp" / "none" / "seed0" / "checkpoint.pt"
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
+    build_report(jobs, tmp_path / "runs", report, levels=3, log=lambda *_: None)
+    assert json.loads(cache.read_text())["checkpoint"] != before
+    # asking for other settings over finished runs is refused, not answered with the old runs
+    longer = grid_jobs(tmp_path / "runs", [0], networks=["mlp"], methods=["none", "bmrs-n"], epochs=2,
+                       finetune_epochs=1, extra=["--train-subset", "300", "--hidden", "16"])
+    assert not any(j.done for j in longer)
+    with pytest.raises(bmrs.ConfigError, match="other settings \\(epochs\\)"):
+        run_jobs(longer, workers=1, log=lambda *_: None)
 
 
 def test_agreement_verdicts():

@@ -135,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
-    from .training import TrainConfig, train
+def train_config(args):
+    """The TrainConfig that ``bmrs train`` builds from its parsed arguments."""
+    from .training import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
         amount=args.amount, amount_schedule=args.amount_schedule, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction, kl_weight=args.kl_weight, finetune=args.finetune, shrink=args.shrink,
@@ -146,6 +147,12 @@ def _train(args) -> int:
         image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
         download=args.download, device=args.device, threads=args.threads, compile=args.compile,
     )
+
+
+def _train(args) -> int:
+    from .training import train
+
+    config = train_config(args)
     output = args.output or f"runs/{config.dataset}-{config.model}-{config.criterion}-s{config.seed}"
     train(config, output, resume=args.resume, progress=not args.no_progress)
     return 0

@@ -14,11 +14,13 @@ def reproduce(args, log=print) -> int:
     """Run (or continue) every job of the grid, then build the report from whatever has finished."""
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.levels < 2:  # checked before hours of runs, not after them
+        raise ConfigError(f"--levels must be at least 2 (pruning fractions from 0 to 1), got {args.levels}")
     extra = ["--train-subset", str(args.train_subset)] if args.train_subset else []
     jobs = grid_jobs(args.runs, args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs, extra=extra)
     failed = []
     if not args.report_only:
-        failed = run_jobs(jobs, workers=args.workers, log=log)
+        failed = run_jobs(jobs, workers=args.workers, log=log, progress=not getattr(args, "no_progress", False))
     from .reproduce_report import build_report
 
     build_report(jobs, Path(args.runs), Path(args.report), levels=args.levels, log=log)

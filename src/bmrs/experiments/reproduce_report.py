@@ -20,6 +20,7 @@ from ..io import atomic_write, read_json, write_json
 from ..nn.attach import noise_layers
 from ..pruning import prune
 from ..training.artifacts import load_run
+from ..training.run import CHECKPOINT
 from ..training.loop import evaluate
 from .curve import plot_curves, sweep
 from .reproduce_runs import EXTRA_METHODS, GOAL_REFERENCES, PAPER, PAPER_STD, Job, summary_rows
@@ -194,8 +195,12 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log) -> 
         log(f"post-training {network}: no finished 'none' run yet")
         return []
     cache = report / f"post-training-{network}.json"
-    if cache.exists() and read_json(cache).get("levels") == levels and read_json(cache).get("weights") == "final":
-        results = read_json(cache)["results"]
+    # which weights the curves came from: a retrained run (new checkpoint) invalidates them
+    stat = (base / CHECKPOINT if (base / CHECKPOINT).exists() else base / "metrics.json").stat()
+    source = {"run": str(base), "weights": "final", "checkpoint": [stat.st_size, stat.st_mtime_ns]}
+    cached = read_json(cache) if cache.exists() else {}
+    if cached.get("levels") == levels and all(cached.get(k) == v for k, v in source.items()):
+        results = cached["results"]
     else:
         run = load_run(base, final=True)
         cfg = run.config
@@ -207,7 +212,7 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log) -> 
                                  progress=False, baseline=run.built_model()))
         for res in results:
             res["knee"] = knee_distances(res)
-        write_json(cache, {"levels": levels, "run": str(base), "weights": "final", "results": results})
+        write_json(cache, {"levels": levels, **source, "results": results})
     plot_curves(results, report / f"post-training-{network}.png",
                 title=f"Fashion-MNIST {network}: post-training pruning ({levels} levels, no fine-tuning)")
     return results
@@ -268,7 +273,9 @@ def _delta_f_after_exact_bmrs_n(runs: Path, report: Path) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("KL(q ‖ prior) per structure")
     ax.set_ylabel("−ΔF_N (all < 0: nothing pruned)")
-    ax.set_title("exact BMRS_N after 50 + 10 epochs (seed 0)")
+    done = [read_json(runs / net / "bmrs-n" / "seed0" / "metrics.json")["config"] for net in ("mlp", "lenet5")
+            if (runs / net / "bmrs-n" / "seed0" / "metrics.json").exists()]
+    ax.set_title(f"exact BMRS_N after {done[0]['epochs']} + {done[0]['finetune_epochs']} epochs (seed 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, report / "delta-f-exact-bmrs-n.png")
@@ -368,6 +375,17 @@ def _cost(rows: list[dict]) -> str:
     return "\n".join(lines) or "no finished none/plain pairs yet"
 
 
+def _schedule(jobs: list[Job]) -> str:
+    """The continuous-pruning schedule the finished runs used, in words ("the paper's" only if it was)."""
+    configs = [read_json(j.folder / "metrics.json")["config"] for j in jobs if j.done and j.method != "none"]
+    if not configs:
+        return "no finished pruning run yet"
+    cfg = configs[0]
+    subset = f", on {cfg['train_subset']:,} training examples" if cfg.get("train_subset") else ""
+    return (f"{cfg['epochs']} epochs with pruning after each, then {cfg['finetune_epochs']} fine-tuning "
+            f"epochs{subset}")
+
+
 def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, log=print) -> dict:
     """Write fashion-mnist.csv/.md and the figures into ``report`` from the finished runs."""
     report.mkdir(parents=True, exist_ok=True)
@@ -396,8 +414,8 @@ def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, lo
         "# Fashion-MNIST: the paper's table, measured here",
         "",
         f"Regenerate with `bmrs reproduce fashion-mnist` (runs in `{runs}`, {done} of {len(jobs)} finished; "
-        "rerunning continues the unfinished ones and rebuilds this report). Continuous pruning: 50 epochs with "
-        "pruning after each, then 10 fine-tuning epochs; the best validation checkpoint after the last pruning "
+        f"rerunning continues the unfinished ones and rebuilds this report). Continuous pruning: {_schedule(jobs)}; "
+        "the best validation checkpoint after the last pruning "
         "step is tested; compression is the share of parameters removed from the physically compacted network.",
         "",
         table_md,

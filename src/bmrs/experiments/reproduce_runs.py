@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..io import read_json
 
 __all__ = ["NETWORKS", "METHODS", "EXTRA_METHODS", "GOAL_REFERENCES", "Job", "grid_jobs", "run_jobs", "PAPER", "PAPER_STD"]
@@ -91,7 +92,27 @@ class Job:
 
     @property
     def done(self) -> bool:
+        """Finished, with this job's settings (a finished run with other settings is ``stale``)."""
+        return self.finished and not self.changed_settings()
+
+    @property
+    def finished(self) -> bool:
         return (self.folder / "metrics.json").exists()
+
+    def changed_settings(self) -> list[str]:
+        """The settings in which the finished run in ``folder`` differs from this job's (empty: none, or
+        not finished yet).  An L2 job whose BMRS_N run is not finished cannot be compared: it differs."""
+        if not self.finished:
+            return []
+        if self.depends_on is not None and not (self.depends_on / "metrics.json").exists():
+            return ["amount_schedule"]
+        from ..cli import build_parser, train_config
+        from ..training.run import _comparable
+
+        wanted = _comparable(train_config(build_parser().parse_args(self.command()[3:])).to_dict())
+        saved = read_json(self.folder / "metrics.json").get("config")
+        have = _comparable(saved if isinstance(saved, dict) else {})
+        return sorted(k for k in wanted if have.get(k) != wanted[k])
 
     def command(self) -> list[str]:
         args = list(self.args)
@@ -124,12 +145,20 @@ def grid_jobs(root: str | Path, seeds: list[int], networks=None, methods=None, e
     return jobs
 
 
-def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0) -> list[Job]:
-    """Run unfinished jobs, ``workers`` at a time; returns the jobs that failed."""
+def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0, progress: bool = True) -> list[Job]:
+    """Run unfinished jobs, ``workers`` at a time; returns the jobs that failed.  Refuses (ConfigError)
+    when a job's folder holds a finished run made with other settings, before starting any."""
+    to_run = {j.folder for j in jobs if not j.done}
+    # (an L2 job whose BMRS_N run is still to run has no schedule to compare yet)
+    stale = [(j, changed) for j in jobs if j.depends_on not in to_run for changed in [j.changed_settings()] if changed]
+    if stale:
+        job, changed = stale[0]
+        raise ConfigError(f"{job.folder} holds a finished run with other settings ({', '.join(changed)}); "
+                          f"{len(stale)} such run(s) in all: delete them or pass another --runs folder")
     pending = [j for j in jobs if not j.done]
     running: list[tuple[Job, subprocess.Popen, object]] = []
     failed: list[Job] = []
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run")
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run", disable=not progress)
     while pending or running:
         for job, proc, logf in list(running):
             if proc.poll() is not None:
