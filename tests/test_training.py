@@ -34,6 +34,7 @@ def test_config_validation_messages():
         ({"criterion": "l2"}, "--amount"), ({"kl_reduction": "sum"}, "kl_reduction"),
         ({"noise": False}, "pruning needs noise"), ({"finetune": "frozen"}, "finetune must be"),
         ({"kl_weight": 0.0}, "kl_weight must be"),
+        ({"epochs": 3, "prune_every": 5}, "never prune"), ({"epochs": 0, "finetune_epochs": 2}, "never prune"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)

@@ -108,6 +108,10 @@ class TrainConfig:
         if self.total_epochs < 1:
             raise ConfigError("epochs + finetune_epochs must be at least 1")
         _positive_int("prune_every", self.prune_every)
+        if self.prunes and self.prune_every > self.epochs:
+            raise ConfigError(f"criterion {self.criterion} would never prune: it runs after every prune_every-th "
+                              f"({self.prune_every}) of the first epochs ({self.epochs}); lower --prune-every or raise "
+                              "--epochs (or use --criterion none)")
         _positive_int("batch_size", self.batch_size)
         _positive_float("lr", self.lr)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
