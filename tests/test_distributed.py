@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+import bmrs
 
 ARGS = ["--no-progress", "train", "--model", "mlp", "--hidden", "32", "--criterion", "l2", "--amount", "0.5",
         "--epochs", "2", "--finetune-epochs", "1", "--batch-size", "64", "--lr", "3e-3", "--train-subset", "640",
@@ -40,3 +43,33 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     mb = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert ma["structures_pruned"] == mb["structures_pruned"]
     assert abs(ma["test_accuracy"] - mb["test_accuracy"]) <= 0.002
+
+
+@pytest.mark.parametrize("granularity", ["structure", "element"])
+def test_a_shard_draws_the_theta_one_process_draws_for_its_examples(granularity):
+    # the bank's row_first (a shard's first global example) counts the uniform stream's rows for every
+    # granularity: per element the rows are (example, position) pairs, offset by whole examples
+    torch.manual_seed(0)
+    model = bmrs.attach(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                            torch.nn.Linear(3 * 4 * 4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)),
+                        granularity=granularity)
+    for _, noise in bmrs.noise_layers(model):
+        with torch.no_grad():
+            noise.mu.fill_(-3.0)
+            noise.log_sigma.fill_(0.0)  # wide: θ visibly random
+    seen = []
+    for _, noise in bmrs.noise_layers(model):
+        noise.register_forward_hook(lambda m, inp, out: seen.append(out.detach() / inp[0].detach()))
+    x = torch.randn(5, 2, 6, 6)
+    model.train()
+    torch.manual_seed(1)
+    model(x)
+    full, seen[:] = list(seen), []
+    bank = model._bmrs_bank
+    bank.row_first = 2
+    torch.manual_seed(1)  # every rank holds the same generator state
+    model(x[2:4])
+    bank.row_first = 0
+    for whole, shard in zip(full, seen):
+        torch.testing.assert_close(shard, whole[2:4])
+    assert all(n.__dict__.get("row_first", 0) == 0 for _, n in bmrs.noise_layers(model))  # reset after

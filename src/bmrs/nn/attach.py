@@ -210,6 +210,10 @@ class _NoiseBank:
         self._applications_at_draw = _applications[0]
         if not model.training:
             return
+        if self.row_first:  # a distributed shard: layers drawing for themselves count rows from here too
+            for noise in self.layers:
+                noise.__dict__["row_first"] = self.row_first
+            self._rows_offset = True
         layers = [n for n in self.layers if n.granularity == "structure" and n.training]
         first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
         # the examples of the model's input (a layer whose input counts other examples draws for itself)
@@ -277,6 +281,10 @@ class _NoiseBank:
     def clear(self, *_) -> None:
         for noise in self.layers:
             noise.hold_theta(None)
+        if self.__dict__.get("_rows_offset"):
+            for noise in self.layers:
+                noise.__dict__["row_first"] = 0
+            self._rows_offset = False
 
 
 def _bank_codes(members: list[MultiplicativeNoise]) -> Tensor:

@@ -214,32 +214,38 @@ class MultiplicativeNoise(nn.Module):
         return values.reshape(shape)
 
     def draw_theta(self, mu: Tensor, sigma: Tensor, batch: int | tuple[int, ...],
-                   codes: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                   codes: Tensor | None = None, mask: Tensor | None = None, row_first: int = 0) -> Tensor:
         """Reparameterised θ·mask of shape (batch…, len(mu)) for posteriors (mu, σ) on this layer's bounds.
 
         Per-structure work runs in float64, the per-sample inversion in mu's dtype
         (see :mod:`bmrs.distributions.fast_sample`).  ``codes``: the structures' column codes in the
         uniform stream (default 0 … len(mu) − 1); a layer narrowed by ``shrink`` passes its structures'
         original positions, so that it draws exactly the θ its unshrunk, masked twin draws for them.
+        ``row_first``: the stream's row of the first of the (flattened) batch rows.
         """
         codes = torch.arange(mu.shape[0]) if codes is None else codes
-        u = draw_uniforms(batch, codes, mu.dtype, mu.device)
+        u = draw_uniforms(batch, codes, mu.dtype, mu.device, row_first)
         return sample_theta(mu, sigma, self.low, self.high, u, mask)
 
     def sample_theta(self, x: Tensor) -> Tensor:
-        """A reparameterised θ broadcastable against x (per structure × example, or per element)."""
+        """A reparameterised θ broadcastable against x (per structure × example, or per element).  Rows of
+        the uniform stream are examples (per element: examples, then positions), counted from the global
+        index of this forward's first example (``row_first``, a distributed shard's offset, set by the
+        model's noise bank), so that a shard draws the θ a single process draws for its examples."""
+        first = self.__dict__.get("row_first", 0)
         if self.granularity == "element":
-            dim = self.dim % x.dim()
-            shape = x.movedim(dim, -1).shape[:-1]
-            theta = self.draw_theta(self.mu, self.sigma, shape, self.kept_index, self.mask).to(x.dtype)
-            return theta.movedim(-1, dim)
+            dim, axis = self.dim % x.dim(), self.example_axis(x)
+            shape = x.movedim((axis, dim), (0, -1)).shape[:-1]  # (examples, positions…)
+            theta = self.draw_theta(self.mu, self.sigma, shape, self.kept_index, self.mask,
+                                    first * math.prod(shape[1:])).to(x.dtype)
+            return theta.movedim((0, -1), (axis, dim))
         pending = self.__dict__["pending_theta"]
         self.hold_theta(None)
         examples = x.shape[self.example_axis(x)]
         if pending is not None and pending.shape[0] == examples:
             theta = pending  # the bank's draw, mask applied
         else:
-            theta = self.draw_theta(self.mu, self.sigma, examples, self.kept_index, self.mask)
+            theta = self.draw_theta(self.mu, self.sigma, examples, self.kept_index, self.mask, first)
         return self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x)
 
     def hold_theta(self, theta: Tensor | None) -> None:
