@@ -257,6 +257,10 @@ def test_build_model():
         build_model("nope", 3, 10)
     with pytest.raises(ConfigError, match="depth"):
         build_model("resnet18", 3, 10, depth=3)
+    for name in MODEL_NAMES:
+        for bad in ("32", None, 0, -3, True):
+            with pytest.raises(ConfigError, match="image_size"):
+                build_model(name, 3, 10, image_size=bad)
 
 
 # -- gradients ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -307,9 +308,12 @@ def test_global_amount_counts_already_pruned_and_validates():
     assert sum(int(d.sum()) for d in decisions.values()) == 6
     assert decisions["3"][:4].all()
     assert sum(int(d.sum()) for d in criteria.L2Norm().decide(model, amount=1).values()) == 4
-    for bad in (-1, 1.5, 14, "x", True, float("nan")):
+    for bad in (-1, 1.5, 14, "x", True, float("nan"), np.int64(14), torch.tensor(-1)):
         with pytest.raises(bmrs.ConfigError):
             criteria.L2Norm().decide(model, amount=bad)
+    # NumPy and 0-d torch numbers count as the Python numbers they hold
+    for count in (np.int64(6), torch.tensor(6), np.float32(0.5), torch.tensor(0.5)):
+        assert sum(int(d.sum()) for d in criteria.L2Norm().decide(model, amount=count).values()) == 6
 
 
 def test_gradient_criterion_matches_manual_taylor_scores():
@@ -349,6 +353,8 @@ def test_get_criterion():
     assert criteria.get_criterion("bmrs-u", p1=4).p1 == 4
     with pytest.raises(bmrs.ConfigError, match="unknown criterion"):
         criteria.get_criterion("magic")
+    with pytest.raises(bmrs.ConfigError, match="'snr'.*p1"):
+        criteria.get_criterion("snr", p1=3)
     with pytest.raises(bmrs.ConfigError, match="p1"):
         criteria.BMRSU(p1=23)
 

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterable
 
 import torch
@@ -95,10 +96,22 @@ class Criterion:
         return f"{type(self).__name__}()"
 
 
+def _plain_number(value):
+    """A NumPy or 0-d torch number as the Python int or float it holds (other values unchanged)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        return value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
+
+
 def _global_top(scores: dict[str, Tensor], masks: Decisions, prunability: Callable, amount,
                 removed: int = 0) -> Decisions:
     """``removed``: structures already taken out by ``shrink``; ``amount`` counts them as pruned."""
     total = sum(s.numel() for s in scores.values())
+    amount = _plain_number(amount)
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0 or \
             (isinstance(amount, float) and (amount > 1.0 or math.isnan(amount))) or \
             (isinstance(amount, int) and amount > total + removed):
@@ -326,4 +339,7 @@ def get_criterion(name: str, **kwargs) -> Criterion:
     """
     if name not in CRITERIA:
         raise ConfigError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-    return CRITERIA[name](**kwargs)
+    try:
+        return CRITERIA[name](**kwargs)
+    except TypeError as err:  # an option this criterion does not take
+        raise ConfigError(f"criterion {name!r}: {err}") from None

@@ -67,11 +67,10 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int =
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     builder = _BUILDERS[name]
+    for option, value in (("in_channels", in_channels), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"build_model: {option} must be a positive integer, got {value!r}")
     if name == "mlp":
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ConfigError(f"build_model: in_channels must be a positive integer, got {in_channels!r}")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError(f"build_model: image_size must be a positive integer, got {image_size!r}")
         args = dict(in_dim=in_channels * image_size * image_size)
     elif name in ("resnet18", "resnet50"):
         args = dict(in_channels=in_channels, small_input=kwargs.pop("small_input", image_size <= SMALL_INPUT_MAX))
