@@ -380,6 +380,23 @@ def test_image_folder_errors(tmp_path):
     one_line_error(e, "broken.png", "cannot decode")
 
 
+def test_image_folder_sixteen_bit_gray_empty_classes_and_repeated_names(tmp_path):
+    # 16-bit grayscale is scaled to 8 bits (Pillow's convert("RGB") clipped it at 255)
+    save_image(tmp_path / "a" / "1.png", np.full((4, 4), 40000, np.uint16))
+    save_image(tmp_path / "a" / "2.png", np.full((4, 4), 1000, np.uint16))
+    images, _, _ = read_image_folder(tmp_path)
+    assert images[:, :, 0, 0].tolist() == [[156] * 3, [4] * 3]  # 40000/257, 1000/257 rounded
+    # a class folder without images would be a label no example has
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError) as e:
+        read_image_folder(tmp_path)
+    one_line_error(e, "b hold no images")
+    (tmp_path / "b").rmdir()
+    with pytest.raises(DataError) as e:
+        read_image_folder(tmp_path, class_names=["a", "c", "a"])
+    one_line_error(e, "more than once")
+
+
 def test_image_folder_size_and_class_mismatch(tmp_path):
     save_image(tmp_path / "a" / "1.png", np.zeros((4, 4, 3), np.uint8))
     save_image(tmp_path / "a" / "2.png", np.zeros((5, 4, 3), np.uint8))

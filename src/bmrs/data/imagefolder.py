@@ -7,7 +7,7 @@ Two layouts are understood:
 * annotation file: ``root/val_annotations.txt`` (lines ``<file>\\t<class>...``) with images in
   ``root/images/`` (TinyImagenet's ``val`` folder).
 
-Images are decoded with Pillow and converted to RGB.
+Images are decoded with Pillow and converted to RGB (16-bit grayscale scaled to 8 bits).
 
 Example:
     images, labels, classes = read_image_folder("tiny-imagenet-200/train")
@@ -30,6 +30,8 @@ __all__ = ["IMAGE_EXTENSIONS", "read_image_folder"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
 _ANNOTATIONS = "val_annotations.txt"
+# Pillow's modes of 16-bit grayscale images ("I" is how some versions open a 16-bit PNG)
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 def _is_image(path: Path) -> bool:
@@ -39,6 +41,10 @@ def _is_image(path: Path) -> bool:
 def _from_class_folders(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     items = [(img, cls) for cls in folders for img in sorted(filter(_is_image, (root / cls).rglob("*")))]
+    empty = sorted(set(folders) - {cls for _, cls in items})
+    if items and empty:  # a class without images would be a label no example has
+        raise DataError(f"{root}: class folder(s) {', '.join(empty[:5])} hold no images; add images or remove "
+                        "the folder(s)")
     return items, folders
 
 
@@ -68,6 +74,9 @@ def _load(path: Path, size: tuple[int, int] | None) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
+            if img.mode in _SIXTEEN_BIT:  # convert("RGB") would clip them at 255: scale to 8 bits
+                wide = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8), mode="L")
             img = img.convert("RGB")
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
@@ -115,6 +124,9 @@ def read_image_folder(
             "check the path or download the dataset again"
         )
     names = list(class_names) if class_names is not None else found
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"class_names lists {', '.join(map(str, repeated[:5]))} more than once; each class once")
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({cls for _, cls in items} - index.keys())
     if unknown:
