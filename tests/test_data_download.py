@@ -201,7 +201,9 @@ def test_sources_registry():
 def test_unverified_source_needs_verify_false(tmp_path):
     with pytest.raises(DataError) as e:
         download_dataset("tinyimagenet", tmp_path, mirror="http://127.0.0.1:9/", progress=False)
-    assert "verify=False" in str(e.value)
+    # a command-line user has no verify=False: the message says where to fetch the file and put it
+    assert "verify=False" in str(e.value) and "http://127.0.0.1:9/tiny-imagenet-200.zip" in str(e.value)
+    assert str(tmp_path / "tinyimagenet") in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DataError):
         download_dataset("imagenet", tmp_path)
 

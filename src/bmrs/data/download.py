@@ -282,8 +282,9 @@ def download_dataset(
     for file_name, sha256 in source.files:
         if sha256 is None and verify:
             raise DataError(
-                f"{file_name} of {name} has no known SHA-256; pass verify=False to download it unverified, "
-                f"or put it in {folder} yourself"
+                f"{file_name} of {name} has no known SHA-256, so bmrs will not fetch it unverified by itself: "
+                f"download {bases[0].rstrip('/')}/{file_name} and unpack it in {folder} (then run without "
+                "--download), or from Python call download_dataset(..., verify=False)"
             )
         dest = folder / file_name
         reasons = []
