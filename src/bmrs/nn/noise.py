@@ -45,6 +45,8 @@ class MultiplicativeNoise(nn.Module):
     (ln θ ~ N(mu, σ²) on [low, high], σ = exp(log_sigma) clamped to [e⁻²⁰, e⁵]), drawn once per
     (example, structure) with ``granularity="structure"`` (the default: shared across spatial
     positions and tokens) or once per element with ``"element"`` (as the published code does).
+    ``batch_dim``: the axis of inputs with three or more dimensions that indexes examples (0, or 1 for
+    sequence-first (tokens, examples, features) tensors); (examples, features) inputs use 0.
     Evaluation: θ is replaced by E[θ]·mask, cached until a parameter or the mask changes.
     Pruned structures (mask 0) output exactly zero in both modes.
 
