@@ -65,6 +65,18 @@ def test_mean_of_very_wide_posteriors_matches_mpmath():
     assert _rel_err(q.log_mean, [float(R.mp.log(w)) for w in want]).max() < 1e-10
 
 
+def test_variance_and_snr_of_collapsed_posteriors_inside_the_interval_match_mpmath():
+    # σ down to the layers' clamp (e⁻²⁰ ≈ 2e-9) with μ inside: Var ≈ E²σ², SNR ≈ 1/σ.  ln E[θ²] − 2 ln E[θ]
+    # must cancel 2μ analytically (in floating point σ² is lost against μ below σ ≈ 1e-8)
+    points = [(mu, sigma) for mu in (-3.0, -0.5, -17.0) for sigma in (1e-6, 1e-7, 1e-8, 1e-9)]
+    mu = torch.tensor([m for m, _ in points], dtype=torch.float64)
+    sigma = torch.tensor([s for _, s in points], dtype=torch.float64)
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    ref = [R.moments(m, s) for m, s in points]
+    assert _rel_err(q.variance, [r[1] for r in ref]).max() < 1e-6
+    assert _rel_err(q.snr, [r[2] for r in ref]).max() < 1e-6
+
+
 def test_variance_and_snr_match_mpmath_where_snr_decides(grid):
     dtype, mu, sigma, points, tol = grid
     q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)

@@ -50,32 +50,39 @@ __all__ = [
 
 
 def _moment_terms(loc, scale, low, high, k: int, parts0=None):
-    """For E[θᵏ] = exp(kμ + k²σ²/2) Z(μ + kσ²)/Z(μ): (same_anchor, anchor, log E generic, rest gap)."""
+    """For E[θᵏ] = exp(kμ + k²σ²/2) Z(μ + kσ²)/Z(μ): (same_anchor, anchor, excess, rest gap), where
+    ln E[θᵏ] = k·anchor + rest gap when both normalisers sit in the same tail, else kμ + excess + rest gap."""
     parts0 = interval_parts(low, high, loc, scale) if parts0 is None else parts0
     var = scale * scale
     loc_k = loc + k * var
     parts_k = interval_parts(low, high, loc_k, scale)
     same = (parts0.lower_tail & parts_k.lower_tail) | (parts0.upper_tail & parts_k.upper_tail)
-    # kμ + k²σ²/2 − ((a_k − μ − kσ²)² − d0²)/(2σ²) with a_k the anchor, d0 = a_0 − μ, rearranged so that
-    # the k²σ²/2 terms cancel analytically: k·a_k − ((a_k − μ)² − d0²)/(2σ²).  (Summed as written they
-    # cancelled in floating point: ln E[θ] was 2e-5 off at σ = 1e6 with μ inside the interval.)
+    # excess = k²σ²/2 − (d_k − d0)(d_k + d0)/(2σ²), d = anchor − mean of each normal: exact as written where
+    # the shifted mean μ + kσ² lies inside the interval (it is its own anchor, d_k = 0).  Where it lies
+    # outside, d_k ≈ −kσ² can be huge and the k²σ²/2 terms cancel in floating point (ln E[θ] was 2e-5 off
+    # at σ = 1e6 with μ inside the interval): there the same quantity as k·e − (e − d0)(e + d0)/(2σ²),
+    # e = a_k − μ from the bound a_k.  kμ stays apart, so that ln E[θ²] − 2 ln E[θ] cancels it exactly
+    # (below σ ≈ 1e-8 the σ² of the variance is lost against μ otherwise).
     d0 = parts0.anchor - loc
-    e_k = parts_k.anchor - loc
-    generic = k * parts_k.anchor - (e_k - d0) * (e_k + d0) / (2.0 * var)
-    return same, parts0.anchor, generic, parts_k.rest - parts0.rest, parts0
+    dk = parts_k.anchor - loc_k
+    as_written = 0.5 * k * k * var - (dk - d0) * (dk + d0) / (2.0 * var)
+    e = parts_k.anchor - loc
+    at_bound = k * e - (e - d0) * (e + d0) / (2.0 * var)
+    excess = torch.where(parts_k.lower_tail | parts_k.upper_tail, at_bound, as_written)
+    return same, parts0.anchor, excess, parts_k.rest - parts0.rest, parts0
 
 
 def log_moment(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor, k: int = 1) -> Tensor:
     """ln E[θᵏ].  When both normalisers sit in the same tail the quadratic parts cancel to k·anchor."""
-    same, anchor, generic, rest_gap, _ = _moment_terms(loc, scale, low, high, k)
-    return torch.where(same, k * anchor, generic) + rest_gap
+    same, anchor, excess, rest_gap, _ = _moment_terms(loc, scale, low, high, k)
+    return torch.where(same, k * anchor, k * loc + excess) + rest_gap
 
 
 def log_var_ratio(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """ln E[θ²] − 2 ln E[θ] = ln(1 + Var/E²), with the σ² and anchor terms cancelled analytically."""
-    same1, _, gen1, rest1, parts0 = _moment_terms(loc, scale, low, high, 1)
-    same2, _, gen2, rest2, _ = _moment_terms(loc, scale, low, high, 2, parts0)
-    quad = torch.where(same1 & same2, 0.0, gen2 - 2.0 * gen1)
+    same1, _, excess1, rest1, parts0 = _moment_terms(loc, scale, low, high, 1)
+    same2, _, excess2, rest2, _ = _moment_terms(loc, scale, low, high, 2, parts0)
+    quad = torch.where(same1 & same2, 0.0, excess2 - 2.0 * excess1)  # (2μ − 2μ: cancelled)
     return quad + (rest2 - 2.0 * rest1)
 
 
