@@ -123,8 +123,16 @@ def test_prior_validation():
     for bad in (0, 23, -1, 30, float("nan"), "8", True):
         with pytest.raises(bmrs.ConfigError, match="p1 must be"):
             bmrs.precision_prior(bad)
-    with pytest.raises(bmrs.ConfigError):
-        bmrs.spike_prior(variance=0.0)
+    for bad in (0.0, float("inf"), float("nan"), "1e-12", True):
+        with pytest.raises(bmrs.ConfigError, match="spike variance"):
+            bmrs.spike_prior(variance=bad)
+    for bounds in (dict(low=float("nan")), dict(high=float("nan")), dict(low=1.0, high=0.0), dict(low="a")):
+        for make in (bmrs.spike_prior, lambda **kw: bmrs.precision_prior(8, **kw)):
+            with pytest.raises(bmrs.ConfigError):
+                make(**bounds)
+    for bad in (None, 8, "spike"):
+        with pytest.raises(bmrs.ConfigError, match="reduced prior must be"):
+            bmrs.delta_f(q, bmrs.TruncatedLogUniform(), bad)
 
 
 # --- properties (hypothesis) ---------------------------------------------------------------------

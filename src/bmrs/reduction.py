@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
 import numpy as np
@@ -37,6 +38,15 @@ FLOAT32_MANTISSA_BITS = 23
 SPIKE_VARIANCE = 1e-12
 
 
+def _check_bounds_args(low, high) -> None:
+    """The prior's bounds of ln θ: finite numbers, low < high (max/min would drop a NaN silently)."""
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number (a bound of ln θ), got {value!r}")
+    if not low < high:
+        raise ConfigError(f"low must be below high, got low={low}, high={high}")
+
+
 def spike_prior(low: float = -20.0, high: float = 0.0, variance: float = SPIKE_VARIANCE) -> TruncatedLogNormal:
     """BMRS_N's reduced prior: a near-Dirac log-normal at the lower bound (θ ≈ 0), variance 1e−12.
 
@@ -45,8 +55,9 @@ def spike_prior(low: float = -20.0, high: float = 0.0, variance: float = SPIKE_V
         >>> float(bmrs.spike_prior().scale)
         1e-06
     """
-    if not variance > 0:
-        raise ConfigError(f"spike variance must be positive, got {variance}")
+    if isinstance(variance, bool) or not isinstance(variance, numbers.Real) or not 0 < variance < math.inf:
+        raise ConfigError(f"spike variance must be a positive finite number, got {variance!r}")
+    _check_bounds_args(low, high)
     f64 = dict(dtype=torch.float64)
     return TruncatedLogNormal(
         torch.tensor(low, **f64), torch.tensor(math.sqrt(variance), **f64),
@@ -67,6 +78,7 @@ def precision_prior(p1: float = 8.0, low: float = -20.0, high: float = 0.0) -> T
     """
     if isinstance(p1, bool) or not isinstance(p1, (int, float)) or not 0 < p1 < FLOAT32_MANTISSA_BITS:
         raise ConfigError(f"p1 must be a number in (0, {FLOAT32_MANTISSA_BITS}), got {p1!r}; the paper uses 8 or 4")
+    _check_bounds_args(low, high)
     ln2 = math.log(2.0)
     lo = max(-FLOAT32_MANTISSA_BITS * ln2, low)
     hi = min(-p1 * ln2, high)
@@ -110,8 +122,11 @@ def delta_f(posterior: TruncatedLogNormal, prior: TruncatedLogUniform, reduced: 
         closed_form = _delta_f_normal
     elif isinstance(reduced, TruncatedLogUniform):
         closed_form = _delta_f_uniform
-    else:
+    elif isinstance(reduced, Distribution):
         return posterior._out(delta_f_quadrature(posterior, prior, reduced))
+    else:
+        raise ConfigError(f"the reduced prior must be a torch Distribution (e.g. bmrs.spike_prior() or "
+                          f"bmrs.precision_prior(8)), got {type(reduced).__name__}")
     scalar_priors = reduced.batch_shape.numel() == 1 and prior.batch_shape.numel() == 1
     if _no_gradients(posterior) and scalar_priors:
         fused = _fused(posterior, prior, reduced)
