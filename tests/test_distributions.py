@@ -299,3 +299,25 @@ def test_float32_samples_respect_float32_support(low, high):
     torch.manual_seed(3)
     q = bmrs.TruncatedLogNormal(torch.tensor([-25.0, 5.0, -7.0]), torch.tensor([1e-3, 1e-3, 3.0]), low=low, high=high)
     assert bool(q.support.check(q.rsample((5000,))).all())
+
+
+def test_float32_distributions_take_either_rounding_of_their_ends():
+    # a sample clamped to float32's e^high has a finite density, and the exact float64 e^low is in the support
+    q = bmrs.TruncatedLogNormal(torch.tensor([1e3]), torch.tensor([1e-3]), -20.0, -1.0)  # all mass at the end
+    samples = q.sample((3,))
+    assert bool(q.support.check(samples).all()) and torch.isfinite(q.log_prob(samples)).all()
+    exact_low = torch.tensor(math.exp(-20.0), dtype=torch.float64)
+    for dist in (bmrs.TruncatedLogNormal(torch.tensor(-3.0), torch.tensor(1.0)), bmrs.TruncatedLogUniform(-20.0, 0.0)):
+        assert torch.isfinite(dist.log_prob(exact_low)) and torch.isfinite(dist.log_prob(exact_low.float()))
+
+
+@pytest.mark.parametrize("make", [lambda: bmrs.TruncatedLogNormal(torch.tensor(-3.0), torch.tensor(1.0),
+                                                                   validate_args=True),
+                                  lambda: bmrs.TruncatedLogUniform(-20.0, 0.0, validate_args=True)])
+def test_cdf_and_icdf_validate_their_arguments(make):
+    dist = make()
+    with pytest.raises(ValueError):
+        dist.cdf(torch.tensor(-1.0))
+    with pytest.raises(ValueError):
+        dist.icdf(torch.tensor(1.5))
+    assert 0 < float(dist.cdf(torch.tensor(0.5))) < 1 and 0 < float(dist.icdf(torch.tensor(0.5))) < 1

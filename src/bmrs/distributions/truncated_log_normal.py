@@ -24,6 +24,28 @@ def check_bounds(low: Tensor, high: Tensor) -> None:
         )
 
 
+def check_probability(value) -> None:
+    """ValueError (as torch's argument validation raises) unless every value lies in [0, 1]."""
+    value = torch.as_tensor(value)
+    if not bool(((value >= 0) & (value <= 1)).all()):
+        raise ValueError(f"icdf expects probabilities in [0, 1], got values from {value.min().item():g} "
+                         f"to {value.max().item():g}")
+
+
+def support_ends(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """[e^low, e^high] in float64, widened to the ends as low's and high's own dtype rounds them: so a sample
+    clamped to the float32 e^high and the exact float64 e^low both lie inside a float32 distribution's support.
+
+    Example:
+        >>> import torch
+        >>> lo, hi = support_ends(torch.tensor(-20.0), torch.tensor(-1.0))
+        >>> lo.dtype, bool(hi >= torch.tensor(-1.0).exp().double()), bool(hi >= torch.tensor(-1.0).double().exp())
+        (torch.float64, True, True)
+    """
+    return (torch.minimum(low.double().exp(), low.exp().double()),
+            torch.maximum(high.double().exp(), high.exp().double()))
+
+
 class TruncatedLogNormal(Distribution):
     """θ with ln θ ~ Normal(loc, scale²) truncated to [low, high].
 
@@ -50,7 +72,7 @@ class TruncatedLogNormal(Distribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
-        return constraints.interval(self.low.exp(), self.high.exp())
+        return constraints.interval(*support_ends(self.low, self.high))
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(TruncatedLogNormal, _instance)
@@ -120,8 +142,10 @@ class TruncatedLogNormal(Distribution):
             self._validate_sample(value)
         value = torch.as_tensor(value).double()
         loc, scale, low, high = self._x64
-        # Decide membership on θ (so e^low itself is inside), then evaluate at ln θ clipped.
-        inside = (value >= low.exp()) & (value <= high.exp())
+        # Decide membership on θ (so e^low itself is inside, as either dtype rounds it), then evaluate at
+        # ln θ clipped.
+        lo_end, hi_end = support_ends(self.low, self.high)
+        inside = (value >= lo_end) & (value <= hi_end)
         x = torch.minimum(torch.maximum(torch.log(value), low), high)
         density = tn.log_prob_x(loc, scale, low, high, x) - x
         return self._out(torch.where(inside, density, torch.full_like(density, -torch.inf)))
@@ -135,6 +159,8 @@ class TruncatedLogNormal(Distribution):
 
     def cdf(self, value: Tensor) -> Tensor:
         """P(θ ≤ value)."""
+        if self._validate_args:
+            self._validate_sample(value)
         value = torch.as_tensor(value).double()
         loc, scale, low, high = self._x64
         x = torch.log(value)
@@ -142,6 +168,8 @@ class TruncatedLogNormal(Distribution):
 
     def icdf(self, value: Tensor) -> Tensor:
         """θ with P(θ' ≤ θ) = value, differentiable in loc and scale."""
+        if self._validate_args:
+            check_probability(value)
         u = torch.as_tensor(value).double()
         theta = self._out(tn.icdf_x(*self._x64, u).exp())
         # the support's ends as this dtype computes them (float32 e^low may differ from rounded float64)

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 
-from .truncated_log_normal import check_bounds
+from .truncated_log_normal import check_bounds, check_probability, support_ends
 
 __all__ = ["TruncatedLogUniform"]
 
@@ -34,7 +34,7 @@ class TruncatedLogUniform(Distribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
-        return constraints.interval(self.low.exp(), self.high.exp())
+        return constraints.interval(*support_ends(self.low, self.high))
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(TruncatedLogUniform, _instance)
@@ -72,8 +72,9 @@ class TruncatedLogUniform(Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
+        lo_end, hi_end = support_ends(self.low, self.high)
+        inside = (torch.as_tensor(value).double() >= lo_end) & (torch.as_tensor(value).double() <= hi_end)
         value = torch.as_tensor(value, dtype=self.low.dtype)
-        inside = (value >= self.low.exp()) & (value <= self.high.exp())
         density = -torch.log(self.width) - torch.log(value)
         return torch.where(inside, density, torch.full_like(density, -math.inf))
 
@@ -84,10 +85,14 @@ class TruncatedLogUniform(Distribution):
         return torch.log((hi - lo).clamp(min=0.0)) - torch.log(self.width)
 
     def cdf(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
         x = torch.log(torch.as_tensor(value, dtype=self.low.dtype))
         return ((x - self.low) / self.width).clamp(0.0, 1.0)
 
     def icdf(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            check_probability(value)
         return torch.exp(self.low + torch.as_tensor(value, dtype=self.low.dtype) * self.width)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
