@@ -30,6 +30,7 @@ from . import _kernels
 from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .distributions import _truncnorm as tn
 from .distributions._stable import LOG_2PI, interval_parts
+from .distributions.truncated_log_normal import check_bounds
 from .errors import ConfigError
 
 __all__ = ["delta_f", "spike_prior", "precision_prior", "delta_f_quadrature", "FLOAT32_MANTISSA_BITS"]
@@ -39,12 +40,11 @@ SPIKE_VARIANCE = 1e-12
 
 
 def _check_bounds_args(low, high) -> None:
-    """The prior's bounds of ln θ: finite numbers, low < high (max/min would drop a NaN silently)."""
+    """The prior's bounds of ln θ: numbers, finite, low < high (max/min would drop a NaN silently)."""
     for name, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number (a bound of ln θ), got {value!r}")
-    if not low < high:
-        raise ConfigError(f"low must be below high, got low={low}, high={high}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a number (a bound of ln θ), got {value!r}")
+    check_bounds(torch.tensor(float(low)), torch.tensor(float(high)))
 
 
 def spike_prior(low: float = -20.0, high: float = 0.0, variance: float = SPIKE_VARIANCE) -> TruncatedLogNormal:

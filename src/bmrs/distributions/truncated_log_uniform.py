@@ -73,7 +73,8 @@ class TruncatedLogUniform(Distribution):
         if self._validate_args:
             self._validate_sample(value)
         lo_end, hi_end = support_ends(self.low, self.high)
-        inside = (torch.as_tensor(value).double() >= lo_end) & (torch.as_tensor(value).double() <= hi_end)
+        value64 = torch.as_tensor(value).double()
+        inside = (value64 >= lo_end) & (value64 <= hi_end)
         value = torch.as_tensor(value, dtype=self.low.dtype)
         density = -torch.log(self.width) - torch.log(value)
         return torch.where(inside, density, torch.full_like(density, -math.inf))

@@ -132,11 +132,11 @@ def run_curve(run_dir, criteria: list[str], output, *, levels: int = 21, finetun
     data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.seed,
                         image_size=cfg.image_size, train_subset=cfg.train_subset, progress=progress)
     output = Path(output)
-    results = []
+    results, built = [], run.built_model()
     for name in criteria:
         res = sweep(run.model, data, name, levels, finetune_epochs=finetune_epochs, p1=p1,
                     batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress,
-                    baseline=run.built_model())
+                    baseline=built)
         results.append(res)
         stop = f", stops at {res['stop']['compression']:.1f}% / {100 * res['stop']['accuracy']:.2f}%" \
             if "stop" in res else ""

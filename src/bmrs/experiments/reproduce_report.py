@@ -206,10 +206,9 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log) -> 
         cfg = run.config
         data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.seed,
                             image_size=cfg.image_size, train_subset=cfg.train_subset, progress=False)
-        results = []
-        for name in CURVE_CRITERIA:
-            results.append(sweep(run.model, data, name, levels, p1=8.0, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 progress=False, baseline=run.built_model()))
+        built = run.built_model()
+        results = [sweep(run.model, data, name, levels, p1=8.0, batch_size=cfg.batch_size, seed=cfg.seed,
+                         progress=False, baseline=built) for name in CURVE_CRITERIA]
         for res in results:
             res["knee"] = knee_distances(res)
         write_json(cache, {"levels": levels, **source, "results": results})
@@ -254,12 +253,14 @@ def _delta_f_after_exact_bmrs_n(runs: Path, report: Path) -> str:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lines = []
+    lines, configs = [], []
     for i, network in enumerate(("mlp", "lenet5")):
         run_dir = runs / network / "bmrs-n" / "seed0"
         if not (run_dir / "metrics.json").exists():
             continue
-        model = load_run(run_dir).model
+        run = load_run(run_dir)
+        model = run.model
+        configs.append(run.config)
         df = torch_cat([v for v in BMRSN().scores(model).values()])
         kl = torch_cat([n.kl().detach().double() for _, n in noise_layers(model)])
         ax.scatter(kl, -df, s=8, color=f"C{i}", alpha=0.6, label=network)
@@ -273,9 +274,7 @@ def _delta_f_after_exact_bmrs_n(runs: Path, report: Path) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("KL(q ‖ prior) per structure")
     ax.set_ylabel("−ΔF_N (all < 0: nothing pruned)")
-    done = [read_json(runs / net / "bmrs-n" / "seed0" / "metrics.json")["config"] for net in ("mlp", "lenet5")
-            if (runs / net / "bmrs-n" / "seed0" / "metrics.json").exists()]
-    ax.set_title(f"exact BMRS_N after {done[0]['epochs']} + {done[0]['finetune_epochs']} epochs (seed 0)")
+    ax.set_title(f"exact BMRS_N after {configs[0].epochs} + {configs[0].finetune_epochs} epochs (seed 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, report / "delta-f-exact-bmrs-n.png")
@@ -302,12 +301,12 @@ def _p1_sweep(runs: Path, report: Path, log) -> str:
         cfg = run.config
         data = load_dataset(cfg.dataset, cfg.data_dir, split_seed=cfg.seed, progress=False)
         example = data.test.tensors[0][:2]
+        built = run.built_model()
         comps, accs = [], []
         for p1 in range(1, 23):
             model = load_run(base, final=True).model
             prune(model, BMRSU(p1))
-            comps.append(compression_report(run.built_model(), compact(model, example), example)
-                         ["parameter_compression_pct"])
+            comps.append(compression_report(built, compact(model, example), example)["parameter_compression_pct"])
             accs.append(100 * evaluate(model, data.test)["accuracy"])
             rows.append({"network": network, "p1": p1, "compression": comps[-1], "accuracy": accs[-1]})
         ax.plot(range(1, 23), comps, marker="o", color=f"C{i}", label=f"{network} compression")
@@ -377,10 +376,10 @@ def _cost(rows: list[dict]) -> str:
 
 def _schedule(jobs: list[Job]) -> str:
     """The continuous-pruning schedule the finished runs used, in words ("the paper's" only if it was)."""
-    configs = [read_json(j.folder / "metrics.json")["config"] for j in jobs if j.done and j.method != "none"]
-    if not configs:
+    finished = next((j for j in jobs if j.method != "none" and j.done), None)
+    if finished is None:
         return "no finished pruning run yet"
-    cfg = configs[0]
+    cfg = read_json(finished.folder / "metrics.json")["config"]
     subset = f", on {cfg['train_subset']:,} training examples" if cfg.get("train_subset") else ""
     return (f"{cfg['epochs']} epochs with pruning after each, then {cfg['finetune_epochs']} fine-tuning "
             f"epochs{subset}")

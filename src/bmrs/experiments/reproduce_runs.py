@@ -148,14 +148,15 @@ def grid_jobs(root: str | Path, seeds: list[int], networks=None, methods=None, e
 def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0, progress: bool = True) -> list[Job]:
     """Run unfinished jobs, ``workers`` at a time; returns the jobs that failed.  Refuses (ConfigError)
     when a job's folder holds a finished run made with other settings, before starting any."""
-    to_run = {j.folder for j in jobs if not j.done}
+    changed = [j.changed_settings() for j in jobs]  # (each reads the run's metrics and parses its command)
+    pending = [j for j, c in zip(jobs, changed) if not j.finished or c]  # the jobs not done
+    to_run = {j.folder for j in pending}
     # (an L2 job whose BMRS_N run is still to run has no schedule to compare yet)
-    stale = [(j, changed) for j in jobs if j.depends_on not in to_run for changed in [j.changed_settings()] if changed]
+    stale = [(j, c) for j, c in zip(jobs, changed) if c and j.depends_on not in to_run]
     if stale:
-        job, changed = stale[0]
-        raise ConfigError(f"{job.folder} holds a finished run with other settings ({', '.join(changed)}); "
+        job, settings = stale[0]
+        raise ConfigError(f"{job.folder} holds a finished run with other settings ({', '.join(settings)}); "
                           f"{len(stale)} such run(s) in all: delete them or pass another --runs folder")
-    pending = [j for j in jobs if not j.done]
     running: list[tuple[Job, subprocess.Popen, object]] = []
     failed: list[Job] = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run", disable=not progress)

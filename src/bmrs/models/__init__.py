@@ -15,6 +15,7 @@ import inspect
 from torch import nn
 
 from ..errors import ConfigError
+from ._checks import positive_int
 from .lenet5 import lenet5
 from .mlp import mlp
 from .pretrained import is_noise_key, load_pretrained, read_state_dict
@@ -67,9 +68,8 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int =
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     builder = _BUILDERS[name]
-    for option, value in (("in_channels", in_channels), ("image_size", image_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"build_model: {option} must be a positive integer, got {value!r}")
+    positive_int("in_channels", in_channels, "build_model")
+    positive_int("image_size", image_size, "build_model")
     if name == "mlp":
         args = dict(in_dim=in_channels * image_size * image_size)
     elif name in ("resnet18", "resnet50"):

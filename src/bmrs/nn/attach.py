@@ -473,9 +473,7 @@ def attach(
             f"attach: found nothing to attach noise to in {type(model).__name__} (no Conv/Linear/BatchNorm "
             "layer other than the output layer); pass targets=[...] naming the layers to gate"
         )
-    if batch_dim is not None and (isinstance(batch_dim, bool) or batch_dim not in (0, 1)):
-        raise ConfigError(f"attach: batch_dim must be 0, 1 or None, got {batch_dim!r}")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # (MultiplicativeNoise checks batch_dim)
     entries = []
     for name, module, features, dim, producer in chosen:
         examples_at = _sequence_first_axis(modules, name) if batch_dim is None else batch_dim
