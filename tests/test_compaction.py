@@ -371,3 +371,37 @@ def test_count_excludes_noise_parameters_and_report_is_consistent():
     assert report["parameter_compression_pct"] == pytest.approx(
         100 * (1 - report["params_after"] / report["params_before"]))
     assert 0 < report["flops_removed_pct"] < 100 and report["flops_before"] == 2 * report["macs_before"]
+
+
+class TwoHeads(nn.Module):
+    """A second head the example inputs do not reach (``aux=False`` by default)."""
+
+    def __init__(self, act: type = nn.ReLU):
+        super().__init__()
+        self.body, self.main = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.aux_hidden, self.aux_act, self.aux = nn.Linear(8, 6), act(), nn.Linear(6, 2)
+
+    def forward(self, x, aux: bool = False):
+        h = torch.relu(self.body(x))
+        return self.aux(self.aux_act(self.aux_hidden(h))) if aux else self.main(h)
+
+
+def test_noise_on_a_branch_the_example_inputs_miss_is_folded_not_dropped():
+    model = bmrs.attach(TwoHeads(), targets=["body", "aux_hidden"])
+    with torch.no_grad():
+        noise = noise_of(model, "aux_hidden")
+        set_mask(noise, [0, 1, 2])
+        noise.mu.fill_(-0.5)  # E[θ] about 0.6 on the kept units
+    x = torch.randn(5, 4)
+    with pytest.warns(RuntimeWarning, match="never reach 'aux_hidden'"):
+        small = compact(model, x)
+    with torch.no_grad():
+        want = model.eval()(x, aux=True)
+        assert rel_err(small(x, aux=True), want) <= REL
+        assert rel_err(small(x), model(x)) <= REL
+
+
+def test_noise_after_an_activation_the_example_inputs_miss_is_an_error():
+    model = bmrs.attach(TwoHeads(nn.Tanh), targets=["body", "aux_act"])
+    with pytest.raises(ModelError, match="never reach 'aux_act'.*example_inputs that run every noise layer"):
+        compact(model, torch.randn(5, 4))

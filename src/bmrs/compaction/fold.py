@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -271,10 +272,35 @@ def _check_axis(rec: NoiseRecord, axis: int, expected: int) -> None:
                          f"channels lie along dim {expected}; attach it with the default dim")
 
 
-def _fold_record(rec: NoiseRecord, trace: Trace) -> None:
+def _fold_untraced(rec: NoiseRecord) -> None:
+    """Fold the noise of a module the example inputs never reach into the module itself (its output
+    channels), where that needs no graph: a Conv/Linear, a MultiheadAttention's out_proj or a BatchNorm
+    gated along its channel dim.  Its structures stay (zeroed where pruned): nothing traced shows what
+    else they couple to."""
+    module = rec.module
+    if isinstance(module, _CONV) and rec.dim == 1:
+        scale_out(module, rec.theta)
+    elif isinstance(module, nn.Linear) and rec.dim == -1:
+        scale_out(module, rec.theta)
+    elif isinstance(module, nn.MultiheadAttention) and rec.dim == -1:
+        scale_out(module.out_proj, rec.theta)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and rec.dim == 1:
+        _scale_affine(module, rec.theta, 0)
+    else:
+        raise ModelError(f"fold: the example inputs never reach {_describe(rec)}, so its noise cannot be folded "
+                         "into its consumers; pass example_inputs that run every noise layer")
+
+
+def _never_ran(rec: NoiseRecord, trace: Trace) -> bool:
     call = trace.calls.get(rec.module)
-    if call is None or call.calls == 0 or call.out_ndim is None:
-        return  # the module never runs on these inputs: the noise has no effect
+    return call is None or call.calls == 0 or call.out_ndim is None
+
+
+def _fold_record(rec: NoiseRecord, trace: Trace) -> None:
+    if _never_ran(rec, trace):
+        _fold_untraced(rec)
+        return
+    call = trace.calls[rec.module]
     axis = rec.dim % call.out_ndim
     module = rec.module
     if isinstance(module, (nn.Linear, _CONV)):
@@ -485,6 +511,11 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
                          "check example_inputs") from err
     for rec in records:
         _fold_record(rec, trace)
+    untraced = [rec.name for rec in records if rec.carrier is None and _never_ran(rec, trace)]
+    if untraced:
+        warnings.warn(f"{caller}: the example inputs never reach {', '.join(map(repr, untraced))}: E[θ] is folded "
+                      "into their weights but their pruned structures are not removed; pass example_inputs "
+                      "that run them", RuntimeWarning, stacklevel=3)
     folded = Folded(work.eval(), trace, records, checks, requires_grad)
     mismatch = reference_mismatch(folded)
     if not mismatch <= REL_TOL:
