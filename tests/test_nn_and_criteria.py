@@ -184,6 +184,21 @@ def test_attach_default_policy_mlp_and_cnn():
     assert cnn(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_attach_default_policy_puts_noise_after_a_linear_layers_batchnorm_so_pruned_units_go():
+    # on the Linear, a pruned unit would come out of the BatchNorm as a constant, never removable
+    torch.manual_seed(0)
+    model = bmrs.attach(nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)))
+    assert [(n, l.dim, l.producer) for n, l in bmrs.noise_layers(model)] == [("1", 1, "0")]
+    noise = bmrs.noise_layers(model)[0][1]
+    with torch.no_grad():
+        noise.mask[:8] = 0
+    x = torch.randn(8, 10)
+    small = bmrs.compact(model.eval(), x)
+    assert small[0].out_features == 8
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
 def test_attach_explicit_targets_and_attention():
     class Block(nn.Module):
         def __init__(self):

@@ -13,7 +13,7 @@ The noise is then applied when that pooling module runs: calling the host on its
 output without noise.
 
 Default policy (``targets=None``):
-  * after every BatchNorm that directly follows a Conv (ResNet: bn1, bn2, bn3, downsample BN);
+  * after every BatchNorm that directly follows a Conv or Linear (ResNet: bn1, bn2, bn3, downsample BN);
   * else after every Conv / Linear, or after the activation *module* that directly follows it in
     the same ``nn.Sequential`` (Linear → Tanh → noise, Conv → ReLU → noise; with pooling after
     it, Conv → ReLU (noise registered here) → MaxPool → noise applied here, as above);
@@ -370,8 +370,8 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, s
         features, dim = _features_and_dim(module)
         j = next_leaf.get(i)
         follower = entries[j] if j is not None else None
-        if isinstance(module, _CONV) and follower and isinstance(follower[1], _NORM) \
-                and follower[1].num_features == features:
+        # (a BatchNorm would turn a Linear's zeroed unit into a constant: the noise goes after it there too)
+        if follower and isinstance(follower[1], _NORM) and follower[1].num_features == features:
             chosen.append((follower[0], follower[1], features, 1, name))
             continue
         # Activation module right after it in the same Sequential: noise after the activation.
