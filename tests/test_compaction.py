@@ -405,3 +405,10 @@ def test_noise_after_an_activation_the_example_inputs_miss_is_an_error():
     model = bmrs.attach(TwoHeads(nn.Tanh), targets=["body", "aux_act"])
     with pytest.raises(ModelError, match="never reach 'aux_act'.*example_inputs that run every noise layer"):
         compact(model, torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("bad", [torch.randn(2, 5), None])
+def test_example_inputs_the_model_cannot_run_are_a_model_error(bad):
+    model = bmrs.attach(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with pytest.raises(ModelError, match="does not run on example_inputs .*; check example_inputs"):
+        compact(model, bad)

@@ -470,9 +470,14 @@ def _randn_like(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _reference_checks(noisy: nn.Module, example_inputs: Any) -> list[tuple[Any, Any]]:
+def _reference_checks(noisy: nn.Module, example_inputs: Any, caller: str) -> list[tuple[Any, Any]]:
     """(inputs, outputs of the noisy model in eval mode) on the example inputs and on random ones."""
-    checks = [(example_inputs, _forward(noisy, example_inputs))]
+    try:
+        checks = [(example_inputs, _forward(noisy, example_inputs))]
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelError(f"{caller}: the model does not run on example_inputs ({type(err).__name__}: {first}); "
+                         "check example_inputs") from err
     probe = map_floating(example_inputs, _randn_like)
     try:
         out = _forward(noisy, probe)
@@ -496,7 +501,7 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
                          f"{f' (and {len(broken) - 1} more tensors)' if len(broken) > 1 else ''}; "
                          "a diverged model cannot be folded")
     work = copy.deepcopy(model).eval()
-    checks = _reference_checks(work, example_inputs)
+    checks = _reference_checks(work, example_inputs, caller)
     with torch.no_grad():
         records = [NoiseRecord(name, work.get_submodule(name), noise.expected_theta().detach().clone(), noise.dim)
                    for name, noise in noise_layers(work)]
