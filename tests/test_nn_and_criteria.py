@@ -351,6 +351,25 @@ def test_gradient_criterion_matches_manual_taylor_scores():
         criteria.Gradient().scores(model)
 
 
+def test_gradient_criterion_scores_layers_after_frozen_ones():
+    torch.manual_seed(3)
+    model = bmrs.attach(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    want = criteria.Gradient()
+    want.accumulate(model, batches)
+    model[0].requires_grad_(False)  # fine-tuning the later layers only: the scores are the same
+    got = criteria.Gradient()
+    got.accumulate(model, batches)
+    assert all(torch.allclose(got.scores(model)[k], v) for k, v in want.scores(model).items())
+    assert model[0].weight.grad is None and model[2].weight.grad is None
+    # an integer input (token ids) into a frozen embedding: nothing before the noise needs a gradient
+    tokens = bmrs.attach(nn.Sequential(nn.Embedding(7, 6), nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)))
+    tokens[0].requires_grad_(False)
+    tokens[2].requires_grad_(False)
+    with pytest.raises(bmrs.ConfigError, match="noise layer '3' got no gradient"):
+        criteria.Gradient().accumulate(tokens, [(torch.randint(0, 7, (4, 2)), torch.randint(0, 3, (4,)))])
+
+
 def test_prune_sets_masks_monotonically_and_reports():
     model = set_posteriors(bmrs.attach(small_mlp()))
     report = bmrs.prune(model, criteria.BMRSN())

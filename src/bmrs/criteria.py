@@ -299,9 +299,16 @@ class Gradient(Criterion):
                 if max_batches is not None and i >= max_batches:
                     break
                 model.zero_grad(set_to_none=True)
-                loss_fn(model(x.to(device)), y.to(device)).backward()
+                captured.clear()
+                x = x.to(device)
+                if x.is_floating_point():  # activations after frozen layers need a gradient too
+                    x = x.detach().requires_grad_(True)
+                loss_fn(model(x), y.to(device)).backward()
                 for name, noise in layers:
-                    act = captured[name]
+                    act = captured.get(name)
+                    if act is None or act.grad is None:
+                        raise ConfigError(f"Gradient: the outputs of noise layer {name!r} got no gradient on these "
+                                          "batches (not reached, or nothing before it needs a gradient)")
                     dim, examples = noise.dim % act.dim(), noise.example_axis(act)
                     contrib = (act * act.grad).movedim((examples, dim), (0, -1))
                     per_example = contrib.reshape(contrib.shape[0], -1, noise.num_features).sum(1).abs().sum(0)
