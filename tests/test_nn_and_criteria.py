@@ -470,3 +470,27 @@ def test_noise_hooks_registered_without_kwargs_still_apply():
         for module in model.modules():
             module._forward_hooks_with_kwargs.clear()
         assert torch.equal(model(x), want)
+
+
+class _HeadFirst(nn.Module):
+    """The output layer registered before the body, the norms after all the convolutions, two heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.aux = nn.Linear(6, 3), nn.Linear(6, 2)
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))).mean((2, 3))
+        return {"main": self.fc(h), "aux": self.aux(h)}
+
+
+def test_attach_default_policy_follows_the_data_flow_not_registration_order():
+    model = bmrs.attach(_HeadFirst())
+    assert [(n, l.producer, l.num_features) for n, l in bmrs.noise_layers(model)] == [
+        ("bn1", "conv1", 4), ("bn2", "conv2", 6)]  # no noise on either head; each BatchNorm gates its own conv
+    explicit = bmrs.attach(_HeadFirst(), targets=[nn.BatchNorm2d])
+    assert [(n, l.producer) for n, l in bmrs.noise_layers(explicit)] == [("bn1", "conv1"), ("bn2", "conv2")]
+    out = model(torch.randn(2, 1, 8, 8))
+    assert out["main"].shape == (2, 3) and out["aux"].shape == (2, 2)

@@ -17,7 +17,12 @@ Default policy (``targets=None``):
   * else after every Conv / Linear, or after the activation *module* that directly follows it in
     the same ``nn.Sequential`` (Linear → Tanh → noise, Conv → ReLU → noise; with pooling after
     it, Conv → ReLU (noise registered here) → MaxPool → noise applied here, as above);
-  * never on the layer that produces the model's output (the last Conv/Linear registered);
+  * never on the layers that produce the model's output (every head of a model with several);
+  * "follows" and "produces" are read from the data flow where ``torch.fx`` can trace the model (see
+    :mod:`bmrs.nn.flow`), so that a head registered before the body, or norms registered after all the
+    convolutions, are placed right; else from registration order (the next module registered follows, the
+    last Conv/Linear registered is the output layer), as also when a residual sum or concatenation lies
+    between the layers and the output;
   * never on layers inside ``nn.MultiheadAttention`` (its projections are not called as modules):
     target the ``MultiheadAttention`` module itself to gate its output channels;
   * a module used in several places (shared weights) gets one noise layer and one hook, which gates its
@@ -42,6 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelError
 from ..distributions.fast_sample import sample_theta
+from .flow import Flow, module_flow
 from .fused_layers import kl_layers, sample_layers
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
@@ -359,12 +365,25 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, s
     producers = [i for i, (_, m, _, _) in enumerate(entries) if isinstance(m, _PRODUCERS)]
     if not producers:
         return []
-    output_layer = producers[-1]
-    leaves = [i for i, (_, m, _, _) in enumerate(entries) if not m._modules or isinstance(m, nn.MultiheadAttention)]
-    next_leaf = {a: b for a, b in zip(leaves, leaves[1:])}
+    flow = module_flow(model, _PRODUCERS)
+    if flow is not None:  # the data flow: the layers feeding the output, the module after each layer
+        # (flow names a shared module by its first name; entries list it under each)
+        named = dict(model.named_modules())
+        canonical = {id(module): name for name, module in named.items()}
+        first_entry: dict[int, int] = {}
+        for i, entry in enumerate(entries):
+            first_entry.setdefault(id(entry[1]), i)
+        output_layers = {i for i in producers if canonical.get(id(entries[i][1])) in flow.output_layers} \
+            or {producers[-1]}  # (none found behind a residual sum or a concatenation: the last registered)
+        next_leaf = {i: first_entry[id(named[flow.follower[canonical[id(entries[i][1])]]])] for i in producers
+                     if flow.follower.get(canonical.get(id(entries[i][1]))) in named}
+    else:  # registration order: the last layer registered, the next leaf registered
+        output_layers = {producers[-1]}
+        leaves = [i for i, (_, m, _, _) in enumerate(entries) if not m._modules or isinstance(m, nn.MultiheadAttention)]
+        next_leaf = dict(zip(leaves, leaves[1:]))
     chosen = []
     for i in producers:
-        if i == output_layer:
+        if i in output_layers:
             continue
         name, module, parent, attr = entries[i]
         features, dim = _features_and_dim(module)
@@ -383,14 +402,21 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, s
     return chosen
 
 
-def _producer_of(entries, index: int) -> str | None:
-    """Name of the Conv/Linear whose outputs the module at ``index`` gates (None if unclear)."""
+def _producer_of(entries, index: int, flow: Flow | None) -> str | None:
+    """Name of the Conv/Linear whose outputs the module at ``index`` gates (None if unclear): back along
+    the data flow through norms and activations where it is known, else the last one registered before."""
     name, module, _, _ = entries[index]
     if isinstance(module, _PRODUCERS):
         return name
     if isinstance(module, nn.MultiheadAttention):
         return f"{name}.out_proj"
     if isinstance(module, _NORM + _ACTIVATIONS):
+        modules = {entry[0]: entry[1] for entry in entries}
+        current = name
+        while flow is not None and isinstance(modules.get(flow.source.get(current)), _PRODUCERS + _NORM + _ACTIVATIONS):
+            current = flow.source[current]
+            if isinstance(modules[current], _PRODUCERS):
+                return current
         for prev_name, prev, _, _ in reversed(entries[:index]):
             if isinstance(prev, _PRODUCERS):
                 return prev_name
@@ -409,6 +435,8 @@ def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn
     entries = _leaf_modules(model)
     index_of = {name: i for i, (name, _, _, _) in enumerate(entries)}
     by_name = {name: (name, m) for name, m, _, _ in entries}
+    only_layers = all(isinstance(t, str) and isinstance(by_name.get(t, (None, None))[1], _PRODUCERS) for t in targets)
+    flow = None if only_layers else module_flow(model, _PRODUCERS)  # (norms and activations need it)
     chosen, seen = [], set()
     for target in targets:
         if isinstance(target, str):
@@ -425,7 +453,7 @@ def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn
                 continue
             seen.add(name)
             spec = _features_and_dim(module)
-            producer = _producer_of(entries, index_of[name])
+            producer = _producer_of(entries, index_of[name], flow)
             if spec is None and producer is not None:  # an activation: it has its producer's width
                 spec = _features_and_dim(entries[index_of[producer]][1])
             if spec is None:
