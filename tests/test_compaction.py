@@ -412,3 +412,19 @@ def test_example_inputs_the_model_cannot_run_are_a_model_error(bad):
     model = bmrs.attach(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
     with pytest.raises(ModelError, match="does not run on example_inputs .*; check example_inputs"):
         compact(model, bad)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool1d(2), nn.AvgPool1d(2), nn.AdaptiveMaxPool1d(4)])
+def test_noise_after_a_non_homogeneous_activation_folds_through_1d_pooling(pool):
+    # PyTorch runs 1-d pooling as the 2-d one on x.unsqueeze(-2), then squeezes
+    torch.manual_seed(0)
+    model = bmrs.attach(nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.GELU(), pool, nn.Flatten(), nn.Linear(24, 3)))
+    with torch.no_grad():
+        noise = noise_of(model, "1")
+        set_mask(noise, [0, 1, 2])
+        noise.mu.uniform_(-1.0, 0.0)
+    x = torch.randn(4, 2, 8)
+    small = compact(model, x)
+    assert small[0].out_channels == 3 and small[4].in_features == 12
+    with torch.no_grad():
+        assert rel_err(small(x), model.eval()(x)) <= REL

@@ -54,7 +54,8 @@ _CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)  # f(θx) = θ·f(x) for θ ≥ 0
 # autograd ops (name without "Backward<n>") that commute with a per-channel θ ≥ 0 and keep channels
 _HOMOGENEOUS_OPS = frozenset({
-    "Relu", "LeakyRelu", "Clone", "Mean", "MaxPool1DWithIndices", "MaxPool2DWithIndices",
+    "Relu", "LeakyRelu", "Clone", "Mean", "Squeeze", "Unsqueeze",  # (1-d pooling runs the 2-d one on x.unsqueeze(-2))
+    "MaxPool1DWithIndices", "MaxPool2DWithIndices",
     "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
     "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
 })
