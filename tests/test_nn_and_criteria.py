@@ -494,3 +494,10 @@ def test_attach_default_policy_follows_the_data_flow_not_registration_order():
     assert [(n, l.producer) for n, l in bmrs.noise_layers(explicit)] == [("bn1", "conv1"), ("bn2", "conv2")]
     out = model(torch.randn(2, 1, 8, 8))
     assert out["main"].shape == (2, 3) and out["aux"].shape == (2, 2)
+
+
+def test_attach_default_policy_keeps_noise_off_an_activation_shared_by_layers_of_different_widths():
+    act = nn.ReLU()
+    model = bmrs.attach(nn.Sequential(nn.Linear(6, 8), act, nn.Linear(8, 5), act, nn.Linear(5, 2)))
+    assert [(n, l.num_features) for n, l in bmrs.noise_layers(model)] == [("0", 8), ("2", 5)]
+    assert model(torch.randn(3, 6)).shape == (3, 2)
