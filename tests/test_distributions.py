@@ -77,6 +77,24 @@ def test_variance_and_snr_of_collapsed_posteriors_inside_the_interval_match_mpma
     assert _rel_err(q.snr, [r[2] for r in ref]).max() < 1e-6
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_variance_and_snr_of_narrow_posteriors_at_and_beyond_a_bound_match_mpmath(dtype, tol):
+    # σ ≪ the distance scale with μ on a bound or outside the interval: Var/E² ≈ σ²/t² for t ends-in-σ away;
+    # as a difference of log normalisers it was lost to rounding (SNR 1.9e4 for 1.7e6 at μ = −20, σ = 1e-6;
+    # 6.7e153 for 2e9 at μ = −40, σ = 1e-4)
+    mus = (-40.0, -21.0, -20.5, -20.01, -20.0, -19.999, -0.001, 0.0, 0.5, 1.0, 20.0)
+    sigmas = (1e-9, 1e-6, 1e-4, 1e-2, 0.1, 0.2)
+    mu = torch.tensor([m for m in mus for _ in sigmas], dtype=dtype)
+    sigma = torch.tensor([s for _ in mus for s in sigmas], dtype=dtype)
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    with R.mp.workdps(90):  # Var/E² down to 1e-36: the textbook difference keeps 50 digits
+        ref = [R.moments(m, s) for m, s in _ref_points(mu, sigma)]
+    assert _rel_err(q.snr.double(), [r[2] for r in ref]).max() < tol
+    ratio = (q.variance.double() / q.mean.double() ** 2).numpy()
+    normal = np.array([float(r[1]) >= torch.finfo(dtype).tiny for r in ref])  # (smaller ones round to subnormals)
+    assert _rel_err(ratio[normal], [r[1] / r[0] ** 2 for r, n in zip(ref, normal) if n]).max() < max(tol, 1e-8)
+
+
 def test_variance_and_snr_match_mpmath_where_snr_decides(grid):
     dtype, mu, sigma, points, tol = grid
     q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)

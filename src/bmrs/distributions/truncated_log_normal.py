@@ -101,8 +101,10 @@ class TruncatedLogNormal(Distribution):
     def _log_var_ratio64(self) -> Tensor:
         """ln(Var/E²), floored so that SNR and variance stay finite in the output dtype."""
         ratio = torch.expm1(tn.log_var_ratio(*self._x64))
-        tiny = torch.finfo(self._out(ratio).dtype).tiny
-        return torch.log(ratio.clamp(min=tiny))
+        # SNR = (Var/E²)^(-1/2) stays below half the output dtype's largest value (float32: Var/E² down to
+        # 3.5e-77, where the dtype's own tiny, 1.2e-38, capped a true SNR of 2e19 at 9.2e18)
+        floor = max(torch.finfo(torch.float64).tiny, (2.0 / torch.finfo(self._out(ratio).dtype).max) ** 2)
+        return torch.log(ratio.clamp(min=floor))
 
     @property
     def log_mean(self) -> Tensor:
