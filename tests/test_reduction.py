@@ -108,6 +108,19 @@ def test_delta_f_quadrature_path_for_other_reduced_priors():
     assert float(bmrs.delta_f(q, bmrs.TruncatedLogUniform(), reduced)) == pytest.approx(math.log(integral), abs=1e-6)
 
 
+@pytest.mark.parametrize("mu,sigma", [(mu, sigma) for mu in (-2.0, -5.0, -20.0, 1.0) for sigma in (1e-2, 1e-3, 1e-4)]
+                         + [(-30.0, 1e-2), (-30.0, 1e-3)])
+def test_delta_f_quadrature_resolves_narrow_posteriors(mu, sigma):
+    # the outer 1/48 of a narrow posterior's mass sits within a few σ of a wide panel's inner end: 16 nodes
+    # spread over the panel missed it (ΔF off by ln(1 − 2/48) at σ = 1e-4).  Judged against the closed form,
+    # itself pinned to mpmath and SciPy above.  (Beyond a bound the mass lies within σ/t of it: at μ = −30,
+    # σ = 1e-4 that is 1e-9, where float64's spacing of x near −20 alone moves q by 4e-6 between nodes.)
+    q = bmrs.TruncatedLogNormal(torch.tensor(mu, **F64), torch.tensor(sigma, **F64))
+    reduced = bmrs.TruncatedLogNormal(torch.tensor(-15.0, **F64), torch.tensor(3.0, **F64))
+    prior = bmrs.TruncatedLogUniform()
+    assert float(delta_f_quadrature(q, prior, reduced)) == pytest.approx(float(bmrs.delta_f(q, prior, reduced)), abs=1e-9)
+
+
 def test_bmrs_n_decision_equals_sign_rule_and_prunes_collapsed():
     q = bmrs.TruncatedLogNormal(torch.tensor([0.0, -30.0, 5.0, -25.0], **F64), torch.tensor([0.0067, 0.1, 2e-9, 2e-9], **F64))
     df = bmrs.delta_f(q, bmrs.TruncatedLogUniform(), bmrs.spike_prior())

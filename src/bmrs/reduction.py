@@ -247,6 +247,9 @@ def _unvalidated(*dists: Distribution):
             d._validate_args = flag
 
 
+_TAIL_HALVINGS = 40
+
+
 def delta_f_quadrature(
     posterior: TruncatedLogNormal,
     prior: Distribution,
@@ -256,10 +259,13 @@ def delta_f_quadrature(
 ) -> Tensor:
     """ΔF by composite Gauss–Legendre quadrature of ∫ q(x) p̃(x)/p(x) dx over [low, high].
 
-    Panel edges are the union of ``panels`` posterior quantiles (resolving a narrow posterior) and
-    ``panels`` equal steps of x (resolving structure in p̃/p); ``order`` nodes per panel.  Works for
-    any reduced prior with ``log_prob`` over θ; a spike or a step narrower than (high − low)/panels
-    needs more panels (use the closed forms for those).  Memory: 2·panels·order per element.
+    Panel edges are the union of ``panels`` posterior quantiles (resolving a narrow posterior), their outer
+    two halved 40 times towards the bounds (the mass of a narrow posterior's outer panels sits at their
+    inner ends), and ``panels`` equal steps of x (resolving structure in p̃/p); ``order`` nodes per panel.
+    Works for any reduced prior with ``log_prob`` over θ; a spike or a step narrower than
+    (high − low)/panels needs more panels (use the closed forms for those), and a posterior whose mass
+    lies within 1e-8 of a bound far from 0 is resolved only as finely as float64 spaces x there.  Memory:
+    (2·panels + 80)·order per element.
 
     Example:
         >>> import torch, bmrs
@@ -272,11 +278,16 @@ def delta_f_quadrature(
     """
     loc, scale, low, high = posterior._x64
     extra = (1,) * loc.dim()
-    steps = torch.linspace(0.0, 1.0, panels + 1, dtype=torch.float64).reshape((-1,) + extra)
+    steps = torch.linspace(0.0, 1.0, panels + 1, dtype=torch.float64)
+    # the outer quantile panels hold 1/panels of the mass each, within a few σ of their inner ends, however
+    # wide they are: halve them towards the bounds (mass 2^-_TAIL_HALVINGS/panels left beyond)
+    tail = torch.exp2(-torch.arange(1, _TAIL_HALVINGS + 1, dtype=torch.float64)) / panels
+    probabilities = torch.cat([steps, tail, 1.0 - tail]).reshape((-1,) + extra)
     with torch.no_grad():
-        quantiles = tn.icdf_x(loc, scale, low, high, steps)
-    uniform = low + steps * (high - low)
-    edges, _ = torch.sort(torch.cat(torch.broadcast_tensors(quantiles, uniform)), dim=0)
+        quantiles = tn.icdf_x(loc, scale, low, high, probabilities)
+    uniform = low + steps.reshape((-1,) + extra) * (high - low)
+    shape = torch.broadcast_shapes(quantiles.shape[1:], uniform.shape[1:])
+    edges, _ = torch.sort(torch.cat([t.expand((t.shape[0],) + shape) for t in (quantiles, uniform)]), dim=0)
     left, width = edges[:-1], edges[1:] - edges[:-1]
 
     nodes, weights = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(order))
