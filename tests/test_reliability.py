@@ -192,3 +192,42 @@ def test_writing_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(bmrs.ConfigError, match="is a file, not a folder"):
         atomic_write(tmp_path / "afile" / "sub" / "out.json", lambda tmp: None)
+
+
+def test_resume_refuses_adam_moments_of_the_wrong_shape(finished_run, tmp_path):
+    # load_state_dict checks only how many parameters there are; the fused step then wrote past the end of
+    # the smaller moments (glibc aborted: "corrupted double-linked list")
+    state = load_checkpoint(finished_run / "checkpoint.pt")
+    for entry in state["optimizer"]["state"].values():
+        entry["exp_avg"], entry["exp_avg_sq"] = entry["exp_avg"].flatten()[:1], entry["exp_avg_sq"].flatten()[:1]
+    folder = tmp_path / "r"
+    folder.mkdir()
+    torch.save(state, folder / "checkpoint.pt")
+    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, "does not fit")
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_overwritten(finished_run, tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "metrics.json").write_bytes((finished_run / "metrics.json").read_bytes())
+    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder)), 2, "finished run")
+    assert (folder / "metrics.json").read_bytes() == (finished_run / "metrics.json").read_bytes()
+
+
+def test_resume_takes_the_runs_thread_count(monkeypatch):
+    from bmrs.training import run
+    notes = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: notes.append(("set", n)))
+    run._resume_threads(1, None, notes.append)
+    run._resume_threads(1, 2, notes.append)
+    run._resume_threads(None, None, notes.append)  # a checkpoint from before the count was kept
+    assert notes[0] == ("set", 1) and len(notes) == 2 and "resuming on 2 threads where the run used 1" in notes[1]
+
+
+def test_atomic_writes_take_the_umask_and_leave_nothing_else(tmp_path):
+    from bmrs.io import _UMASK, save_state_dict, write_json
+    write_json(tmp_path / "m.json", {"a": 1})
+    save_state_dict(tmp_path / "m.safetensors", {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+    for name in ("m.json", "m.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK

@@ -115,11 +115,30 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tupl
             model = restore_shrunk(model, state["model"], example)
         optimizer = _optimizer(model, config)
         model.load_state_dict(state["model"])
+        _check_optimizer_state(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError, IndexError) as err:
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
         raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:120]}); "
                               "it belongs to another model — use another --output") from None
     return state, model, optimizer
+
+
+def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless every saved per-parameter tensor (Adam's moments) has its parameter's shape:
+    ``load_state_dict`` checks only how many parameters there are, and the fused step then writes past the
+    end of a smaller moment."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(optimizer.param_groups):
+        raise ValueError("the optimizer state has another layout")
+    for group, mine in zip(groups, optimizer.param_groups):
+        indices = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(indices, list) or len(indices) != len(mine["params"]):
+            raise ValueError("the optimizer state has another number of parameters")
+        for index, param in zip(indices, mine["params"]):
+            entry = state.get(index, {})
+            for name, value in (entry.items() if isinstance(entry, dict) else [("state", entry)]):
+                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != param.shape):
+                    raise ValueError(f"optimizer {name} of parameter {index} does not match its shape")
 
 
 def _masked_in_place(model: nn.Module) -> int:
@@ -190,8 +209,12 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     ckpt_path = output / CHECKPOINT
     start, history = 1, []
     best = {"val_accuracy": -1.0, "epoch": 0, "state": None}
+    if (output / METRICS).exists() and not ckpt_path.exists():
+        raise ConfigError(f"{output} holds a finished run (metrics.json) without its checkpoint; choose another "
+                          "--output, or delete metrics.json to train there again")
     if resume and ckpt_path.exists():
         state, model, optimizer = _restore(ckpt_path, config, model, example)
+        _resume_threads(state.get("threads"), config.threads, log)
         start, history = state["epoch"] + 1, state["history"]
         best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
                 "state": state["best_state"]}
@@ -235,6 +258,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
                 "config": config.to_dict(), "epoch": epoch, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
+                "threads": torch.get_num_threads(),  # CPU kernels sum in thread-dependent order: resume alike
             })
         log(f"epoch {epoch:>3}/{config.total_epochs}  loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}"
             f"  val acc {val['accuracy']:.4f}  pruned {record['structures_pruned']}  ({seconds:.1f}s)")
@@ -243,6 +267,18 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     if not dist.is_main:
         return {}
     return finish(config, output, model, best, history, data, device, log)
+
+
+def _resume_threads(saved: int | None, asked: int | None, log: Callable[[str], None]) -> None:
+    """Resume on the thread count the run was trained with (PyTorch's CPU reductions split work by thread,
+    so the last bits, and then the run, depend on it), unless --threads asks for another: then say so."""
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        return  # (checkpoints from before the count was kept)
+    if asked is None:
+        torch.set_num_threads(saved)
+    elif asked != saved:
+        log(f"note: resuming on {asked} threads where the run used {saved}; it will not match an "
+            f"uninterrupted run bit for bit (pass --threads {saved} for that)")
 
 
 def _silent(_message: str) -> None:
