@@ -94,3 +94,24 @@ def test_goal_verdicts_against_both_unpruned_references():
     assert lines["- mlp bmrs-n-published-detft"].endswith("meets the goal")  # 0.5 and 1.5 below
     assert lines["- mlp bmrs-n-published"].endswith("misses the goal")       # 2.1 below none
     assert lines["- mlp bmrs-n"].endswith("misses the goal")                 # no compression
+
+
+@pytest.mark.parametrize("option, value, fragment", [("--train-subset", "0", "train_subset"),
+                                                     ("--epochs", "-1", "epochs")])
+def test_reproduce_checks_the_grids_settings_before_any_run(tmp_path, option, value, fragment):
+    # --train-subset 0 went to the runs as "not given": every run trained on all 48,000 examples
+    from bmrs.cli import build_parser
+    from bmrs.experiments.reproduce import reproduce
+    args = build_parser().parse_args(["reproduce", "fashion-mnist", "--runs", str(tmp_path / "runs"),
+                                      "--report", str(tmp_path / "report"), option, value])
+    with pytest.raises(bmrs.ConfigError, match=fragment):
+        reproduce(args, log=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_metrics_file_that_is_not_an_object_is_a_checkpoint_error(tmp_path):
+    (job,) = grid_jobs(tmp_path, [0], networks=["mlp"], methods=["none"], epochs=1, finetune_epochs=0)
+    job.folder.mkdir(parents=True)
+    (job.folder / "metrics.json").write_text("[1]")
+    with pytest.raises(bmrs.CheckpointError, match="holds a JSON list"):
+        job.changed_settings()

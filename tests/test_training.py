@@ -35,6 +35,8 @@ def test_config_validation_messages():
         ({"noise": False}, "pruning needs noise"), ({"finetune": "frozen"}, "finetune must be"),
         ({"kl_weight": 0.0}, "kl_weight must be"),
         ({"epochs": 3, "prune_every": 5}, "never prune"), ({"epochs": 0, "finetune_epochs": 2}, "never prune"),
+        ({"criterion": "l2", "amount": 0.5, "amount_schedule": [3]}, "not both"),
+        ({"criterion": "none", "amount": 0.5}, "criterion 'none' never prunes"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)

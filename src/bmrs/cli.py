@@ -42,9 +42,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision in bits, 0 < p1 < 23 (default: 8)")
     g.add_argument("--threshold", type=float, default=None, help="threshold of snr (1.0) or ev (0.1)")
     g.add_argument("--amount", type=float, default=None,
-                   help="fraction of structures to prune, for the ranking criteria l2 and grad")
+                   help="fraction of structures to prune (needed by l2 and grad; for snr, ev and bmrs it "
+                        "replaces their own rule by ranking)")
     g.add_argument("--amount-schedule", type=_int_list, default=None, metavar="K1,K2,...",
-                   help="structure counts to prune at each pruning step (l2/grad; e.g. to match a BMRS_N run)")
+                   help="structure counts to prune at each pruning step, instead of --amount (e.g. l2 "
+                        "matching a BMRS_N run)")
     g.add_argument("--granularity", default="structure", choices=("structure", "element"),
                    help="one noise sample per example and structure, or per element (default: structure)")
     g.add_argument("--no-noise", action="store_true", help="train the plain network (criterion none only)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..io import read_json
 
 __all__ = ["NETWORKS", "METHODS", "EXTRA_METHODS", "GOAL_REFERENCES", "Job", "grid_jobs", "run_jobs", "PAPER", "PAPER_STD"]
@@ -110,18 +110,30 @@ class Job:
         from ..training.run import _comparable
 
         wanted = _comparable(train_config(build_parser().parse_args(self.command()[3:])).to_dict())
-        saved = read_json(self.folder / "metrics.json").get("config")
+        saved = _metrics(self.folder).get("config")
         have = _comparable(saved if isinstance(saved, dict) else {})
         return sorted(k for k in wanted if have.get(k) != wanted[k])
 
     def command(self) -> list[str]:
         args = list(self.args)
         if self.depends_on is not None:  # L2 matches BMRS_N's structure count at every pruning step
-            history = read_json(self.depends_on / "metrics.json")["history"]
-            counts = [h["structures_pruned"] for h in history if "pruned" in h]
+            history = _metrics(self.depends_on).get("history")
+            if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+                raise CheckpointError(f"{self.depends_on / 'metrics.json'}: no epoch history to match; delete the "
+                                      "run and rerun")
+            counts = [h.get("structures_pruned") for h in history if "pruned" in h]
             args += ["--amount-schedule", ",".join(str(c) for c in counts)]
         return [sys.executable, "-m", "bmrs", "--no-progress", "train", *args, "--seed", str(self.seed),
                 "--threads", "1", "--output", str(self.folder), "--resume"]
+
+
+def _metrics(folder: Path) -> dict:
+    """A finished run's metrics.json, which must hold a JSON object."""
+    metrics = read_json(folder / "metrics.json")
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{folder / 'metrics.json'}: not a bmrs metrics file (holds a JSON "
+                              f"{type(metrics).__name__}); delete it and rerun")
+    return metrics
 
 
 def grid_jobs(root: str | Path, seeds: list[int], networks=None, methods=None, epochs: int = 50,

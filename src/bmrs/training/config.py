@@ -151,6 +151,11 @@ class TrainConfig:
         if self.amount_schedule is not None:
             if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.amount_schedule):
                 raise ConfigError("amount_schedule must be a list of non-negative structure counts")
+        if self.amount is not None and self.amount_schedule is not None:
+            raise ConfigError("pass either amount (a fraction) or amount_schedule (counts per step), not both")
+        if self.criterion == "none" and (self.amount is not None or self.amount_schedule is not None):
+            raise ConfigError("amount and amount_schedule set how much a criterion prunes: criterion 'none' "
+                              "never prunes (choose a criterion, or drop them)")
         if self.criterion in ("l2", "grad") and self.amount is None and self.amount_schedule is None:
             raise ConfigError(f"criterion {self.criterion!r} ranks but has no threshold: pass --amount "
                               "(fraction of structures to prune), e.g. --amount 0.8")
