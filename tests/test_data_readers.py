@@ -612,3 +612,12 @@ def test_real_fashion_mnist(monkeypatch):
     assert torch.bincount(torch.cat([s.train.tensors[1], s.val.tensors[1]])).tolist() == [6000] * 10
     assert abs(float(s.train.tensors[0].mean())) < 1e-3
     assert 0.2 < s.mean[0] < 0.4 and 0.25 < s.std[0] < 0.45
+
+
+@pytest.mark.parametrize("n_train, n_test, fragment", [(50, 0, "test files hold no images"),
+                                                       (2, 20, "too few to split")])
+def test_an_empty_test_set_or_validation_split_is_a_data_error(isolated, n_train, n_test, fragment):
+    # an empty test set reached torch-pruning's FLOP count (ZeroDivisionError) after the whole run
+    make_mnist_like(isolated / "data" / "fashion-mnist", n_train=n_train, n_test=n_test)
+    with pytest.raises(DataError, match=fragment):
+        load_dataset("fashion-mnist", isolated / "data", progress=False)

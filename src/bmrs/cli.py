@@ -208,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bmrs: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as err:
+        if args.debug or not _out_of_memory(err):
+            raise
+        print("bmrs: error: out of memory; lower the sizes asked for (--batch-size, --hidden, --image-size, "
+              "--levels …) or free memory", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: MemoryError (NumPy's too), or PyTorch's allocator refusing one."""
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err) or "out of memory" in str(err)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -306,8 +306,10 @@ def load_dataset(
 
     n = len(x_train_raw)
     n_val = int(round(n * float(val_fraction)))
-    if n - n_val < 1:
+    if n - n_val < 1 or (float(val_fraction) > 0 and n_val < 1):
         raise DataError(f"{name}: only {n} training images, too few to split; check the dataset files")
+    if len(x_test_raw) == 0:
+        raise DataError(f"{name}: the test files hold no images; check the dataset files or download them again")
     generator = torch.Generator().manual_seed(int(split_seed))
     order = torch.randperm(n, generator=generator)
     train_idx, val_idx = order[: n - n_val], order[n - n_val:]

@@ -114,8 +114,8 @@ class TrainConfig:
                               "--epochs (or use --criterion none)")
         _positive_int("batch_size", self.batch_size)
         _positive_float("lr", self.lr)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         _positive_float("kl_weight", self.kl_weight)
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
