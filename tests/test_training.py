@@ -37,6 +37,7 @@ def test_config_validation_messages():
         ({"epochs": 3, "prune_every": 5}, "never prune"), ({"epochs": 0, "finetune_epochs": 2}, "never prune"),
         ({"criterion": "l2", "amount": 0.5, "amount_schedule": [3]}, "not both"),
         ({"criterion": "none", "amount": 0.5}, "criterion 'none' never prunes"),
+        ({"criterion": "bmrs-u", "low": -5.0}, "precision interval"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)
@@ -253,3 +254,9 @@ def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
     assert [r["criterion"] for r in result["results"]] == ["bmrs-n", "l2"]
     assert len(result["results"][1]["points"]) == 3 and "stop" in result["results"][0]
     assert (run / "curve" / "curve.png").stat().st_size > 0 and (run / "curve" / "curve.csv").exists()
+    # bad values are refused before any sweep runs (a nan p1 failed after the bmrs-n sweep, leaving half a curve)
+    before = (run / "curve" / "curve.json").read_bytes()
+    for bad in (["--p1", "nan", "--output", str(run / "curve")], ["--output", str(run / "metrics.json")]):
+        refused = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,bmrs-u", *bad)
+        assert refused.returncode == 2 and refused.stderr.startswith("bmrs: error:"), refused.stderr
+    assert (run / "curve" / "curve.json").read_bytes() == before

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..criteria import Gradient, get_criterion
 from ..errors import ConfigError
-from ..io import atomic_write, write_json
+from ..io import atomic_write, check_writable, write_json
 from ..pruning import prune, structure_counts
+from ..reduction import precision_prior
 from ..training.artifacts import load_run
 from ..training.loop import batches, evaluate, train_epoch
 from ..training.optim import make_optimizer
@@ -128,6 +129,9 @@ def run_curve(run_dir, criteria: list[str], output, *, levels: int = 21, finetun
     if finetune_epochs < 0:
         raise ConfigError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     run = load_run(run_dir)
+    if "bmrs-u" in criteria:  # checked before the sweeps, not after the first one
+        precision_prior(p1, run.config.low, run.config.high)
+    check_writable(output)
     cfg = run.config
     data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.seed,
                         image_size=cfg.image_size, train_subset=cfg.train_subset, progress=progress)

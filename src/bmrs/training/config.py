@@ -161,6 +161,9 @@ class TrainConfig:
                               "(fraction of structures to prune), e.g. --amount 0.8")
         if self.threshold is not None and self.criterion not in ("snr", "ev"):
             raise ConfigError("threshold applies only to the snr and ev criteria")
+        if self.criterion == "bmrs-u":  # its reduced prior must meet the noise's interval (else: after an epoch)
+            from ..reduction import precision_prior
+            precision_prior(self.p1, self.low, self.high)
         if not self.noise and self.criterion != "none":
             raise ConfigError("pruning needs noise layers: use --criterion none with --no-noise")
 
