@@ -234,3 +234,19 @@ def test_atomic_writes_take_the_umask_and_leave_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
     for name in ("m.json", "m.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda s: s.update(epoch=-5), "outside the run's"),
+    (lambda s: s.update(history=[1] * s["epoch"]), "history does not hold"),
+    (lambda s: s.update(best_state={"x": torch.ones(1)}), "best state does not fit"),
+    (lambda s: s.update(best_state=None), "kept no best state"),
+])
+def test_resume_refuses_a_damaged_record_of_progress(finished_run, tmp_path, damage, fragment):
+    # each gave a traceback (RuntimeError, TypeError) after training, or (epoch -5) retrained silently
+    state = load_checkpoint(finished_run / "checkpoint.pt")
+    damage(state)
+    folder = tmp_path / "r"
+    folder.mkdir()
+    torch.save(state, folder / "checkpoint.pt")
+    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, fragment)

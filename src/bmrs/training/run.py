@@ -120,7 +120,26 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tupl
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
         raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:120]}); "
                               "it belongs to another model — use another --output") from None
+    problem = _progress_problem(state, model, config)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; the checkpoint is damaged — delete it to start over")
     return state, model, optimizer
+
+
+def _progress_problem(state: dict, model: nn.Module, config: TrainConfig) -> str | None:
+    """What is wrong with a checkpoint's record of progress (epoch, history, best state), if anything."""
+    epoch, history, best = state["epoch"], state["history"], state["best_state"]
+    if not 0 <= epoch <= config.total_epochs:
+        return f"epoch {epoch} lies outside the run's 0 … {config.total_epochs}"
+    if len(history) != epoch or not all(isinstance(h, dict) and isinstance(h.get("seconds"), (int, float))
+                                        for h in history):
+        return f"its history does not hold one record (with its seconds) for each of its {epoch} epochs"
+    if best is None:
+        return f"it has finished all {epoch} epochs but kept no best state" if epoch == config.total_epochs else None
+    own = model.state_dict()
+    if set(best) != set(own) or any(not isinstance(best[k], torch.Tensor) or best[k].shape != own[k].shape for k in own):
+        return "its best state does not fit the model"
+    return None
 
 
 def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
