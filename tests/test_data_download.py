@@ -13,6 +13,7 @@ import re
 import socket
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(b"x" * 10)
             self.wfile.flush()
             self.close_connection = True
+            return
+        if self.path == "/trickle":  # one byte every 0.1 s: each read arrives well within the socket timeout
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.1)
             return
         super().do_GET()
 
@@ -157,6 +170,16 @@ def test_truncated_body(server, tmp_path):
     with pytest.raises(DataError) as e:
         download(f"{base}/truncated", out / "t", progress=False, verify=False)
     assert re.search(r"10 bytes|10 of 1000|incomplete", str(e.value)), str(e.value)
+    assert no_leftovers(out)
+
+
+def test_a_trickling_server_is_a_stalled_download(server, tmp_path):
+    base, _, _ = server
+    out = tmp_path / "out"
+    start = time.monotonic()
+    with pytest.raises(DataError, match="stalled"):
+        download(f"{base}/trickle", out / "t", progress=False, verify=False, timeout=1.0)
+    assert time.monotonic() - start < 10  # (the whole body would take 100 s)
     assert no_leftovers(out)
 
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -34,6 +35,24 @@ from bmrs.errors import DataError
 __all__ = ["Source", "SOURCES", "download", "download_dataset", "sha256_of"]
 
 _CHUNK = 1 << 20
+_STALL_BYTES = 4096  # fewer than this in a whole timeout counts as stalled (a socket timeout covers one read only)
+
+
+class _StallWatch:
+    """Counts the bytes received in consecutive windows of ``seconds``."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start, self.count = seconds, time.monotonic(), 0
+
+    def stalled(self, received: int) -> bool:
+        """Add ``received`` bytes; True when a window just closed with fewer than _STALL_BYTES in it."""
+        self.count += received
+        now = time.monotonic()
+        if now - self.start < self.seconds:
+            return False
+        slow = self.count < _STALL_BYTES
+        self.start, self.count = now, 0
+        return slow
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -182,11 +201,16 @@ def download(
                 total = int(length) if length and length.isdigit() else None
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                           disable=not progress) as bar:
-                    for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    stall = _StallWatch(timeout)
+                    # read1: whatever one receive brings, so that a trickling server is noticed between reads
+                    for chunk in iter(lambda: response.read1(_CHUNK), b""):
                         out.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
                         bar.update(len(chunk))
+                        if stall.stalled(len(chunk)):
+                            raise DataError(f"the download of {url} stalled (under {_STALL_BYTES} bytes in "
+                                            f"{timeout:g} s); try again later or use another mirror")
                 out.flush()
                 os.fsync(out.fileno())
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError, ValueError) as err:
