@@ -195,6 +195,10 @@ def test_writing_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(bmrs.ConfigError, match="is a file, not a folder"):
         atomic_write(tmp_path / "afile" / "sub" / "out.json", lambda tmp: None)
+    (tmp_path / "afolder").mkdir()
+    with pytest.raises(bmrs.ConfigError, match="afolder: it is a folder"):
+        atomic_write(tmp_path / "afolder", lambda tmp: None)
+    assert list((tmp_path / "afolder").iterdir()) == []
 
 
 def test_resume_refuses_adam_moments_of_the_wrong_shape(finished_run, tmp_path):

@@ -31,6 +31,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     for folder in (path.parent, *path.parent.parents):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"cannot write {path}: {folder} is a file, not a folder")
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a folder; name a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
