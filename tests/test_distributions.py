@@ -65,6 +65,18 @@ def test_mean_of_very_wide_posteriors_matches_mpmath():
     assert _rel_err(q.log_mean, [float(R.mp.log(w)) for w in want]).max() < 1e-10
 
 
+def test_log_mean_of_narrow_posteriors_on_and_beyond_a_bound_matches_mpmath():
+    # μ + σ² rounds at |μ| = 20 by up to 2e-15: the shifted ends came out σ-relative wrong, and ln E[θ] for μ
+    # on the lower bound lost its 0.8σ (1e-9 off at σ = 1e-9)
+    points = [(mu, sigma) for mu in (-20.0, -20.5, 0.0, 5.0, -19.999999) for sigma in (1e-9, 1e-6, 1e-3)]
+    mu = torch.tensor([m for m, _ in points], dtype=torch.float64)
+    sigma = torch.tensor([s for _, s in points], dtype=torch.float64)
+    q = bmrs.TruncatedLogNormal(mu, sigma, LOW, HIGH)
+    with R.mp.workdps(90):
+        want = [float(R.mp.log(R.moments(m, s)[0])) for m, s in points]
+    assert np.abs(q.log_mean.numpy() - np.array(want)).max() < 1e-13
+
+
 def test_variance_and_snr_of_collapsed_posteriors_inside_the_interval_match_mpmath():
     # σ down to the layers' clamp (e⁻²⁰ ≈ 2e-9) with μ inside: Var ≈ E²σ², SNR ≈ 1/σ.  ln E[θ²] − 2 ln E[θ]
     # must cancel 2μ analytically (in floating point σ² is lost against μ below σ ≈ 1e-8)
