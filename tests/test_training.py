@@ -38,6 +38,7 @@ def test_config_validation_messages():
         ({"criterion": "l2", "amount": 0.5, "amount_schedule": [3]}, "not both"),
         ({"criterion": "none", "amount": 0.5}, "criterion 'none' never prunes"),
         ({"criterion": "bmrs-u", "low": -5.0}, "precision interval"),
+        ({"dataset": "foo"}, "unknown dataset 'foo'"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)

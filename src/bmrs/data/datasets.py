@@ -43,6 +43,7 @@ __all__ = [
     "DataSplits",
     "FASHION_MNIST_CLASSES",
     "SYSTEM_DATA_DIRS",
+    "dataset_key",
     "default_data_dir",
     "find_dataset",
     "load_dataset",
@@ -104,7 +105,13 @@ def default_data_dir() -> Path:
     return Path(cache) / "bmrs" / "data"
 
 
-def _canonical(name: str) -> str:
+def dataset_key(name: str) -> str:
+    """The dataset's canonical name (``"Fashion-MNIST"`` → ``"fashion-mnist"``); DataError if unknown.
+
+    Example:
+        >>> dataset_key("MNIST")
+        'mnist'
+    """
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DATASET_NAMES:
@@ -152,7 +159,7 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path |
         find_dataset("fashion-mnist")
         PosixPath('/usr/share/datasets/fashion-mnist')
     """
-    name = _canonical(name)
+    name = dataset_key(name)
     twin = {"mnist": "fashion-mnist", "fashion-mnist": "mnist"}.get(name)
     twin_names = {s.split("/")[0].lower() for s in _SUBFOLDERS.get(twin, ())}
     for base in _search_bases(data_dir):
@@ -273,7 +280,7 @@ def load_dataset(
         s.num_classes, s.in_channels, len(s.val)
         (10, 1, 12000)
     """
-    name = _canonical(name)
+    name = dataset_key(name)
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ConfigError(f"val_fraction must lie in [0, 1), got {val_fraction}; pass e.g. 0.2")
     if not isinstance(image_size, int) or image_size < 1:

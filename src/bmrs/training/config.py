@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 __all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS", "FINETUNE_MODES"]
 
@@ -97,6 +97,11 @@ class TrainConfig:
     def validate(self) -> None:
         from ..models import MODEL_NAMES
 
+        from ..data.datasets import dataset_key
+        try:
+            dataset_key(self.dataset)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.criterion not in CRITERION_NAMES:
