@@ -254,3 +254,17 @@ def test_resume_refuses_a_damaged_record_of_progress(finished_run, tmp_path, dam
     folder.mkdir()
     torch.save(state, folder / "checkpoint.pt")
     one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, fragment)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_holding_code_is_refused_with_a_whole_message(tmp_path):
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "garbled.pt").write_bytes(b"garbage")
+    with pytest.raises(bmrs.CheckpointError, match="a safe \\(weights-only\\) load refuses to run; it was not written by bmrs$"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(bmrs.CheckpointError, match="its pickle is garbled"):
+        load_checkpoint(tmp_path / "garbled.pt")

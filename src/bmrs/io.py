@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -120,13 +121,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint; check the path or start without --resume") from None
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # (a garbled file fails as "Unsupported operand")
+            raise CheckpointError(f"{path}: holds Python objects other than tensors and plain containers, which "
+                                  "a safe (weights-only) load refuses to run; it was not written by bmrs") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint (its pickle is garbled); it is truncated or "
+                              "not a bmrs checkpoint — delete it to start over") from None
     except Exception as err:  # pickle/zip errors of a truncated or corrupt file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({first[:120]}); it is truncated or "
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({_first_line(err)}); it is truncated or "
                               "not a bmrs checkpoint — delete it to start over") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a bmrs checkpoint (holds a {type(state).__name__})")
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
