@@ -344,3 +344,17 @@ def test_mirror_fallback(server, tmp_path, monkeypatch):
     assert httpd.requests == ["/bad/f.bin", "/good/f.bin"]
 
 
+
+
+def test_partial_downloads_abandoned_a_day_ago_are_removed(server, tmp_path):
+    base, served, _ = server
+    (served / "f.bin").write_bytes(b"payload")
+    out = tmp_path / "out"
+    out.mkdir()
+    old, fresh = out / ".f.bin.abc123.part", out / ".f.bin.def456.part"
+    for part in (old, fresh):
+        part.write_bytes(b"half")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    download(f"{base}/f.bin", out / "f.bin", progress=False, verify=False)
+    assert (out / "f.bin").read_bytes() == b"payload"
+    assert not old.exists() and fresh.exists()  # (a fresh one may be another process's download)

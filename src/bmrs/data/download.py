@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from glob import escape as glob_escape
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +188,7 @@ def download(
         raise DataError(f"cannot read existing {dest} ({_describe(err)}); delete it or fix its permissions") from None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_parts(dest)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as err:
         raise DataError(f"cannot write to {dest.parent} ({_describe(err)}); pass a writable --data-dir") from None
@@ -237,6 +239,21 @@ def download(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_ABANDONED_AFTER = 24 * 3600.0  # seconds without a write after which a .part file's download is dead
+
+
+def _remove_abandoned_parts(dest: Path) -> None:
+    """Delete partial downloads of ``dest`` left by killed processes (untouched for a day: a live download
+    writes every few seconds, so another process's is never taken)."""
+    now = time.time()
+    for part in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
+        try:
+            if part.is_file() and now - part.stat().st_mtime > _ABANDONED_AFTER:
+                part.unlink()
+        except OSError:
+            pass
 
 
 def _extract_tar(archive: Path, target: Path) -> None:
