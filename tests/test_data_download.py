@@ -358,3 +358,18 @@ def test_partial_downloads_abandoned_a_day_ago_are_removed(server, tmp_path):
     download(f"{base}/f.bin", out / "f.bin", progress=False, verify=False)
     assert (out / "f.bin").read_bytes() == b"payload"
     assert not old.exists() and fresh.exists()  # (a fresh one may be another process's download)
+
+
+def test_extraction_folders_abandoned_a_day_ago_are_removed(server, tmp_path, monkeypatch):
+    base, served, _ = server
+    make_tar(served / "cifar-10-python.tar.gz", cifar_members())
+    digest = sha((served / "cifar-10-python.tar.gz").read_bytes())
+    monkeypatch.setitem(SOURCES, "cifar10", Source("cifar10", (base,), (("cifar-10-python.tar.gz", digest),), True))
+    folder = tmp_path / "d" / "cifar10"
+    old, fresh = folder / ".extract-old", folder / ".extract-new"
+    for leftover in (old, fresh):
+        leftover.mkdir(parents=True)
+        (leftover / "data_batch_1").write_bytes(b"half")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert download_dataset("cifar10", tmp_path / "d", progress=False) == folder
+    assert not old.exists() and fresh.exists()

@@ -188,7 +188,7 @@ def download(
         raise DataError(f"cannot read existing {dest} ({_describe(err)}); delete it or fix its permissions") from None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_parts(dest)
+        _remove_abandoned(dest.parent, f".{glob_escape(dest.name)}.*.part")
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as err:
         raise DataError(f"cannot write to {dest.parent} ({_describe(err)}); pass a writable --data-dir") from None
@@ -244,14 +244,18 @@ def download(
 _ABANDONED_AFTER = 24 * 3600.0  # seconds without a write after which a .part file's download is dead
 
 
-def _remove_abandoned_parts(dest: Path) -> None:
-    """Delete partial downloads of ``dest`` left by killed processes (untouched for a day: a live download
-    writes every few seconds, so another process's is never taken)."""
+def _remove_abandoned(folder: Path, pattern: str) -> None:
+    """Delete what killed downloads or extractions left in ``folder`` under ``pattern`` (untouched for a day:
+    a live one writes every few seconds, so another process's is never taken)."""
     now = time.time()
-    for part in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
+    for leftover in folder.glob(pattern):
         try:
-            if part.is_file() and now - part.stat().st_mtime > _ABANDONED_AFTER:
-                part.unlink()
+            if now - leftover.stat().st_mtime <= _ABANDONED_AFTER:
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
         except OSError:
             pass
 
@@ -270,6 +274,7 @@ def _extract_tar(archive: Path, target: Path) -> None:
 
 def _extract(archive: Path, folder: Path) -> None:
     """Unpack ``archive`` into ``folder`` via a temporary folder, refusing paths that escape it."""
+    _remove_abandoned(folder, ".extract-*")
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".extract-"))
     try:
         try:
