@@ -17,13 +17,12 @@ def reproduce(args, log=print) -> int:
     if args.levels < 2:  # checked before hours of runs, not after them
         raise ConfigError(f"--levels must be at least 2 (pruning fractions from 0 to 1), got {args.levels}")
     extra = [] if args.train_subset is None else ["--train-subset", str(args.train_subset)]
-    # every job's settings are checked here, before any run starts (a 0 subset ran on all the data)
-    from ..cli import build_parser, train_config
-    for job in grid_jobs(args.runs, args.seeds[:1], epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                         extra=extra):
-        if job.depends_on is None:
-            train_config(build_parser().parse_args(job.command()[3:]))
     jobs = grid_jobs(args.runs, args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs, extra=extra)
+    # the settings of each method are checked here, before any run starts (a 0 subset ran on all the data);
+    # the jobs that follow another run's schedule cannot build their command before it has finished
+    for job in jobs:
+        if job.seed == jobs[0].seed and job.depends_on is None:
+            job.train_config()
     failed = []
     if not args.report_only:
         failed = run_jobs(jobs, workers=args.workers, log=log, progress=not getattr(args, "no_progress", False))

@@ -106,13 +106,18 @@ class Job:
             return []
         if self.depends_on is not None and not (self.depends_on / "metrics.json").exists():
             return ["amount_schedule"]
-        from ..cli import build_parser, train_config
         from ..training.run import _comparable
 
-        wanted = _comparable(train_config(build_parser().parse_args(self.command()[3:])).to_dict())
+        wanted = _comparable(self.train_config().to_dict())
         saved = _metrics(self.folder).get("config")
         have = _comparable(saved if isinstance(saved, dict) else {})
         return sorted(k for k in wanted if have.get(k) != wanted[k])
+
+    def train_config(self):
+        """The TrainConfig that this job's ``bmrs train`` command builds (ConfigError if its settings are bad)."""
+        from ..cli import build_parser, train_config
+
+        return train_config(build_parser().parse_args(self.command()[3:]))
 
     def command(self) -> list[str]:
         args = list(self.args)
