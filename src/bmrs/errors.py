@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BMRSError", "ConfigError", "DataError", "CheckpointError", "ModelError", "TrainingError"]
+__all__ = ["BMRSError", "ConfigError", "DataError", "CheckpointError", "ModelError", "TrainingError",
+           "first_line"]
 
 
 class BMRSError(Exception):
@@ -39,3 +40,15 @@ class ModelError(BMRSError, ValueError):
 
 class TrainingError(BMRSError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message names the layer at fault."""
+
+
+def first_line(err: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters (its type's name if empty), for
+    quoting a library's error inside a one-line bmrs message.
+
+    Example:
+        >>> first_line(RuntimeError("size mismatch\\nmore detail")), first_line(KeyError())
+        ('size mismatch', 'KeyError')
+    """
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 
 __all__ = ["atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
            "save_state_dict", "load_state_dict_file", "check_writable"]
@@ -128,16 +128,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: cannot read the checkpoint (its pickle is garbled); it is truncated or "
                               "not a bmrs checkpoint — delete it to start over") from None
     except Exception as err:  # pickle/zip errors of a truncated or corrupt file
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({_first_line(err)}); it is truncated or "
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({first_line(err)}); it is truncated or "
                               "not a bmrs checkpoint — delete it to start over") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a bmrs checkpoint (holds a {type(state).__name__})")
     return state
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:120] if text else type(err).__name__
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:

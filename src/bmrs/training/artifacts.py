@@ -15,7 +15,7 @@ import torch
 
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..io import load_checkpoint, load_state_dict_file, read_json
 from .config import TrainConfig
 from .run import CHECKPOINT, METRICS, build_for
@@ -75,5 +75,5 @@ def load_run(path: str | Path, final: bool = False) -> LoadedRun:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: saved weights do not fit the configured {config.model} "
-                              f"({str(err).splitlines()[0][:100]})") from None
+                              f"({first_line(err, 100)})") from None
     return LoadedRun(path, config, metrics, model.eval())

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..criteria import Criterion, Gradient, get_criterion
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 from ..io import (
     check_writable, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
 )
@@ -118,7 +118,7 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tupl
         _check_optimizer_state(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:120]}); "
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({first_line(err)}); "
                               "it belongs to another model — use another --output") from None
     problem = _progress_problem(state, model, config)
     if problem:
