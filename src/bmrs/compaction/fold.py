@@ -279,9 +279,7 @@ def _fold_untraced(rec: NoiseRecord) -> None:
     gated along its channel dim.  Its structures stay (zeroed where pruned): nothing traced shows what
     else they couple to."""
     module = rec.module
-    if isinstance(module, _CONV) and rec.dim == 1:
-        scale_out(module, rec.theta)
-    elif isinstance(module, nn.Linear) and rec.dim == -1:
+    if isinstance(module, (nn.Linear, _CONV)) and rec.dim == (1 if isinstance(module, _CONV) else -1):
         scale_out(module, rec.theta)
     elif isinstance(module, nn.MultiheadAttention) and rec.dim == -1:
         scale_out(module.out_proj, rec.theta)
@@ -517,7 +515,7 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
                          "check example_inputs") from err
     for rec in records:
         _fold_record(rec, trace)
-    untraced = [rec.name for rec in records if rec.carrier is None and _never_ran(rec, trace)]
+    untraced = [rec.name for rec in records if _never_ran(rec, trace)]
     if untraced:
         warnings.warn(f"{caller}: the example inputs never reach {', '.join(map(repr, untraced))}: E[θ] is folded "
                       "into their weights but their pruned structures are not removed; pass example_inputs "

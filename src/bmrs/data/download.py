@@ -25,8 +25,8 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from glob import escape as glob_escape
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -37,6 +37,7 @@ __all__ = ["Source", "SOURCES", "download", "download_dataset", "sha256_of"]
 
 _CHUNK = 1 << 20
 _STALL_BYTES = 4096  # fewer than this in a whole timeout counts as stalled (a socket timeout covers one read only)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class _StallWatch:
@@ -54,7 +55,6 @@ class _StallWatch:
         slow = self.count < _STALL_BYTES
         self.start, self.count = now, 0
         return slow
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)

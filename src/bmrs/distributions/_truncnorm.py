@@ -101,8 +101,8 @@ def log_var_ratio(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tens
 _NARROW_SCALE = 0.25
 _ONE_SIDED_WIDTH = 80.0
 # Gauss–Legendre on [0, 1] (8 nodes): ∫₀¹ (1 − v) f(v) dv ≈ Σ w_i (1 − v_i) f(v_i), exact for degree ≤ 14
-_GL_NODES, _GL_WEIGHTS = ((np.polynomial.legendre.leggauss(8)[0] + 1.0) / 2.0).tolist(), \
-    (np.polynomial.legendre.leggauss(8)[1] / 2.0).tolist()
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(8)  # on [−1, 1]
+_GL_NODES, _GL_WEIGHTS = ((_GL_X + 1.0) / 2.0).tolist(), (_GL_W / 2.0).tolist()
 
 
 def upper_tail_variance(x: Tensor) -> Tensor:
