@@ -163,20 +163,21 @@ def test_deep_tail_structures_fall_back_to_the_exact_path():
 
 
 def test_training_step_with_kernels_matches_the_reference():
-    """One Adam step of a LeNet5 with noise: same loss and parameters with or without the kernels."""
+    """One training step of a LeNet5 with noise: same loss and gradients with or without the kernels.
+
+    (Gradients, not Adam's first step: that step is lr·g/(|g| + eps), which turns a last-bit difference
+    in a gradient near eps into a visible one.)"""
     def step():
         torch.manual_seed(0)
         model = lenet5()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
         loss = torch.nn.functional.cross_entropy(model(x), y) + bmrs.kl_loss(model)
         loss.backward()
-        opt.step()
-        return float(loss.detach()), [p.detach().clone() for p in model.parameters()]
+        return float(loss.detach()), [p.grad.detach().clone() for p in model.parameters()]
 
-    fused_loss, fused_params = step()
+    fused_loss, fused_grads = step()
     with kernels(False):
-        ref_loss, ref_params = step()
+        ref_loss, ref_grads = step()
     assert abs(fused_loss - ref_loss) <= 1e-5 * abs(ref_loss)
-    for a, b in zip(fused_params, ref_params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))

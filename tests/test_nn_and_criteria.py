@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bmrs
+from bmrs.training import TrainConfig
 from bmrs import criteria
 from bmrs.reduction import delta_f
 
@@ -273,19 +274,85 @@ def test_shared_block_gets_one_noise_layer_weighed_once_by_kl_loss():
 
 # --- criteria -------------------------------------------------------------------------------------------
 
-def test_bmrs_criteria_equal_delta_f_sign_exactly():
+def test_bmrs_criteria_score_exact_delta_f_and_decide_by_the_stated_rule():
     model = set_posteriors(bmrs.attach(small_mlp()))
-    for crit, reduced in [(criteria.BMRSN(), bmrs.spike_prior()), (criteria.BMRSU(8), bmrs.precision_prior(8)),
-                          (criteria.BMRSU(4), bmrs.precision_prior(4))]:
-        decisions = crit.decide(model)
-        scores = crit.scores(model)
-        for name, noise in bmrs.noise_layers(model):
-            q = noise.posterior()
-            df = delta_f(q, bmrs.TruncatedLogUniform(), reduced).double()
-            assert torch.equal(scores[name], df)
-            assert torch.equal(decisions[name], df >= 0)
-    total = sum(int(d.sum()) for d in criteria.BMRSN().decide(model).values())
-    assert 0 < total < 13  # the random posteriors make some, not all, prunable
+    for margin in (0.0, 1.0, 3.5):
+        for crit, reduced in [(criteria.BMRSN(margin=margin), bmrs.spike_prior()),
+                              (criteria.BMRSU(8, margin=margin), bmrs.precision_prior(8)),
+                              (criteria.BMRSU(4, margin=margin), bmrs.precision_prior(4))]:
+            decisions = crit.decide(model)
+            scores = crit.scores(model)
+            for name, noise in bmrs.noise_layers(model):
+                q = noise.posterior()
+                df = delta_f(q, bmrs.TruncatedLogUniform(), reduced).double()
+                off = q.mean.double() < 2.0 ** -23
+                assert torch.equal(scores[name], df)  # the scores stay the exact ΔF
+                assert torch.equal(decisions[name], (df >= -margin) | off)
+    exact = sum(int(d.sum()) for d in criteria.BMRSN(margin=0).decide(model).values())
+    assert 0 < exact < 13  # the random posteriors make some, not all, prunable
+
+
+def _one_layer(mu, sigma):
+    model = bmrs.attach(nn.Sequential(nn.Linear(3, len(mu)), nn.Tanh(), nn.Linear(len(mu), 2)))
+    name, noise = bmrs.noise_layers(model)[0]
+    with torch.no_grad():
+        noise.mu.copy_(torch.tensor(mu))
+        noise.log_sigma.copy_(torch.tensor(sigma).log())
+    return model, name
+
+
+def test_evidence_that_is_not_worth_a_mention_is_a_tie_that_goes_to_the_smaller_model():
+    # prior-like (ΔF_N ≈ -0.05), weakly kept (-1.5), informative (≈ -70), exactly prunable (μ at a)
+    model, name = _one_layer([-1.3, -1.3, -0.5, -20.0], [40.0, 9.0, 0.3, 2.0])
+    df = criteria.BMRSN().scores(model)[name]
+    assert -1 < float(df[0]) < 0 and -2 < float(df[1]) < -1 and float(df[2]) < -50 and float(df[3]) > 0
+    assert criteria.BMRSN().decide(model)[name].tolist() == [True, False, False, True]
+    assert criteria.BMRSN(margin=0).decide(model)[name].tolist() == [False, False, False, True]
+    assert criteria.BMRSN(margin=2).decide(model)[name].tolist() == [True, True, False, True]
+    # the published code's +½ ln 2π decides like a 0.919-nat margin without the switched-off rule
+    assert criteria.PublishedBMRSN().decide(model)[name].tolist() == [True, False, False, True]
+
+
+def test_switched_off_structures_are_pruned_by_both_rules_and_ranked_first():
+    # collapsed below 2^-23 (BMRS_N: ΔF_N = -15; BMRS_U: far below its reduced prior), collapsed at μ = -30,
+    # an informative one, and one a little above 2^-23
+    model, name = _one_layer([-17.0, -30.0, -0.5, -15.0], [0.5, 1.0, 0.3, 0.05])
+    off = criteria.BMRSN().switched_off(model)[name]
+    assert off.tolist() == [True, True, False, False]
+    assert float(criteria.BMRSN().scores(model)[name][0]) < -10
+    assert float(criteria.BMRSU(8).scores(model)[name][1]) < -5
+    for crit in (criteria.BMRSN(), criteria.BMRSU(8), criteria.BMRSU(4)):
+        assert crit.decide(model)[name].tolist()[:3] == [True, True, False]
+        assert crit.decide(model, amount=2)[name].tolist() == [True, True, False, False]
+    assert criteria.PublishedBMRSN().decide(model)[name].tolist()[0] is False  # ΔF alone
+
+
+def test_evidence_margin_is_validated_and_shown():
+    assert repr(criteria.BMRSN()) == "BMRSN(margin=1, variance=1e-12)"
+    assert repr(criteria.BMRSU(4, margin=0.5)) == "BMRSU(p1=4, margin=0.5)"
+    for bad in (-0.1, float("nan"), float("inf"), "1", True):
+        with pytest.raises(bmrs.ConfigError, match="evidence margin"):
+            criteria.BMRSN(margin=bad)
+    with pytest.raises(bmrs.ConfigError, match="evidence_margin|evidence margin"):
+        TrainConfig(evidence_margin=-1)
+
+
+def test_a_rule_that_prunes_nothing_says_why_in_one_line():
+    model = bmrs.attach(small_mlp())  # at initialisation every posterior is narrow
+    with pytest.warns(bmrs.pruning.PruningWarning, match=r"pruned nothing: the widest posterior has σ = .*noise_lr|param_groups"):
+        report = bmrs.prune(model, criteria.BMRSN())
+    assert report.pruned == 0
+
+
+def test_param_groups_give_the_noise_parameters_their_own_rate():
+    model = bmrs.attach(small_mlp())
+    groups = bmrs.param_groups(model, lr=2e-3, noise_lr_scale=5)
+    noise_params = {id(p) for _, n in bmrs.noise_layers(model) for p in (n.mu, n.log_sigma)}
+    assert {id(p) for p in groups[1]["params"]} == noise_params and groups[1]["lr"] == pytest.approx(1e-2)
+    assert not noise_params & {id(p) for p in groups[0]["params"]} and groups[0]["lr"] == 2e-3
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(bmrs.ConfigError, match="noise_lr_scale"):
+        bmrs.param_groups(model, lr=1e-3, noise_lr_scale=0)
 
 
 def test_snr_and_expected_value_thresholds_by_hand():
@@ -400,7 +467,7 @@ def test_published_bmrs_n_adds_half_log_two_pi():
         small = exact[name].abs() < 100  # where float32 resolves the offset
         assert torch.allclose(published[name][small] - exact[name][small],
                               torch.full_like(exact[name][small], 0.5 * math.log(2 * math.pi)), atol=1e-4)
-    exact_d, published_d = criteria.BMRSN().decide(model), criteria.PublishedBMRSN().decide(model)
+        exact_d, published_d = {n: s >= 0 for n, s in exact.items()}, criteria.PublishedBMRSN().decide(model)
     assert all(bool((published_d[n] | ~exact_d[n]).all()) for n in exact_d)  # prunes a superset
 
 

@@ -5,7 +5,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .errors import BMRSError, CheckpointError, ConfigError, DataError, ModelError
 from .reduction import delta_f, spike_prior, precision_prior
-from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers
+from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers, param_groups
 from . import criteria, _compile
 from .pruning import PruneReport, prune
 from .compaction import compact, count
@@ -26,6 +26,7 @@ __all__ = [
     "attach",
     "kl_loss",
     "noise_layers",
+    "param_groups",
     "criteria",
     "prune",
     "PruneReport",

@@ -21,6 +21,8 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .criteria import EVIDENCE_MARGIN
+    from .nn.param_groups import NOISE_LR_SCALE
     from .training.config import CRITERION_NAMES
 
     g = p.add_argument_group("data")
@@ -40,6 +42,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--criterion", default="bmrs-n", choices=CRITERION_NAMES,
                    help="pruning criterion; 'none' trains without pruning (default: %(default)s)")
     g.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision in bits, 0 < p1 < 23 (default: 8)")
+    g.add_argument("--evidence-margin", type=float, default=EVIDENCE_MARGIN, metavar="NATS",
+                   help="bmrs-n and bmrs-u prune where ΔF >= -NATS (evidence for keeping a structure worth less "
+                        "than NATS is a tie, which goes to the smaller model; Kass-Raftery's 'not worth a bare "
+                        "mention' is 1) or where E[θ] < 2^-23; 0 is the exact rule ΔF >= 0 (default: %(default)g)")
     g.add_argument("--threshold", type=float, default=None, help="threshold of snr (1.0) or ev (0.1)")
     g.add_argument("--amount", type=float, default=None,
                    help="fraction of structures to prune (needed by l2 and grad; for snr, ev and bmrs it "
@@ -60,6 +66,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1.4e-3, help="Adam learning rate (default: 1.4e-3)")
     g.add_argument("--kl", dest="kl_reduction", default="mean", choices=("mean", "elbo"),
                    help="KL weighting: the paper's layer mean, or the evidence lower bound ΣKL/N (default: mean)")
+    g.add_argument("--noise-lr-scale", type=float, default=NOISE_LR_SCALE, metavar="X",
+                   help="the noise parameters (μ, log σ) train at X times --lr: they span tens where weights span "
+                        "~1, and at X = 1 a posterior needs ~6,000 steps to become prior-like (default: %(default)g)")
     g.add_argument("--kl-weight", type=float, default=1.0,
                    help="multiply the KL term by this (e.g. --kl elbo --kl-weight 100: between the ELBO and the "
                         "paper's weighting) (default: 1)")
@@ -144,7 +153,8 @@ def train_config(args):
     return TrainConfig(
         dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
         amount=args.amount, amount_schedule=args.amount_schedule, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction, kl_weight=args.kl_weight, finetune=args.finetune, shrink=args.shrink,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction, kl_weight=args.kl_weight,
+        evidence_margin=args.evidence_margin, noise_lr_scale=args.noise_lr_scale, finetune=args.finetune, shrink=args.shrink,
         granularity=args.granularity, low=args.low, high=args.high, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
         image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
         download=args.download, device=args.device, threads=args.threads, compile=args.compile,

@@ -2,8 +2,10 @@
 
 Every criterion scores each structure of every noise layer of a model and decides which to prune:
 
-* ``BMRSN()`` — ΔF against a near-Dirac spike at θ ≈ 0; prune where ΔF ≥ 0 (no threshold).
-* ``BMRSU(p1=8)`` — ΔF against a log-uniform over low-precision θ; prune where ΔF ≥ 0.
+* ``BMRSN()`` — ΔF against a near-Dirac spike at θ ≈ 0; prune where ΔF ≥ −1 nat (evidence for
+  keeping a structure that is not worth a mention is a tie, which goes to the smaller model) or
+  where E[θ] < 2⁻²³ (switched off); ``BMRSN(margin=0)`` is the exact ΔF ≥ 0.
+* ``BMRSU(p1=8)`` — ΔF against a log-uniform over low-precision θ; the same rule.
 * ``SNR(threshold=1.0)`` — prune where E[θ]/√Var[θ] < threshold.
 * ``ExpectedValue(threshold=0.1)`` — prune where E[θ] < threshold.
 * ``L2Norm()`` — norm of each structure's incoming weights; needs an amount to prune.
@@ -34,10 +36,11 @@ from torch import Tensor, nn
 from .errors import ConfigError, ModelError
 from .nn.attach import noise_layers
 from .nn.noise import MultiplicativeNoise
-from .reduction import delta_f, precision_prior, spike_prior, SPIKE_VARIANCE
+from .reduction import FLOAT32_MANTISSA_BITS, SPIKE_VARIANCE, delta_f, precision_prior, spike_prior
 
 __all__ = [
     "Criterion",
+    "ModelReduction",
     "BMRSN",
     "BMRSU",
     "PublishedBMRSN",
@@ -46,6 +49,7 @@ __all__ = [
     "L2Norm",
     "Gradient",
     "CRITERIA",
+    "EVIDENCE_MARGIN",
     "get_criterion",
 ]
 
@@ -83,14 +87,23 @@ class Criterion:
     def prunability(self, scores: Tensor) -> Tensor:
         return scores if self.higher_prunes else -scores
 
+    def switched_off(self, model: nn.Module) -> Decisions:
+        """{layer: bool tensor} of structures pruned whatever their scores (none by default)."""
+        return {}
+
     def decide(self, model: nn.Module, amount: int | float | None = None) -> Decisions:
-        """{layer: bool tensor (True = prune)}; by the rule, or the global top ``amount`` if given."""
-        scores = self.scores(model)
+        """{layer: bool tensor (True = prune)}; by the rule, or the global top ``amount`` if given.
+
+        Switched-off structures are pruned by the rule and ranked first (after those already pruned)."""
+        scores, off = self.scores(model), self.switched_off(model)
         masks = {name: noise.mask.detach().cpu() == 0 for name, noise in _layers(model)}
         if amount is None:
-            return {name: self.rule(s).cpu() | masks[name] for name, s in scores.items()}
+            return {name: self.rule(s).cpu() | off.get(name, False) | masks[name] for name, s in scores.items()}
+        first = math.inf if self.higher_prunes else -math.inf
+        ranked = {name: torch.where(off[name], torch.full_like(s.cpu(), first), s.cpu()) if name in off else s
+                  for name, s in scores.items()}
         removed = sum(noise.removed for _, noise in _layers(model))
-        return _global_top(scores, masks, self.prunability, amount, removed)
+        return _global_top(ranked, masks, self.prunability, amount, removed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -136,10 +149,36 @@ def _global_top(scores: dict[str, Tensor], masks: Decisions, prunability: Callab
     return out
 
 
-class _ModelReduction(Criterion):
-    """Criteria that score by ΔF against a reduced prior and prune where ΔF ≥ 0 (no threshold)."""
+#: Kass & Raftery (1995): a Bayes factor below e (|ΔF| < 1 nat) is "not worth more than a bare
+#: mention".  Evidence for keeping a structure that weak is a tie, and a tie goes to the smaller model.
+EVIDENCE_MARGIN = 1.0
+#: ln 2⁻²³: a structure whose E[θ] lies below float32's unit roundoff is switched off in the network
+#: that is tested (θ = E[θ]), whatever ΔF says about the reduced prior it is compared with.
+SWITCHED_OFF_LOG_THETA = -FLOAT32_MANTISSA_BITS * math.log(2.0)
+
+
+def check_margin(margin) -> float:
+    """The evidence margin (nats) as a float, or ConfigError: a finite number ≥ 0."""
+    margin = _plain_number(margin)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+        raise ConfigError(f"evidence margin must be a finite number of nats >= 0 (0: the exact rule "
+                          f"ΔF >= 0), got {margin!r}")
+    return float(margin)
+
+
+class ModelReduction(Criterion):
+    """Criteria that score by ΔF against a reduced prior, with a stated decision rule.
+
+    A structure is pruned when ΔF ≥ −margin (the evidence for keeping it is worth less than
+    ``margin`` nats: a tie, which goes to the smaller model; ``margin=0`` is the exact rule ΔF ≥ 0),
+    or when it is switched off: E[θ] < 2⁻²³, so that the tested network (θ = E[θ]) multiplies its
+    output by less than float32's unit roundoff.  ``scores`` stay the exact ΔF.
+    """
 
     higher_prunes = True
+
+    def __init__(self, margin: float = EVIDENCE_MARGIN):
+        self.margin = check_margin(margin)
 
     def reduced_prior(self, noise: MultiplicativeNoise):
         raise NotImplementedError
@@ -148,15 +187,36 @@ class _ModelReduction(Criterion):
         return delta_f(noise.posterior(), noise.prior(), self.reduced_prior(noise))
 
     def rule(self, scores):
-        return scores >= 0
+        return scores >= -self.margin
+
+    @torch.no_grad()
+    def switched_off(self, model: nn.Module) -> Decisions:
+        """{layer: bool tensor}, True where E[θ] < 2⁻²³ (the structure's output is already gone)."""
+        return {name: (noise.posterior().log_mean.double() < SWITCHED_OFF_LOG_THETA).cpu()
+                for name, noise in _layers(model)}
+
+    def _margin_repr(self) -> str:
+        return f"margin={self.margin:g}"
 
 
-class BMRSN(_ModelReduction):
-    """BMRS_N: ΔF against a truncated log-normal spike at the lower bound (variance 1e−12)."""
+class BMRSN(ModelReduction):
+    """BMRS_N: ΔF against a truncated log-normal spike at the lower bound (variance 1e−12).
+
+    Prunes where ΔF ≥ −``margin`` (1 nat by default: evidence for keeping a structure that is not
+    worth a mention is a tie, and a tie goes to the smaller model) or where E[θ] < 2⁻²³.
+    ``BMRSN(margin=0)`` is the exact rule ΔF ≥ 0, which ties on posteriors the data leaves
+    prior-like (see docs/decision-rule.md).
+
+    Example:
+        >>> from bmrs.criteria import BMRSN
+        >>> BMRSN(), BMRSN(margin=0)
+        (BMRSN(margin=1, variance=1e-12), BMRSN(margin=0, variance=1e-12))
+    """
 
     name = "bmrs-n"
 
-    def __init__(self, variance: float = SPIKE_VARIANCE):
+    def __init__(self, margin: float = EVIDENCE_MARGIN, variance: float = SPIKE_VARIANCE):
+        super().__init__(margin)
         spike_prior(variance=variance)  # validates
         self.variance = variance
 
@@ -164,28 +224,48 @@ class BMRSN(_ModelReduction):
         return spike_prior(noise.low, noise.high, self.variance)
 
     def __repr__(self):
-        return f"{type(self).__name__}(variance={self.variance:g})"
+        return f"{type(self).__name__}({self._margin_repr()}, variance={self.variance:g})"
 
 
 class PublishedBMRSN(BMRSN):
-    """BMRS_N as the public reference code computes it: ΔF + ½ ln 2π (it omits the 2π).
+    """BMRS_N as the public reference code computes it: ΔF + ½ ln 2π, pruned where that is ≥ 0.
 
-    Not the equation: kept to measure how much of the published compression that term explains.
+    The paper's code omits the 2π of the normaliser (its ``term2`` is −½ ln(σ² + s²) where the
+    equation has −½ ln(2π(σ² + s²))): not the equation, kept to reproduce the published numbers.
     """
 
     name = "bmrs-n-published"
     OFFSET = 0.5 * math.log(2.0 * math.pi)
 
+    def __init__(self, variance: float = SPIKE_VARIANCE):
+        super().__init__(0.0, variance)
+
+    def switched_off(self, model):  # the published rule is ΔF alone
+        return {}
+
     def layer_scores(self, name, noise, model):
         return super().layer_scores(name, noise, model) + self.OFFSET
 
+    def __repr__(self):
+        return f"{type(self).__name__}(variance={self.variance:g})"
 
-class BMRSU(_ModelReduction):
-    """BMRS_U: ΔF against a log-uniform over θ ∈ [2⁻²³, 2^(−p₁)]; larger p₁ prunes less."""
+
+class BMRSU(ModelReduction):
+    """BMRS_U: ΔF against a log-uniform over θ ∈ [2⁻²³, 2^(−p₁)]; larger p₁ prunes less.
+
+    Same decision rule as :class:`BMRSN`: ΔF ≥ −``margin`` or E[θ] < 2⁻²³ (a posterior the data
+    has pushed below the reduced prior's support is switched off, although its ΔF_U is very negative).
+
+    Example:
+        >>> from bmrs.criteria import BMRSU
+        >>> BMRSU(p1=4)
+        BMRSU(p1=4, margin=1)
+    """
 
     name = "bmrs-u"
 
-    def __init__(self, p1: float = 8.0):
+    def __init__(self, p1: float = 8.0, margin: float = EVIDENCE_MARGIN):
+        super().__init__(margin)
         precision_prior(p1)  # validates
         self.p1 = p1
 
@@ -193,7 +273,7 @@ class BMRSU(_ModelReduction):
         return precision_prior(self.p1, noise.low, noise.high)
 
     def __repr__(self):
-        return f"BMRSU(p1={self.p1:g})"
+        return f"BMRSU(p1={self.p1:g}, {self._margin_repr()})"
 
 
 class _Thresholded(Criterion):
@@ -342,7 +422,7 @@ def get_criterion(name: str, **kwargs) -> Criterion:
     Example:
         >>> from bmrs.criteria import get_criterion
         >>> get_criterion("bmrs-u", p1=4)
-        BMRSU(p1=4)
+        BMRSU(p1=4, margin=1)
     """
     if name not in CRITERIA:
         raise ConfigError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")

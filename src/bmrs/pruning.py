@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .criteria import Criterion
+from .criteria import ModelReduction, Criterion
 from .nn.attach import noise_layers
 
-__all__ = ["prune", "PruneReport", "LayerReport", "structure_counts"]
+__all__ = ["prune", "PruneReport", "LayerReport", "PruningWarning", "structure_counts", "nothing_pruned_reason"]
 
 
 @dataclass(frozen=True)
@@ -93,4 +94,26 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
         prune_here = decisions[name].to(noise.mask.device)
         noise.mask.masked_fill_(prune_here, 0.0)
     report = structure_counts(model)
+    if report.pruned == 0 and amount is None and isinstance(criterion, ModelReduction):
+        warnings.warn(nothing_pruned_reason(model, repr(criterion)), PruningWarning, stacklevel=2)
     return PruneReport(report.layers, report.pruned - before)
+
+
+class PruningWarning(UserWarning):
+    """A pruning call that removed nothing, with the reason and what to change."""
+
+
+def nothing_pruned_reason(model: nn.Module, label: str) -> str:
+    """One line: why a BMRS rule pruned nothing (how far the posteriors are from prior-like) and what to change.
+
+    Example:
+        >>> import torch, bmrs
+        >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
+        >>> nothing_pruned_reason(m, "BMRSN()")[:60]
+        'BMRSN() pruned nothing: the widest posterior has σ = 0.0067 '
+    """
+    sigmas = torch.cat([noise.sigma.detach().reshape(-1).cpu() for _, noise in noise_layers(model)])
+    widest = float(sigmas.max()) if sigmas.numel() else float("nan")
+    return (f"{label} pruned nothing: the widest posterior has σ = {widest:.2g} (a structure the data does not "
+            "need becomes prunable as its posterior widens towards the prior, σ of about 10); train longer, or "
+            "train the noise parameters faster (bmrs.param_groups(model, lr), --noise-lr-scale)")

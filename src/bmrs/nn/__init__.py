@@ -2,5 +2,6 @@
 
 from .attach import attach, detach_noise, kl_loss, noise_layers
 from .noise import MultiplicativeNoise
+from .param_groups import NOISE_LR_SCALE, param_groups
 
-__all__ = ["MultiplicativeNoise", "attach", "detach_noise", "kl_loss", "noise_layers"]
+__all__ = ["MultiplicativeNoise", "attach", "detach_noise", "kl_loss", "noise_layers", "param_groups", "NOISE_LR_SCALE"]

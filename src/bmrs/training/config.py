@@ -7,9 +7,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..criteria import EVIDENCE_MARGIN, check_margin
 from ..errors import ConfigError, DataError
+from ..nn.param_groups import NOISE_LR_SCALE
 
-__all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS", "FINETUNE_MODES"]
+__all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTIONS", "FINETUNE_MODES", "LEGACY_DEFAULTS"]
 
 CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad", "bmrs-n-published")
 KL_REDUCTIONS = ("mean", "elbo")
@@ -17,6 +19,9 @@ KL_REDUCTIONS = ("mean", "elbo")
 # network with θ fixed at E[θ]·mask and no KL ("deterministic").
 FINETUNE_MODES = ("noisy", "deterministic")
 DEVICES = ("auto", "cpu", "cuda")
+# What a run made before a setting existed did: a config read back from such a run takes these
+# (not today's defaults) for the keys it lacks.
+LEGACY_DEFAULTS = {"evidence_margin": 0.0, "noise_lr_scale": 1.0}
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:
@@ -65,6 +70,8 @@ class TrainConfig:
     seed: int = 0
     kl_reduction: str = "mean"
     kl_weight: float = 1.0
+    evidence_margin: float = EVIDENCE_MARGIN
+    noise_lr_scale: float = NOISE_LR_SCALE
     finetune: str = "noisy"
     shrink: bool = False
     granularity: str = "structure"
@@ -122,6 +129,8 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         _positive_float("kl_weight", self.kl_weight)
+        self.evidence_margin = check_margin(self.evidence_margin)
+        _positive_float("noise_lr_scale", self.noise_lr_scale)
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
         if not isinstance(self.shrink, bool):

@@ -30,7 +30,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-__all__ = ["Adam", "make_optimizer", "fused_supported"]
+from ..nn.param_groups import NOISE_LR_SCALE, param_groups  # noqa: F401 (re-exported)
+
+__all__ = ["Adam", "make_optimizer", "fused_supported", "param_groups", "NOISE_LR_SCALE"]
+
 
 # devices with a fused Adam kernel in PyTorch, floating-point parameters only (Adam checks the same at
 # its first step, too late for choosing a fallback)
@@ -63,7 +66,9 @@ class Adam(torch.optim.Adam):
             self.register_step_post_hook(_mark_updated)
 
 
-def make_optimizer(params: Iterable[Tensor], lr: float) -> Adam:
-    """Adam over ``params``, fused when every parameter allows it, PyTorch's default path otherwise."""
+def make_optimizer(params, lr: float) -> Adam:
+    """Adam over ``params`` (tensors or parameter groups), fused when every parameter allows it, PyTorch's
+    default path otherwise."""
     params = list(params)
-    return Adam(params, lr=lr, fused=True if fused_supported(params) else None)
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    return Adam(params, lr=lr, fused=True if fused_supported(tensors) else None)

@@ -28,12 +28,12 @@ from ..io import (
     check_writable, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
 )
 from ..nn.attach import noise_layers
-from ..pruning import prune, structure_counts
+from ..pruning import nothing_pruned_reason, prune, structure_counts
 from ..compaction.shrink import restore_shrunk, shrink
-from .config import TrainConfig
+from .config import LEGACY_DEFAULTS, TrainConfig
 from .distributed import setup_distributed
 from .loop import batches, evaluate, train_epoch
-from .optim import make_optimizer
+from .optim import make_optimizer, param_groups
 
 __all__ = ["train", "build_for", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
 
@@ -71,10 +71,24 @@ def _criterion(config: TrainConfig) -> Criterion | None:
     if not config.prunes:
         return None
     if config.criterion == "bmrs-u":
-        return get_criterion("bmrs-u", p1=config.p1)
+        return get_criterion("bmrs-u", p1=config.p1, margin=config.evidence_margin)
+    if config.criterion == "bmrs-n":
+        return get_criterion("bmrs-n", margin=config.evidence_margin)
     if config.criterion in ("snr", "ev") and config.threshold is not None:
         return get_criterion(config.criterion, threshold=config.threshold)
     return get_criterion(config.criterion)
+
+
+def criterion_label(config: TrainConfig) -> str:
+    """The criterion and how it decides, as metrics.json and the log state it (e.g. ``BMRSN(margin=1, …)``)."""
+    criterion = _criterion(config)
+    if criterion is None:
+        return "none"
+    if config.amount is not None:
+        return f"{criterion!r}, top {config.amount:g} of structures by rank"
+    if config.amount_schedule is not None:
+        return f"{criterion!r}, ranked counts {config.amount_schedule}"
+    return repr(criterion)
 
 
 def _prune_epochs(config: TrainConfig) -> list[int]:
@@ -89,7 +103,8 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in full.items() if k not in _RESUME_IGNORES}
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+_DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
+             **LEGACY_DEFAULTS}
 
 
 # what a training checkpoint holds, and of what kind (checked before any is used on --resume)
@@ -165,7 +180,7 @@ def _masked_in_place(model: nn.Module) -> int:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return make_optimizer(model.parameters(), lr=config.lr)
+    return make_optimizer(param_groups(model, config.lr, config.noise_lr_scale), lr=config.lr)
 
 
 def _prune_step(model, criterion, config, step_index, data, device) -> dict:
@@ -341,6 +356,8 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     else:
         metrics.update({"structures_pruned_pct": 0.0, "parameter_compression_pct": 0.0, "flops_removed_pct": 0.0})
     save_state_dict(output / "model_masked.safetensors", model.state_dict())
+    if config.prunes:
+        metrics["decision_rule"] = criterion_label(config)
     metrics["data"] = {"in_channels": data.in_channels, "num_classes": data.num_classes}
     metrics["config"] = config.to_dict()
     metrics["history"] = history
@@ -349,8 +366,7 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     log(f"test accuracy {metrics['test_accuracy']:.4f} (top-5 {metrics['test_top5_accuracy']:.4f}), "
         f"structures pruned {metrics['structures_pruned_pct']:.1f}%, parameters removed "
         f"{metrics['parameter_compression_pct']:.1f}%, FLOPs removed {metrics['flops_removed_pct']:.1f}%")
-    if config.criterion == "bmrs-n" and metrics["structures_pruned_pct"] == 0.0:
-        log("exact BMRS_N pruned nothing: posteriors the data leaves prior-like keep ΔF just below 0 "
-            "(see the README); --criterion bmrs-u --p1 4 prunes them")
+    if config.prunes and metrics["structures_pruned_pct"] == 0.0:
+        log(f"note: {nothing_pruned_reason(model, criterion_label(config))}")
     log(f"results: {output / METRICS}")
     return metrics

@@ -1,0 +1,40 @@
+"""Optimizer parameter groups that give the noise parameters their own learning rate."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .attach import noise_layers
+
+__all__ = ["param_groups", "NOISE_LR_SCALE"]
+
+#: The noise parameters (μ and log σ of every noise layer) train at this multiple of the network's
+#: learning rate.  They live on a scale of tens (ln θ ∈ [−20, 0], log σ ∈ [−20, 5]) where weights live
+#: on a scale of 0.1–1, and Adam moves every parameter by about the learning rate per step whatever its
+#: gradient's size: at the network's rate a posterior needs ~6,000 steps to widen from its initial σ = e⁻⁵
+#: to prior-like, so a structure the data does not need could not be pruned before then.
+NOISE_LR_SCALE = 10.0
+
+
+def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOISE_LR_SCALE) -> list[dict]:
+    """Optimizer parameter groups: the network's parameters at ``lr``, the noise parameters (μ, log σ of
+    every noise layer) at ``lr × noise_lr_scale`` (see :data:`NOISE_LR_SCALE`).
+
+    Example:
+        >>> import torch, bmrs
+        >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
+        >>> opt = torch.optim.Adam(bmrs.param_groups(m, lr=1e-3))
+        >>> [(len(g["params"]), g["lr"]) for g in opt.param_groups]
+        [(4, 0.001), (2, 0.01)]
+    """
+    if isinstance(noise_lr_scale, bool) or not isinstance(noise_lr_scale, (int, float)) or \
+            not 0 < noise_lr_scale < float("inf"):
+        raise ConfigError(f"noise_lr_scale must be a positive finite number, got {noise_lr_scale!r}")
+    noise_ids = {id(p) for _, layer in noise_layers(model) for p in layer.parameters(recurse=False)}
+    network = [p for p in model.parameters() if id(p) not in noise_ids]
+    noise = [p for p in model.parameters() if id(p) in noise_ids]
+    groups = [{"params": network, "lr": lr}]
+    if noise:
+        groups.append({"params": noise, "lr": lr * noise_lr_scale})
+    return [g for g in groups if g["params"]]
