@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser"]
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .criteria import EVIDENCE_MARGIN
     from .nn.param_groups import NOISE_LR_SCALE
-    from .training.config import CRITERION_NAMES
+    from .training.config import CRITERION_NAMES, KL_WEIGHT
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion-mnist",
@@ -69,12 +69,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-lr-scale", type=float, default=NOISE_LR_SCALE, metavar="X",
                    help="the noise parameters (μ, log σ) train at X times --lr: they span tens where weights span "
                         "~1, and at X = 1 a posterior needs ~6,000 steps to become prior-like (default: %(default)g)")
-    g.add_argument("--kl-weight", type=float, default=1.0,
+    g.add_argument("--kl-weight", type=float, default=KL_WEIGHT,
                    help="multiply the KL term by this (e.g. --kl elbo --kl-weight 100: between the ELBO and the "
-                        "paper's weighting) (default: 1)")
-    g.add_argument("--finetune", default="noisy", choices=("noisy", "deterministic"),
+                        "paper's weighting) (default: %(default)g)")
+    g.add_argument("--finetune", default="deterministic", choices=("noisy", "deterministic"),
                    help="fine-tuning keeps the noise and KL (noisy, the paper's) or trains the pruned network "
-                        "with θ fixed at E[θ]·mask and no KL (deterministic) (default: noisy)")
+                        "with θ fixed at E[θ]·mask and no KL (deterministic) (default: %(default)s)")
     g.add_argument("--shrink", action="store_true",
                    help="remove pruned structures after every pruning step, so later epochs run faster "
                         "(same results as masking them)")
@@ -82,6 +82,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     g.add_argument("--output", default=None, help="run folder (default: runs/DATASET-MODEL-CRITERION-sSEED)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    g.add_argument("--compare-to", default=None, metavar="DIR",
+                   help="a finished run (e.g. the plain network: --criterion none --no-noise) whose test accuracy "
+                        "and parameters the result is compared with at the end")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true",
@@ -166,7 +169,13 @@ def _train(args) -> int:
 
     config = train_config(args)
     output = args.output or f"runs/{config.dataset}-{config.model}-{config.criterion}-s{config.seed}"
-    train(config, output, resume=args.resume, progress=not args.no_progress)
+    if args.compare_to:
+        from .training.compare import baseline_metrics
+        baseline = baseline_metrics(args.compare_to)  # checked before training, not after
+    metrics = train(config, output, resume=args.resume, progress=not args.no_progress)
+    if args.compare_to and metrics:
+        from .training.compare import comparison_line
+        print(comparison_line(metrics, baseline, args.compare_to))
     return 0
 
 
