@@ -248,6 +248,11 @@ def test_kl_loss_reductions():
     kls = [noise.kl() for _, noise in bmrs.noise_layers(model)]
     assert torch.allclose(bmrs.kl_loss(model), torch.stack([k.mean() for k in kls]).mean())
     assert torch.allclose(bmrs.kl_loss(model, "elbo", num_train=100), sum(k.sum() for k in kls) / 100)
+    # the same weight on every structure (layers of 7 and 6 here), pruned ones keeping their place
+    assert torch.allclose(bmrs.kl_loss(model, "structure-mean"), torch.cat(kls).mean())
+    bmrs.prune(model, criteria.SNR(), amount=5)
+    kls = [noise.kl() for _, noise in bmrs.noise_layers(model)]
+    assert torch.allclose(bmrs.kl_loss(model, "structure-mean"), torch.cat(kls).sum() / 13)
     with pytest.raises(bmrs.ConfigError, match="num_train"):
         bmrs.kl_loss(model, "elbo")
     with pytest.raises(bmrs.ConfigError):

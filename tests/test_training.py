@@ -39,6 +39,8 @@ def test_config_validation_messages():
         ({"criterion": "none", "amount": 0.5}, "criterion 'none' never prunes"),
         ({"criterion": "bmrs-u", "low": -5.0}, "precision interval"),
         ({"dataset": "foo"}, "unknown dataset 'foo'"),
+        ({"noise_lr_scale": 0.0}, "noise_lr_scale must be"), ({"evidence_margin": -1.0}, "evidence margin"),
+        ({"kl_reduction": "layer"}, "kl_reduction must be one of"),
     ]:
         with pytest.raises(bmrs.ConfigError, match=fragment):
             TrainConfig(**kwargs)
@@ -261,3 +263,25 @@ def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
         refused = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,bmrs-u", *bad)
         assert refused.returncode == 2 and refused.stderr.startswith("bmrs: error:"), refused.stderr
     assert (run / "curve" / "curve.json").read_bytes() == before
+
+
+def test_runs_made_before_a_setting_existed_read_as_what_they_did():
+    """A config without the newer keys is the old behaviour (exact rule, noise at the network's rate,
+    the paper's KL, noisy fine-tuning), not today's defaults: such runs resume and count as the paper's."""
+    old = {k: v for k, v in TrainConfig().to_dict().items()
+           if k not in ("evidence_margin", "noise_lr_scale", "kl_reduction", "kl_weight", "finetune")}
+    paper = TrainConfig(evidence_margin=0.0, noise_lr_scale=1.0, kl_reduction="mean", kl_weight=1.0, finetune="noisy")
+    assert run_module._comparable(old) == run_module._comparable(paper.to_dict())
+    assert run_module._comparable(old) != run_module._comparable(TrainConfig().to_dict())
+
+
+def test_compare_to_a_reference_run(tmp_path, fmnist_slice):
+    cfg = TrainConfig(model="mlp", hidden=16, criterion="none", noise=False, epochs=0, finetune_epochs=1,
+                      batch_size=256, train_subset=3000)
+    train(cfg, tmp_path / "plain", progress=False, log=quiet, data=fmnist_slice)
+    from bmrs.training.compare import baseline_metrics, comparison_line
+    line = comparison_line({"test_accuracy": 0.5, "parameter_compression_pct": 90.0},
+                           baseline_metrics(tmp_path / "plain"), "plain")
+    assert line.startswith("compared with plain: test accuracy 0.5000 vs ") and "90.0% of parameters removed" in line
+    with pytest.raises(bmrs.ConfigError, match="no finished run"):
+        baseline_metrics(tmp_path / "nothing")

@@ -23,7 +23,8 @@ __all__ = ["main", "build_parser"]
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .criteria import EVIDENCE_MARGIN
     from .nn.param_groups import NOISE_LR_SCALE
-    from .training.config import CRITERION_NAMES, KL_WEIGHT
+    from .nn.attach import KL_REDUCTIONS
+    from .training.config import CRITERION_NAMES, KL_REDUCTION, KL_WEIGHT
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion-mnist",
@@ -64,8 +65,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-every", type=int, default=1, help="prune every P epochs (default: 1)")
     g.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
     g.add_argument("--lr", type=float, default=1.4e-3, help="Adam learning rate (default: 1.4e-3)")
-    g.add_argument("--kl", dest="kl_reduction", default="mean", choices=("mean", "elbo"),
-                   help="KL weighting: the paper's layer mean, or the evidence lower bound ΣKL/N (default: mean)")
+    g.add_argument("--kl", dest="kl_reduction", default=KL_REDUCTION, choices=KL_REDUCTIONS,
+                   help="KL weighting: the mean over all structures, the paper's layer mean, or the evidence lower "
+                        "bound ΣKL/N (default: %(default)s)")
     g.add_argument("--noise-lr-scale", type=float, default=NOISE_LR_SCALE, metavar="X",
                    help="the noise parameters (μ, log σ) train at X times --lr: they span tens where weights span "
                         "~1, and at X = 1 a posterior needs ~6,000 steps to become prior-like (default: %(default)g)")

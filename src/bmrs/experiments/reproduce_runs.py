@@ -33,7 +33,7 @@ NETWORKS = {
 }
 # The paper's training recipe (its KL weight, noisy fine-tuning, noise parameters at the network's rate, the
 # exact ΔF >= 0); every method but ``bmrs-n`` runs with it.  ``bmrs-n`` is ``bmrs train``'s defaults.
-PAPER_RECIPE = ["--kl-weight", "1", "--finetune", "noisy", "--noise-lr-scale", "1", "--evidence-margin", "0"]
+PAPER_RECIPE = ["--kl", "mean", "--kl-weight", "1", "--finetune", "noisy", "--noise-lr-scale", "1", "--evidence-margin", "0"]
 METHODS = {
     "none": ["--criterion", "none"],
     "l2": ["--criterion", "l2"],

@@ -52,7 +52,10 @@ from .fused_layers import kl_layers, sample_layers
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
 
-__all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR"]
+__all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR", "KL_REDUCTIONS"]
+
+#: kl_loss's weightings of the KL term (see its docstring)
+KL_REDUCTIONS = ("mean", "structure-mean", "elbo")
 
 NOISE_ATTR = "bmrs_noise"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -566,8 +569,11 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     """The KL term of the training loss.
 
     ``"mean"`` (the paper's): the mean KL over each layer's structures, averaged over layers, added
-    unscaled to the batch-mean cross-entropy.  ``"elbo"``: Σ KL / num_train, the proper evidence
-    lower bound per example.
+    unscaled to the batch-mean cross-entropy (a layer of 6 filters weighs each of its structures 20 times
+    as much as a layer of 120 units does).  ``"structure-mean"``: the mean KL over all the model's
+    structures, the same weight on each (``bmrs train``'s default, with a weight of its own).  Neither
+    changes with the training-set size.  ``"elbo"``: Σ KL / num_train, the proper evidence lower bound
+    per example.
 
     Example:
         >>> import torch, bmrs
@@ -575,8 +581,8 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0
         True
     """
-    if reduction not in ("mean", "elbo"):
-        raise ConfigError(f"kl_loss: reduction must be 'mean' or 'elbo', got {reduction!r}")
+    if reduction not in KL_REDUCTIONS:
+        raise ConfigError(f"kl_loss: reduction must be one of {', '.join(KL_REDUCTIONS)}, got {reduction!r}")
     if reduction == "elbo" and (isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1):
         raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
     bank = model.__dict__.get("_bmrs_bank")
@@ -600,7 +606,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
             return mean
     total = None
     for members in _bounds_groups(layers):
-        coefs = _mean_weights(members, len(layers)) if reduction == "mean" else [1.0 / num_train] * len(members)
+        coefs = _kl_weights(reduction, members, layers, num_train)
         part = _stashed_kl_sum(bank, members, coefs)
         if part is None:
             mus, log_sigmas, _, _ = zip(*map(MultiplicativeNoise.tensors, members))
@@ -612,6 +618,16 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
             part = (kl * weights).sum()
         total = part if total is None else total + part
     return total
+
+
+def _kl_weights(reduction: str, members: list[MultiplicativeNoise], layers: list[MultiplicativeNoise],
+                num_train: int | None) -> list[float]:
+    """The weight of each member's summed KL under ``reduction`` (members: some of the model's ``layers``)."""
+    if reduction == "mean":
+        return _mean_weights(members, len(layers))
+    if reduction == "structure-mean":  # over the original structures: removing pruned ones changes no weight
+        return [1.0 / sum(n.full_features for n in layers)] * len(members)
+    return [1.0 / num_train] * len(members)
 
 
 def _mean_weights(members: list[MultiplicativeNoise], layer_count: int) -> list[float]:

@@ -260,13 +260,19 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     masked_after_shrink = 0  # masked structures that a shrink left in place (it may keep some)
 
     for epoch in range(start, config.total_epochs + 1):
+        frozen = config.finetune == "deterministic" and epoch > config.epochs
+        if frozen and dist.active and any(p.requires_grad for _, n in noise_layers(model) for p in n.parameters()):
+            # DDP expects a gradient for every parameter that requires one: the frozen noise gets none
+            for _, noise in noise_layers(model):
+                noise.requires_grad_(False)
+            forward = dist.wrap(model, device)
         torch.manual_seed(epoch_seed(config.seed, epoch))
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         t0 = time.perf_counter()
         stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
                             kl_reduction=config.kl_reduction, kl_weight=config.kl_weight, device=device, progress=progress and dist.is_main,
                             desc=f"epoch {epoch}/{config.total_epochs}", dist=dist, forward=forward,
-                            freeze_noise=config.finetune == "deterministic" and epoch > config.epochs)
+                            freeze_noise=frozen)
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
         if epoch in prune_epochs:
