@@ -13,8 +13,10 @@ data:
 		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) || echo "could not install dataset-fashion-mnist"; \
 	fi
 
+# the same network without noise layers first, for the same epochs: the default run is compared with it
 run: setup data
-	$(PYTHON) -m bmrs train --output runs/default --resume
+	$(PYTHON) -m bmrs train --criterion none --no-noise --output runs/plain --resume
+	$(PYTHON) -m bmrs train --output runs/default --resume --compare-to runs/plain
 
 test:
 	$(PYTHON) -m pytest

@@ -250,7 +250,7 @@ def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
     assert compacted.returncode == 0, compacted.stderr
     report = json.loads((run / "compact_report.json").read_text())
     assert report["params_after"] <= report["params_before"] and report["latency_speedup_b8"] > 0
-    assert (run / "compacted.safetensors").stat().st_size > 0
+    assert (run / "model_compact.safetensors").stat().st_size > 0
     curve = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,l2")
     assert curve.returncode == 0, curve.stderr
     result = json.loads((run / "curve" / "curve.json").read_text())

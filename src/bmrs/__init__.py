@@ -9,6 +9,7 @@ from .nn import MultiplicativeNoise, attach, kl_loss, noise_layers, param_groups
 from . import criteria, _compile
 from .pruning import PruneReport, prune
 from .compaction import compact, count
+from .saving import load, save
 
 try:
     __version__ = _version("bmrs")
@@ -32,6 +33,8 @@ __all__ = [
     "PruneReport",
     "compact",
     "count",
+    "save",
+    "load",
     "BMRSError",
     "CheckpointError",
     "ConfigError",

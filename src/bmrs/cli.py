@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Fold E[θ] into the weights, remove pruned structures, and report "
                                          "parameters, FLOPs and CPU latency before and after.")
     compact.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
-    compact.add_argument("--output", default=None, help="compacted model file (default: RUN/compacted.safetensors)")
+    compact.add_argument("--output", default=None, help="compacted model file, written by bmrs.save (default: RUN/model_compact.safetensors)")
     compact.add_argument("--batch-size", type=int, default=256, help="batch size for the latency measurement")
     compact.add_argument("--data-dir", default=None, help="dataset folder, as for train")
     rep = sub.add_parser("reproduce", help="the paper's Fashion-MNIST table, figures and open questions",

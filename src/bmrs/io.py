@@ -135,12 +135,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write a state dict as safetensors (no pickle), atomically."""
+def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors (no pickle), atomically, with optional string ``metadata``."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    data = save(tensors)  # bytes: safetensors' own save_file leaves a temporary of its own when killed
+    data = save(tensors, metadata)  # bytes: safetensors' own save_file leaves a temporary of its own when killed
 
     def write(tmp):
         with open(tmp, "wb") as f:

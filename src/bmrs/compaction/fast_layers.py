@@ -246,6 +246,15 @@ class AlignedLinear(nn.Linear):
                                      (weight.data_ptr(), None if bias is None else bias.data_ptr()))
         return padded, padded_bias
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The parameters as tensors of their own (not views of the padded buffers): a state dict that shares
+        a larger storage is refused by safetensors (``save_model``)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("weight", "bias"):
+            value = destination.get(prefix + name)
+            if value is not None and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                destination[prefix + name] = value.detach().clone() if not keep_vars else value
+
     def forward(self, x: Tensor) -> Tensor:
         params = self._parameters  # past nn.Module's attribute lookup: a microsecond a call at these sizes
         weight, bias = params["weight"], params["bias"]

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..io import save_state_dict, write_json
+from ..io import write_json
+from ..saving import save
 from ..training.artifacts import load_run
+from ..training.run import CHECKPOINT, COMPACT_MODEL, MASKED_MODEL, METRICS, builder_for
 from .timing import alternating_times
 
 __all__ = ["compact_run"]
@@ -16,7 +18,8 @@ __all__ = ["compact_run"]
 
 def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_size: int = 256,
                 data_dir: str | None = None, log=print) -> dict:
-    """Compact the run's best model; write ``compacted.safetensors`` and ``compact_report.json``.
+    """Compact the run's best model; write it with ``bmrs.save`` (``model_compact.safetensors``, reloaded by
+    ``bmrs.load``) and ``compact_report.json``.
 
     Example:
         report = compact_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
@@ -26,6 +29,9 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size for the latency measurement must be a positive integer, got {batch_size!r}")
+    if output is not None and Path(output).resolve() in {(Path(run_dir) / f).resolve() for f in
+                                                          (CHECKPOINT, METRICS, MASKED_MODEL, "config.json")}:
+        raise ConfigError(f"--output {output} is one of the run's own files; name another file")
     run = load_run(run_dir)
     size = run.config.image_size
     in_channels = run.metrics["data"]["in_channels"]
@@ -44,8 +50,8 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
         report[f"latency_compact_b{batch}_ms"] = compact_ms
         report[f"latency_speedup_b{batch}"] = speedup
     report["threads"] = torch.get_num_threads()
-    output = Path(output) if output else Path(run_dir) / "compacted.safetensors"
-    save_state_dict(output, compacted.state_dict())
+    output = Path(output) if output else Path(run_dir) / COMPACT_MODEL
+    save(compacted, output, builder=builder_for(run.config, in_channels, run.metrics["data"]["num_classes"]))
     write_json(output.with_name("compact_report.json"), report)
     log(f"parameters {report['params_before']:,} → {report['params_after']:,} "
         f"({report['parameter_compression_pct']:.1f}% removed); FLOPs {report['flops_removed_pct']:.1f}% removed")

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import CheckpointError, first_line
 from ..io import load_checkpoint, load_state_dict_file, read_json
 from .config import TrainConfig
-from .run import CHECKPOINT, METRICS, build_for
+from .run import CHECKPOINT, COMPACT_MODEL, MASKED_MODEL, METRICS, build_for
 
 __all__ = ["LoadedRun", "load_run"]
 
@@ -29,6 +29,20 @@ class LoadedRun:
     config: TrainConfig
     metrics: dict
     model: nn.Module  # the masked model (noise layers attached), in eval mode
+
+    def compacted(self, fast_layers: bool = False) -> nn.Module:
+        """The compacted network that ``bmrs train`` wrote (``model_compact.safetensors``), rebuilt without pickle.
+
+        Example:
+            small = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0").compacted()
+        """
+        from ..saving import load
+
+        path = self.path / COMPACT_MODEL
+        if not path.exists():
+            raise CheckpointError(f"{path}: no compacted model in this run (a run without noise layers has none; "
+                                  f"bmrs compact --run {self.path} writes one)")
+        return load(path, fast_layers=fast_layers)
 
     def built_model(self) -> nn.Module:
         """The network as configured, before training pruned or shrank it (fresh weights, eval mode): the
@@ -66,7 +80,7 @@ def load_run(path: str | Path, final: bool = False) -> LoadedRun:
     if final:
         state = load_checkpoint(path / CHECKPOINT)["model"]
     else:
-        state = load_state_dict_file(path / "model_masked.safetensors")
+        state = load_state_dict_file(path / MASKED_MODEL)
     try:
         if config.shrink:  # the run removed pruned structures as it went: rebuild that network
             from ..compaction.shrink import restore_shrunk

@@ -28,6 +28,7 @@ from ..io import (
     check_writable, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
 )
 from ..nn.attach import noise_layers
+from ..saving import save
 from ..pruning import nothing_pruned_reason, prune, structure_counts
 from ..compaction.shrink import restore_shrunk, shrink
 from .config import LEGACY_DEFAULTS, TrainConfig
@@ -35,10 +36,13 @@ from .distributed import setup_distributed
 from .loop import batches, evaluate, train_epoch
 from .optim import make_optimizer, param_groups
 
-__all__ = ["train", "build_for", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "build_for", "builder_for", "COMPACT_MODEL", "MASKED_MODEL", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+MASKED_MODEL = "model_masked.safetensors"
+#: the compacted network, written by bmrs.save (reload with bmrs.load(path) or load_run(run).compacted())
+COMPACT_MODEL = "model_compact.safetensors"
 _RESUME_IGNORES = ("device", "threads", "data_dir", "download", "compile")
 
 
@@ -54,13 +58,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
+def builder_for(config: TrainConfig, in_channels: int, num_classes: int) -> dict:
+    """``bmrs.models.build_model``'s arguments for a config's network (what ``bmrs.save`` records)."""
+    extra = {"hidden": config.hidden, "layers": config.layers} if config.model == "mlp" else {}
+    return {"name": config.model, "in_channels": in_channels, "num_classes": num_classes,
+            "image_size": config.image_size, **extra}
+
+
 def build_for(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
     """The network of a config (seeded), with noise layers of the configured granularity."""
     from ..models import build_model
 
     torch.manual_seed(config.seed)
-    kwargs = {"hidden": config.hidden, "layers": config.layers} if config.model == "mlp" else {}
-    model = build_model(config.model, in_channels, num_classes, config.image_size, noise=config.noise, **kwargs)
+    spec = builder_for(config, in_channels, num_classes)
+    model = build_model(spec.pop("name"), noise=config.noise, **spec)
     for _, noise in noise_layers(model):
         noise.granularity = config.granularity
         noise.low, noise.high = float(config.low), float(config.high)
@@ -358,10 +369,10 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
             "compacted_test_accuracy": compact_test["accuracy"],
             "layers": counts.as_dict()["layers"],
         })
-        save_state_dict(output / "model_compact.safetensors", compacted.state_dict())
+        save(compacted, output / COMPACT_MODEL, builder=builder_for(config, data.in_channels, data.num_classes))
     else:
         metrics.update({"structures_pruned_pct": 0.0, "parameter_compression_pct": 0.0, "flops_removed_pct": 0.0})
-    save_state_dict(output / "model_masked.safetensors", model.state_dict())
+    save_state_dict(output / MASKED_MODEL, model.state_dict())
     if config.prunes:
         metrics["decision_rule"] = criterion_label(config)
     metrics["data"] = {"in_channels": data.in_channels, "num_classes": data.num_classes}

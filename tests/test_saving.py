@@ -1,0 +1,91 @@
+"""bmrs.save / bmrs.load: a compacted model round-trips without pickle, in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import bmrs
+from bmrs.models import build_model
+
+
+def _pruned(model, fraction=0.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _, noise in bmrs.noise_layers(model):
+        noise.mask.copy_((torch.rand(noise.num_features, generator=gen) > fraction).float())
+    return model
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 40), nn.Tanh(), nn.Linear(40, 5))
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5", (3, 1, 32, 32)), ("resnet18", (2, 3, 32, 32)),
+                                        ("vit", (2, 3, 32, 32)), ("mlp", (3, 1, 32, 32))])
+def test_a_compacted_builtin_model_reloads_in_a_fresh_process(tmp_path, name, shape):
+    torch.manual_seed(0)
+    model = _pruned(build_model(name, shape[1], 10, 32)).eval()
+    x = torch.randn(*shape)
+    small = bmrs.compact(model, x)
+    with torch.no_grad():
+        want = small(x)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(want, tmp_path / "want.pt")
+    bmrs.save(small, tmp_path / "small.safetensors", builder={"name": name, "in_channels": shape[1],
+                                                               "num_classes": 10, "image_size": 32})
+    code = (f"import torch, bmrs; m = bmrs.load({str(tmp_path / 'small.safetensors')!r}); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True); "
+            f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True); "
+            "got = m(x).detach(); err = float((got - want).abs().max() / want.abs().max()); "
+            "print(err); assert err <= 1e-6, err; "
+            "assert sum(p.numel() for p in m.parameters()) == " + str(sum(p.numel() for p in small.parameters())))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_own_model_with_its_factory_and_fast_layers(tmp_path):
+    torch.manual_seed(1)
+    model = _pruned(bmrs.attach(_conv_net()), 0.6).eval()
+    x = torch.randn(64, 3, 8, 8)
+    small = bmrs.compact(model, x)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in _conv_net().parameters())
+    with torch.no_grad():
+        want = small(x)  # runs the fast inference layers (padded buffers) once before saving
+    bmrs.save(small, tmp_path / "own.safetensors")
+    for again in (bmrs.load(tmp_path / "own.safetensors", _conv_net),
+                  bmrs.load(tmp_path / "own.safetensors", _conv_net(), fast_layers=True)):
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), want, rtol=1e-6, atol=1e-6)
+    # safetensors' own save_model works on the compacted model after inference
+    from safetensors.torch import save_model
+    save_model(small, str(tmp_path / "plain.safetensors"))
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    small = bmrs.compact(_pruned(bmrs.attach(_conv_net())).eval(), torch.randn(2, 3, 8, 8))
+    path = tmp_path / "m.safetensors"
+    bmrs.save(small, path)
+    with pytest.raises(bmrs.ConfigError, match="saved without a builder"):
+        bmrs.load(path)
+    with pytest.raises(bmrs.ModelError, match="no submodule"):
+        bmrs.load(path, nn.Sequential(nn.Linear(2, 2)))
+    from safetensors.torch import save_file
+    save_file(small.state_dict(), str(tmp_path / "bare.safetensors"))
+    with pytest.raises(bmrs.CheckpointError, match="not a model written by bmrs.save"):
+        bmrs.load(tmp_path / "bare.safetensors", _conv_net)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # one flipped bit in the weights
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(bmrs.CheckpointError, match="checksum"):
+        bmrs.load(tmp_path / "flipped.safetensors", _conv_net)
+    with pytest.raises(bmrs.CheckpointError, match="no such file"):
+        bmrs.load(tmp_path / "missing.safetensors", _conv_net)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(bmrs.CheckpointError, match="truncated or corrupt"):
+        bmrs.load(tmp_path / "junk.safetensors", _conv_net)
