@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "parameters, FLOPs and CPU latency before and after.")
     compact.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
     compact.add_argument("--output", default=None, help="compacted model file, written by bmrs.save (default: RUN/model_compact.safetensors)")
+    compact.add_argument("--export", action="append", default=[], choices=("onnx", "pt2"),
+                         help="also write the compacted model as ONNX or torch.export (.pt2) beside it, checked "
+                              "against it to 1e-5; needs no bmrs to run (repeatable)")
     compact.add_argument("--batch-size", type=int, default=256, help="batch size for the latency measurement")
     compact.add_argument("--data-dir", default=None, help="dataset folder, as for train")
     rep = sub.add_parser("reproduce", help="the paper's Fashion-MNIST table, figures and open questions",
@@ -194,7 +197,7 @@ def _curve(args) -> int:
 def _compact(args) -> int:
     from .experiments.compact_run import compact_run
 
-    compact_run(args.run, args.output, batch_size=args.batch_size, data_dir=args.data_dir)
+    compact_run(args.run, args.output, batch_size=args.batch_size, data_dir=args.data_dir, exports=args.export)
     return 0
 
 

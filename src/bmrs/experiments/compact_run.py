@@ -17,7 +17,7 @@ __all__ = ["compact_run"]
 
 
 def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_size: int = 256,
-                data_dir: str | None = None, log=print) -> dict:
+                data_dir: str | None = None, log=print, exports: tuple[str, ...] | list[str] = ()) -> dict:
     """Compact the run's best model; write it with ``bmrs.save`` (``model_compact.safetensors``, reloaded by
     ``bmrs.load``) and ``compact_report.json``.
 
@@ -25,7 +25,7 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
         report = compact_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
         report["latency_speedup_b256"]
     """
-    from ..compaction import compact, compression_report
+    from ..compaction import compact, compression_report, export
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size for the latency measurement must be a positive integer, got {batch_size!r}")
@@ -59,5 +59,12 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
         log(f"latency batch {batch}: {report[f'latency_masked_b{batch}_ms']:.3f} ms masked → "
             f"{report[f'latency_compact_b{batch}_ms']:.3f} ms compacted "
             f"(×{report[f'latency_speedup_b{batch}']:.2f})")
-    log(f"compacted model: {output}")
+    log(f"compacted model: {output} (bmrs.load reads it back)")
+    for fmt in dict.fromkeys(exports):
+        target = output.with_suffix(f".{fmt}")
+        error = export(compacted, example, target, fmt)
+        report[f"export_{fmt}"] = {"path": str(target), "relative_error": error}
+        log(f"{fmt} export: {target} (outputs within {error:.1e} of the compacted model)")
+    if exports:
+        write_json(output.with_name("compact_report.json"), report)
     return report

@@ -1,0 +1,111 @@
+"""Export a compacted model to files that need no bmrs: ``torch.export`` (.pt2) and ONNX.
+
+Each export is loaded back and run on the example inputs; it must give the in-memory model's outputs
+to 1e−5 (relative to their largest magnitude), or :class:`bmrs.errors.ModelError` says by how much it
+differs.  The fast inference layers take PyTorch's own path while being traced, so the exported
+graph holds only standard operators.  ONNX needs the ``export`` extra (onnx, onnxscript, onnxruntime).
+
+Example:
+    small = bmrs.compact(model, x)
+    export(small, x, "small.pt2")        # torch.export.load("small.pt2").module()(x)
+    export(small, x, "small.onnx")       # onnxruntime.InferenceSession("small.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelError, first_line
+
+__all__ = ["export", "EXPORT_FORMATS", "EXPORT_TOLERANCE"]
+
+EXPORT_FORMATS = ("pt2", "onnx")
+EXPORT_TOLERANCE = 1e-5
+
+
+def _args(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ConfigError("export takes example inputs as a tensor or a tuple of tensors")
+
+
+def _first_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelError(f"export: the model returns {type(output).__name__}; export models that return a tensor")
+
+
+def _relative_error(got, want: torch.Tensor) -> float:
+    got = torch.as_tensor(got, dtype=want.dtype)
+    scale = float(want.abs().max()) or 1.0
+    return float((got - want).abs().max()) / scale
+
+
+def _batch_dynamic(args: tuple) -> tuple:
+    """Every input's first axis (the examples) left free, so the export takes any batch size."""
+    return tuple({0: torch.export.Dim.AUTO} if t.dim() else {} for t in args)
+
+
+def _export_pt2(model: nn.Module, args: tuple, tmp: str) -> torch.Tensor:
+    program = torch.export.export(model, args, dynamic_shapes=_batch_dynamic(args))
+    torch.export.save(program, tmp)
+    return _first_tensor(torch.export.load(tmp).module()(*args))
+
+
+def _export_onnx(model: nn.Module, args: tuple, tmp: str) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'bmrs[export]'") from None
+    names = [f"input{i}" for i in range(len(args))]
+    torch.onnx.export(model, args, tmp, input_names=names, dynamo=True, external_data=False, verbose=False,
+                      dynamic_shapes=_batch_dynamic(args))
+    session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, args)})
+    return torch.from_numpy(outputs[0])
+
+
+def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str | None = None) -> float:
+    """Write ``model`` to ``path`` as .pt2 or .onnx (``format``, else the file's suffix); returns the largest
+    relative difference of the reloaded export's outputs from the model's (≤ 1e−5, else ModelError).
+
+    Example:
+        err = export(small, torch.randn(1, 1, 32, 32), "lenet5-small.onnx")
+    """
+    path = Path(path)
+    format = format or path.suffix.lstrip(".")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)} (or a .pt2/.onnx file name), "
+                          f"got {format!r}")
+    args = _args(example_inputs)
+    model = model.eval()
+    with torch.no_grad():
+        want = _first_tensor(model(*args)).detach().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{format}", dir=path.parent)  # loaders read the suffix
+    os.close(fd)
+    try:
+        try:
+            got = (_export_pt2 if format == "pt2" else _export_onnx)(model, args, tmp)
+        except (ConfigError, ModelError):
+            raise
+        except Exception as err:
+            raise ModelError(f"export to {format} failed: {first_line(err, 200)}") from None
+        error = _relative_error(got.detach().cpu(), want)
+        if not error <= EXPORT_TOLERANCE:
+            raise ModelError(f"the {format} export differs from the model by {error:.2e} (relative); not written")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return error
