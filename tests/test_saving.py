@@ -89,3 +89,35 @@ def test_refusals_say_what_to_do(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(bmrs.CheckpointError, match="truncated or corrupt"):
         bmrs.load(tmp_path / "junk.safetensors", _conv_net)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_exports_run_without_bmrs_at_any_batch_size(tmp_path, fmt):
+    torch.manual_seed(2)
+    small = bmrs.compact(_pruned(build_model("lenet5", 1, 10, 32)).eval(), torch.randn(2, 1, 32, 32))
+    error = bmrs.compaction.export(small, torch.randn(2, 1, 32, 32), tmp_path / f"small.{fmt}")
+    assert error <= 1e-5
+    x = torch.randn(7, 1, 32, 32)
+    with torch.no_grad():
+        want = small(x)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(want, tmp_path / "want.pt")
+    run = ("m = torch.export.load(path).module(); got = m(x)" if fmt == "pt2" else
+           "import onnxruntime as ort; s = ort.InferenceSession(path); "
+           "got = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])")
+    code = (f"import sys, torch; path = {str(tmp_path / f'small.{fmt}')!r}; "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True); "
+            f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True); {run}; "
+            "err = float((got - want).abs().max() / want.abs().max()); assert err <= 1e-5, err; "
+            "assert 'bmrs' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary left
+
+
+def test_export_refuses_bad_requests(tmp_path):
+    small = bmrs.compact(_pruned(bmrs.attach(_conv_net())).eval(), torch.randn(2, 3, 8, 8))
+    with pytest.raises(bmrs.ConfigError, match="export format"):
+        bmrs.compaction.export(small, torch.randn(2, 3, 8, 8), tmp_path / "m.tflite")
+    with pytest.raises(bmrs.ConfigError, match="tensor or a tuple"):
+        bmrs.compaction.export(small, "not a tensor", tmp_path / "m.pt2")

@@ -246,11 +246,16 @@ def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
                 "--epochs", "2", "--finetune-epochs", "0", "--batch-size", "16", "--lr", "1e-2", "--train-subset", "800",
                 "--threads", "1", "--output", str(run))
     assert made.returncode == 0, made.stderr
-    compacted = _cli("compact", "--run", str(run), "--batch-size", "8")
+    compacted = _cli("compact", "--run", str(run), "--batch-size", "8", "--export", "pt2")
     assert compacted.returncode == 0, compacted.stderr
     report = json.loads((run / "compact_report.json").read_text())
     assert report["params_after"] <= report["params_before"] and report["latency_speedup_b8"] > 0
-    assert (run / "model_compact.safetensors").stat().st_size > 0
+    assert report["export_pt2"]["relative_error"] <= 1e-5 and (run / "model_compact.pt2").stat().st_size > 0
+    from bmrs.training.artifacts import load_run
+    small = load_run(run).compacted()  # the file bmrs compact wrote, rebuilt without pickle
+    assert sum(p.numel() for p in small.parameters()) == report["params_after"]
+    refused = _cli("compact", "--run", str(run), "--output", str(run / "checkpoint.pt"))
+    assert refused.returncode == 2 and "one of the run's own files" in refused.stderr
     curve = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,l2")
     assert curve.returncode == 0, curve.stderr
     result = json.loads((run / "curve" / "curve.json").read_text())
