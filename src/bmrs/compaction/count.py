@@ -18,14 +18,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
+import torch
 import torch_pruning as tp
 from torch_pruning.utils import op_counter
 from torch import nn
 
 from ..errors import ModelError
 from ..nn.noise import MultiplicativeNoise
+from .fold import plain_inputs
 
 __all__ = ["count", "compression_report", "count_params"]
 
@@ -48,7 +52,12 @@ def count(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     if not isinstance(model, nn.Module):
         raise ModelError(f"count: expected an nn.Module, got {type(model).__name__}")
     _count_subclasses_as_bases(model)
-    ops, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    example_inputs = plain_inputs(example_inputs)
+    with contextlib.redirect_stdout(io.StringIO()):  # its note that keyword inputs count as one example
+        ops, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    if isinstance(example_inputs, dict):  # torch-pruning divides by the batch only for positional inputs
+        first = next((t for t in example_inputs.values() if isinstance(t, torch.Tensor) and t.dim()), None)
+        ops = float(ops) / (first.shape[0] if first is not None and first.shape[0] else 1)
     macs = int(round(float(ops)))
     return {"params": count_params(model), "macs": macs, "flops": 2 * macs}
 

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -63,6 +64,19 @@ REL_TOL = 1e-4  # self-check: max|Δout| / max|out| allowed after folding or com
 
 
 # -- small helpers --------------------------------------------------------------------------------
+def plain_inputs(inputs: Any) -> Any:
+    """Example inputs as torch-pruning takes them: any mapping (a tokenizer's ``BatchEncoding``) as a dict.
+
+    Example:
+        >>> from collections import UserDict
+        >>> type(plain_inputs(UserDict(input_ids=1))).__name__
+        'dict'
+    """
+    if isinstance(inputs, Mapping) and not isinstance(inputs, dict):
+        return dict(inputs)
+    return inputs
+
+
 def _forward(model: nn.Module, inputs: Any):
     """Call the model the way torch-pruning does: dict → **kwargs, tuple/list → *args, else one arg."""
     if isinstance(inputs, dict):
@@ -499,6 +513,7 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
         raise ModelError(f"{caller}: {broken[0]} holds NaN or infinite values"
                          f"{f' (and {len(broken) - 1} more tensors)' if len(broken) > 1 else ''}; "
                          "a diverged model cannot be folded")
+    example_inputs = plain_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
     checks = _reference_checks(work, example_inputs, caller)
     with torch.no_grad():
