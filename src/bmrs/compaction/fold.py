@@ -44,6 +44,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from .heads import fold_head_gates
 from ..nn.attach import detach_noise, noise_layers
 
 __all__ = ["fold_noise"]
@@ -516,6 +517,7 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
     example_inputs = plain_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
     checks = _reference_checks(work, example_inputs, caller)
+    fold_head_gates(work)  # attention heads: folded into the output projection, pruned heads removed
     with torch.no_grad():
         records = [NoiseRecord(name, work.get_submodule(name), noise.expected_theta().detach().clone(), noise.dim)
                    for name, noise in noise_layers(work)]

@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (n, heads, t, head_dim)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(n, t, c)
+        out = (attn @ v).transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)  # (heads may be pruned)
         return self.proj(out)
 
 

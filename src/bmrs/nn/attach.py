@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ModelError
 from ..distributions.fast_sample import sample_theta
 from .flow import Flow, module_flow
+from .heads import HeadGate, head_layout
 from .fused_layers import kl_layers, sample_layers
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
@@ -105,6 +106,12 @@ def _apply_noise(module: nn.Module, args, *rest):
     if not noise.training and not output.requires_grad and _fresh(output, args, kwargs):
         return noise.scale_(output)  # evaluation: scale the module's own new output in place
     return noise(output)
+
+
+def _gate_heads(host: nn.Module, heads: Tensor) -> Tensor:
+    """Apply the head gate registered under the attention module ``host`` to its (…, heads, head_dim) values."""
+    _applications[0] += 1
+    return host._modules[NOISE_ATTR](heads)
 
 
 def _fresh(output: Tensor, args, kwargs) -> bool:
@@ -455,6 +462,10 @@ def _explicit_targets(model: nn.Module, targets: Iterable) -> list[tuple[str, nn
             if name in seen:
                 continue
             seen.add(name)
+            layout = head_layout(module)
+            if layout is not None:  # an attention module: one θ per head
+                chosen.append((name, module, layout.heads, -2, None))
+                continue
             spec = _features_and_dim(module)
             producer = _producer_of(entries, index_of[name], flow)
             if spec is None and producer is not None:  # an activation: it has its producer's width
@@ -508,8 +519,9 @@ def attach(
     entries = []
     for name, module, features, dim, producer in chosen:
         examples_at = _sequence_first_axis(modules, name) if batch_dim is None else batch_dim
+        layout = head_layout(module) if dim == -2 else None
         noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity,
-                                    batch_dim=examples_at)
+                                    batch_dim=examples_at, head_dim=layout.head_dim if layout else None)
         noise.producer = producer  # the Conv/Linear whose output structures this layer gates
         param = next(module.parameters(), None)
         if param is not None:
@@ -542,6 +554,9 @@ def install_noise(model: nn.Module, entries: list[tuple[nn.Module, Multiplicativ
             places.setdefault(id(child), []).append((parent, position))
     for module, noise in entries:
         module.add_module(NOISE_ATTR, noise)
+        if noise.head_dim is not None:  # gates the heads at the input of the output projection
+            head_layout(module).out.register_forward_pre_hook(HeadGate(module, noise.head_dim, _gate_heads))
+            continue
         target = _hook_target(module, noise, modules, places)
         target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module), with_kwargs=True)
     _watch_registrations()
@@ -557,7 +572,7 @@ def detach_noise(model: nn.Module) -> nn.Module:
             del module._modules[NOISE_ATTR]
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if hook in (_apply_noise, _bank_draw, _bank_clear) or isinstance(hook, _NoiseAfterPool):
+                if hook in (_apply_noise, _bank_draw, _bank_clear) or isinstance(hook, (_NoiseAfterPool, HeadGate)):
                     del hooks[key]
                     module._forward_hooks_with_kwargs.pop(key, None)
         if "_bmrs_bank" in module.__dict__:

@@ -59,6 +59,7 @@ class MultiplicativeNoise(nn.Module):
     """
 
     batch_dim = 0  # (layers pickled before it existed were batch-first)
+    head_dim = None  # (nor gated heads)
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class MultiplicativeNoise(nn.Module):
         init_mu: float = 0.0,
         init_log_sigma: float = -5.0,
         batch_dim: int = 0,
+        head_dim: int | None = None,
     ):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -79,7 +81,11 @@ class MultiplicativeNoise(nn.Module):
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         check_bounds(torch.tensor(float(low)), torch.tensor(float(high)))
+        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+            raise ConfigError(f"head_dim must be a positive integer (channels per attention head), got {head_dim!r}")
         self.num_features, self.dim, self.granularity, self.batch_dim = num_features, dim, granularity, batch_dim
+        #: channels per head when this layer gates attention heads (bmrs.nn.heads), else None
+        self.head_dim = head_dim
         self.low, self.high = float(low), float(high)
         self.mu = nn.Parameter(torch.full((num_features,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((num_features,), float(init_log_sigma)))
@@ -108,7 +114,8 @@ class MultiplicativeNoise(nn.Module):
         """
         keep = keep.to(self.mask.device)
         out = MultiplicativeNoise(int(keep.numel()), dim=self.dim, low=self.low, high=self.high,
-                                  granularity=self.granularity, batch_dim=self.batch_dim).to(self.mu.device)
+                                  granularity=self.granularity, batch_dim=self.batch_dim,
+                                  head_dim=self.head_dim).to(self.mu.device)
         with torch.no_grad():
             out.mu = nn.Parameter(self.mu.detach()[keep].clone(), requires_grad=self.mu.requires_grad)
             out.log_sigma = nn.Parameter(self.log_sigma.detach()[keep].clone(),
