@@ -100,14 +100,13 @@ def test_resnet50_shape_count_and_noise(r50):
 def test_vit_shape_and_noise():
     model = vit(depth=2)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert noise_sizes(model) == [192, 384, 192] * 2
+    assert noise_sizes(model) == [3, 384] * 2  # heads, hidden units; nothing on the residual stream
     assert [name for name, _ in bmrs.noise_layers(model)] == [
-        "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2",
-        "blocks.1.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2",
+        "blocks.0.attn", "blocks.0.mlp.fc1", "blocks.1.attn", "blocks.1.mlp.fc1",
     ]
-    assert all(n.dim == -1 for _, n in bmrs.noise_layers(model))
+    assert [(n.dim, n.head_dim) for _, n in bmrs.noise_layers(model)] == [(-2, 64), (-1, None)] * 2
     for depth in (1, 3):
-        assert len(bmrs.noise_layers(vit(dim=16, heads=2, mlp_dim=32, depth=depth))) == 3 * depth
+        assert len(bmrs.noise_layers(vit(dim=16, heads=2, mlp_dim=32, depth=depth))) == 2 * depth
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     other = vit(image_size=28, patch_size=7, in_channels=1, num_classes=4, dim=32, depth=1, heads=4, mlp_dim=64)
     assert other(torch.randn(2, 1, 28, 28)).shape == (2, 4)
@@ -252,7 +251,7 @@ def test_build_model():
     assert isinstance(net.maxpool, nn.Identity)  # CIFAR stem for 32×32 inputs
     assert isinstance(build_model("resnet18", 3, 10, image_size=32, small_input=False).maxpool, nn.MaxPool2d)
     assert bmrs.noise_layers(build_model("vit", 3, 10, noise=False, depth=1)) == []
-    assert len(bmrs.noise_layers(build_model("vit", 3, 10, depth=2, dim=32, heads=2, mlp_dim=64))) == 6
+    assert len(bmrs.noise_layers(build_model("vit", 3, 10, depth=2, dim=32, heads=2, mlp_dim=64))) == 4
     with pytest.raises(ConfigError, match="mlp, lenet5, resnet18, resnet50, vit"):
         build_model("nope", 3, 10)
     with pytest.raises(ConfigError, match="depth"):

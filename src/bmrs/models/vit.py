@@ -1,8 +1,9 @@
 """A small pre-LN Vision Transformer with timm-style names (patch_embed.proj, blocks.N.attn.qkv, …).
 
-Noise layers (``dim=-1``, one variable per channel, shared over tokens) gate, in every block, the
-attention output channels (after ``attn.proj``), the MLP hidden units (after ``mlp.fc1``) and the
-MLP output channels (after ``mlp.fc2``).
+Noise layers gate, in every block, the attention heads (one θ per head on ``attn.proj``'s input,
+:mod:`bmrs.nn.heads`) and the MLP hidden units (after ``mlp.fc1``, one θ per unit shared over
+tokens).  What writes into the residual stream (the patch embedding, ``attn.proj``, ``mlp.fc2``) gets
+no noise: its channels are read by every later block and the final LayerNorm, so none could be removed.
 """
 
 from __future__ import annotations
@@ -118,19 +119,19 @@ class VisionTransformer(nn.Module):
 
 
 def vit_noise_targets(model: VisionTransformer) -> list[str]:
-    """The modules :func:`vit` gates: ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1``, ``blocks.N.mlp.fc2``.
+    """The modules :func:`vit` gates: the heads of ``blocks.N.attn`` and the hidden units of ``blocks.N.mlp.fc1``.
 
     Example:
         >>> from bmrs.models import vit, vit_noise_targets
         >>> vit_noise_targets(vit(depth=1, noise=False))
-        ['blocks.0.attn.proj', 'blocks.0.mlp.fc1', 'blocks.0.mlp.fc2']
+        ['blocks.0.attn', 'blocks.0.mlp.fc1']
     """
-    return [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    return [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn", "mlp.fc1")]
 
 
 def vit(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_classes: int = 10, dim: int = 192,
         depth: int = 6, heads: int = 3, mlp_dim: int = 384, noise: bool = True) -> VisionTransformer:
-    """A pre-LN ViT (defaults: ViT-Tiny width, 6 blocks, 4×4 patches of 32×32 images) with 3·depth noise layers.
+    """A pre-LN ViT (defaults: ViT-Tiny width, 6 blocks, 4×4 patches of 32×32 images) with 2·depth noise layers.
 
     Example:
         >>> import torch, bmrs
@@ -138,8 +139,8 @@ def vit(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_cla
         >>> model = vit(depth=2)
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
-        >>> [noise.num_features for _, noise in bmrs.noise_layers(model)]
-        [192, 384, 192, 192, 384, 192]
+        >>> [noise.num_features for _, noise in bmrs.noise_layers(model)]     # heads, hidden units
+        [3, 384, 3, 384]
     """
     for name, value in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("heads", heads),

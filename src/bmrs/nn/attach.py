@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ModelError
 from ..distributions.fast_sample import sample_theta
 from .flow import Flow, module_flow
-from .heads import HeadGate, head_layout
+from .heads import HeadGate, head_layout, transformer_placement
 from .fused_layers import kl_layers, sample_layers
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
@@ -409,7 +409,7 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, s
             chosen.append((follower[0], follower[1], features, dim, name))
             continue
         chosen.append((name, module, features, dim, name))
-    return chosen
+    return transformer_placement(model, chosen)
 
 
 def _producer_of(entries, index: int, flow: Flow | None) -> str | None:

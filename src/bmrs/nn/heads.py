@@ -28,7 +28,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-__all__ = ["HeadLayout", "head_layout", "HeadGate"]
+__all__ = ["HeadLayout", "head_layout", "HeadGate", "transformer_placement"]
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads")
 
@@ -124,3 +124,28 @@ class HeadGate:
         x = args[0]
         gated = self.gate(self.host, x.unflatten(-1, (-1, self.head_dim)))
         return (gated.flatten(-2), *args[1:])
+
+
+def transformer_placement(model: nn.Module, chosen: list[tuple]) -> list[tuple]:
+    """The default placement for a model with attention modules bmrs knows: a head gate on each of them,
+    and no noise inside them nor on what writes into the residual stream (a layer whose outputs have the
+    stream's width: the patch embedding, attention and MLP outputs, a pooler), whose channels every later
+    block reads.  ``chosen``: attach's (name, module, features, dim, producer) entries; returned unchanged
+    for a model without such attention modules.
+
+    Example:
+        >>> import torch, bmrs
+        >>> from bmrs.models import vit
+        >>> [name for name, _ in bmrs.noise_layers(bmrs.attach(vit(depth=1, noise=False)))]
+        ['blocks.0.attn', 'blocks.0.mlp.fc1']
+    """
+    attention = [(name, module, layout) for name, module in model.named_modules()
+                 if (layout := head_layout(module)) is not None]
+    if not attention:
+        return chosen
+    stream = {layout.out.out_features for _, _, layout in attention}
+    inside = tuple(f"{name}." for name, _, _ in attention)
+    rest = [entry for entry in chosen if not entry[0].startswith(inside) and entry[2] not in stream]
+    gates = [(name, module, layout.heads, -2, None) for name, module, layout in attention]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(gates + rest, key=lambda entry: order.get(entry[0], len(order)))
