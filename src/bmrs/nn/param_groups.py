@@ -17,9 +17,11 @@ __all__ = ["param_groups", "NOISE_LR_SCALE"]
 NOISE_LR_SCALE = 10.0
 
 
-def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOISE_LR_SCALE) -> list[dict]:
+def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOISE_LR_SCALE,
+                 noise_lr: float | None = None) -> list[dict]:
     """Optimizer parameter groups: the network's parameters at ``lr``, the noise parameters (μ, log σ of
-    every noise layer) at ``lr × noise_lr_scale`` (see :data:`NOISE_LR_SCALE`).
+    every noise layer) at ``lr × noise_lr_scale`` (see :data:`NOISE_LR_SCALE`), or at ``noise_lr`` when given
+    (fine-tuning a pretrained network at a small ``lr``: the noise parameters still need about 1e-2).
 
     Example:
         >>> import torch, bmrs
@@ -31,10 +33,13 @@ def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOIS
     if isinstance(noise_lr_scale, bool) or not isinstance(noise_lr_scale, (int, float)) or \
             not 0 < noise_lr_scale < float("inf"):
         raise ConfigError(f"noise_lr_scale must be a positive finite number, got {noise_lr_scale!r}")
+    if noise_lr is not None and (isinstance(noise_lr, bool) or not isinstance(noise_lr, (int, float))
+                                 or not 0 < noise_lr < float("inf")):
+        raise ConfigError(f"noise_lr must be a positive finite number, got {noise_lr!r}")
     noise_ids = {id(p) for _, layer in noise_layers(model) for p in layer.parameters(recurse=False)}
     network = [p for p in model.parameters() if id(p) not in noise_ids]
     noise = [p for p in model.parameters() if id(p) in noise_ids]
     groups = [{"params": network, "lr": lr}]
     if noise:
-        groups.append({"params": noise, "lr": lr * noise_lr_scale})
+        groups.append({"params": noise, "lr": lr * noise_lr_scale if noise_lr is None else noise_lr})
     return [g for g in groups if g["params"]]
