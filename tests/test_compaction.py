@@ -428,3 +428,16 @@ def test_noise_after_a_non_homogeneous_activation_folds_through_1d_pooling(pool)
     assert small[0].out_channels == 3 and small[4].in_features == 12
     with torch.no_grad():
         assert rel_err(small(x), model.eval()(x)) <= REL
+
+
+def test_pruned_structures_that_stay_are_listed_with_the_reason():
+    torch.manual_seed(0)
+    model = bmrs.attach(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)), targets=["0"]).eval()
+    bmrs.noise_layers(model)[0][1].mask[:3] = 0
+    x = torch.randn(5, 4)
+    with pytest.warns(bmrs.compaction.CompactionWarning, match="3 pruned structures stay") as caught:
+        small = compact(model, x)
+    assert caught[0].message.stayed["0"][0] == 3  # (a LayerNorm reads them: removing them would change it)
+    assert small[0].out_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)

@@ -11,12 +11,12 @@ Example:
     19
 """
 
-from .compact import compact
+from .compact import CompactionWarning, IncompleteCompactionWarning, compact
 from .count import compression_report, count
 from .export import export
 from .fast_layers import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, use_fast_layers
 from .fold import fold_noise
 from .shrink import restore_shrunk, shrink
 
-__all__ = ["compact", "count", "export", "compression_report", "fold_noise", "shrink", "restore_shrunk", "use_fast_layers",
+__all__ = ["compact", "CompactionWarning", "IncompleteCompactionWarning", "count", "export", "compression_report", "fold_noise", "shrink", "restore_shrunk", "use_fast_layers",
            "NarrowConv2d", "TiledMaxPool2d", "AlignedLinear", "FastTanh"]

@@ -37,11 +37,11 @@ from torch import nn
 
 from .fast_layers import use_fast_layers
 from .fold import (
-    OPTYPE, REL_TOL, Folded, Trace, fold, op_name, reference_mismatch,
+    OPTYPE, REL_TOL, Folded, IncompleteCompactionWarning, Trace, fold, op_name, reference_mismatch,
     restore_requires_grad,
 )
 
-__all__ = ["compact"]
+__all__ = ["compact", "CompactionWarning", "IncompleteCompactionWarning"]
 
 # Reaching one of these keeps the channel (torch-pruning would change what they compute).
 _BLOCKING_TYPES = frozenset({
@@ -89,24 +89,29 @@ def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> 
         True
     """
     folded = fold(model, example_inputs, caller="compact")
+    stayed = {}
     try:
-        _remove_masked_channels(folded)
+        stayed = _remove_masked_channels(folded)
         mismatch = reference_mismatch(folded)
         problem = None if mismatch <= REL_TOL else f"changed the outputs (relative error {mismatch:.2e})"
     except Exception as err:  # torch-pruning could not handle this graph
         problem = f"failed ({type(err).__name__}: {err})"
     if problem is not None:  # never trade exactness for size: fall back to the folded model
         warnings.warn(f"compact: removing channels {problem}; returning the folded model with every "
-                      "channel kept", RuntimeWarning, stacklevel=2)
+                      "channel kept", IncompleteCompactionWarning, stacklevel=2)
         folded = fold(model, example_inputs, caller="compact")
+    else:
+        _warn_stayed(stayed)
     restore_requires_grad(folded)
     if fast_layers:
         use_fast_layers(folded.model)
     return folded.model.eval()
 
 
-def _remove_masked_channels(folded: Folded) -> None:
-    """Prune, noise layer by noise layer, every masked channel whose removal is exact."""
+def _remove_masked_channels(folded: Folded) -> dict[str, tuple[int, str]]:
+    """Prune, noise layer by noise layer, every masked channel whose removal is exact.
+
+    Returns {noise layer: (pruned structures that stay, why)} for the layers where some stay."""
     trace = folded.trace
     records = [rec for rec in folded.records if rec.carrier is not None]
     # original channel number of each current position of every gated node (pruning shifts positions)
@@ -118,6 +123,34 @@ def _remove_masked_channels(folded: Folded) -> None:
         positions = [pos for pos, orig in enumerate(kept[rec.carrier]) if orig in masked]
         if positions:
             _prune(trace, rec.carrier, positions, kept)
+    stayed = {}
+    for rec in records:
+        masked = set((rec.theta == 0).nonzero().flatten().tolist())
+        left = len(masked & set(kept[rec.carrier]))
+        if left:
+            why = (f"they are read by a {rec.carrier.type.name}" if rec.carrier.type in _BLOCKING_TYPES else
+                   "removing them would change a reader of their channels (a residual sum that an unpruned "
+                   "layer also writes, a normalisation over channels, the output, or a layer that would be left empty)")
+            stayed[rec.name or "<root>"] = (left, why)
+    return stayed
+
+
+class CompactionWarning(UserWarning):
+    """Pruned structures that compaction kept (computing zeros), with where and why; ``stayed`` holds
+    {noise layer: (count, reason)}."""
+
+    def __init__(self, message: str, stayed: dict[str, tuple[int, str]]):
+        super().__init__(message)
+        self.stayed = stayed
+
+
+def _warn_stayed(stayed: dict[str, tuple[int, str]]) -> None:
+    if not stayed:
+        return
+    total = sum(count for count, _ in stayed.values())
+    parts = "; ".join(f"{name}: {count} ({why})" for name, (count, why) in stayed.items())
+    warnings.warn(CompactionWarning(f"compact: {total} pruned structures stay in the model, computing zeros — "
+                                    f"{parts}", stayed), stacklevel=3)
 
 
 def _prune(trace: Trace, node, positions: list[int], kept: dict) -> None:

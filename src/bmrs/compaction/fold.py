@@ -61,6 +61,11 @@ _HOMOGENEOUS_OPS = frozenset({
     "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
     "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
 })
+class IncompleteCompactionWarning(RuntimeWarning):
+    """Compaction could not work out every channel (a noise layer the inputs never reach, or a graph
+    torch-pruning cannot handle): the result keeps channels it could have removed."""
+
+
 REL_TOL = 1e-4  # self-check: max|Δout| / max|out| allowed after folding or compaction
 
 
@@ -536,7 +541,7 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
     if untraced:
         warnings.warn(f"{caller}: the example inputs never reach {', '.join(map(repr, untraced))}: E[θ] is folded "
                       "into their weights but their pruned structures are not removed; pass example_inputs "
-                      "that run them", RuntimeWarning, stacklevel=3)
+                      "that run them", IncompleteCompactionWarning, stacklevel=3)
     folded = Folded(work.eval(), trace, records, checks, requires_grad)
     mismatch = reference_mismatch(folded)
     if not mismatch <= REL_TOL:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from ..nn.attach import NOISE_ATTR, install_noise, noise_layers
 from .compact import compact
-from .fold import map_floating
+from .fold import IncompleteCompactionWarning, map_floating
 
 __all__ = ["shrink", "restore_shrunk"]
 
@@ -76,8 +76,8 @@ def _kept_elements(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, di
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         small = compact(coded, map_floating(example_inputs, Tensor.double), fast_layers=False)
-    if any("compact:" in str(w.message) for w in caught):
-        return None  # compaction fell back to keeping every channel: nothing to shrink safely
+    if any(issubclass(w.category, IncompleteCompactionWarning) for w in caught):
+        return None  # compaction fell back to keeping channels it could not work out: nothing to shrink safely
     kept, partial = {}, {}
     for name, tensor in _tensors_of(small):
         if tensor.is_floating_point():
