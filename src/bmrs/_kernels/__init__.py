@@ -11,9 +11,12 @@ per-sample factors in the same pass, so the backward is two column sums.  The Py
 :mod:`bmrs.distributions` stays the reference: it serves GPUs, ``torch.compile`` and any machine
 where the kernels cannot be built, and ``tests/test_kernels.py`` checks the two against each other.
 
-The kernels are built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 25 s,
-then cached under ``~/.cache/torch_extensions``).  ``BMRS_KERNELS=0`` turns them off; a failed
-build warns once and falls back to the reference code.
+The kernels are built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 30 s to a few
+minutes, said on stderr) into ``$TORCH_EXTENSIONS_DIR/bmrs/<key>`` (default ``~/.cache/torch_extensions``),
+the key hashing the sources, flags, torch, the interpreter and the CPU, so that checkouts, environments and
+machines never share or rebuild each other's objects.  Builds of one key take a lock that the system
+releases when its process dies, so a killed build never blocks later runs.  ``BMRS_KERNELS=0`` turns them
+off; a failed build warns once and falls back to the reference code.
 
 Example:
     >>> from bmrs import _kernels
@@ -76,7 +79,74 @@ def _header_version() -> str:
     return f"-DBMRS_HEADER_VERSION={digest}"
 
 
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LOCK_WAIT_S = 900  # another process building the same kernels: wait at most this long
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: objects built on one CPU must not be loaded on another."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def build_key() -> str:
+    """The kernels' build folder and module name: one per source, flags, torch, interpreter and CPU, so two
+    checkouts, virtual environments or versions never rebuild over each other."""
+    import sys
+
+    sha = hashlib.sha1()
+    for path in sorted(_SOURCES) + sorted(_SOURCES[0].parent.glob("*.h")):
+        sha.update(path.name.encode() + path.read_bytes())
+    for part in (*_FLAGS, torch.__version__, sys.version, sys.executable, _cpu_identity()):
+        sha.update(str(part).encode())
+    return f"bmrs_kernels_{sha.hexdigest()[:16]}"
+
+
+def _build_root() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "torch_extensions")
+    return Path(root) / "bmrs"
+
+
+def _locked(folder: Path):
+    """An exclusive lock on ``folder`` held by this process (released by the kernel if the process dies), so
+    that torch's own lock file, which a killed build leaves behind, can be removed safely."""
+    import contextlib
+    import fcntl
+    import time
+
+    @contextlib.contextmanager
+    def hold():
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "bmrs.lock", "a+") as handle:
+            deadline = time.monotonic() + _LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"another process has been building the kernels in {folder} for "
+                                           f"over {_LOCK_WAIT_S} s") from None
+                    time.sleep(0.5)
+            try:
+                stale = folder / "lock"  # torch's: only a killed build leaves it while we hold ours
+                if stale.exists():
+                    stale.unlink()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    return hold()
+
+
 def _build() -> ModuleType | None:
+    import sys
+    import time
+
     from torch.utils import cpp_extension
 
     # ninja installed by pip lives next to this interpreter, which may not be on PATH
@@ -85,10 +155,21 @@ def _build() -> ModuleType | None:
     if scripts and scripts not in path.split(os.pathsep):
         os.environ["PATH"] = path + os.pathsep + scripts if path else scripts
     try:
-        return cpp_extension.load(name="bmrs_noise_kernels", sources=[str(p) for p in _SOURCES],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp", _header_version()], extra_ldflags=["-fopenmp"],
-                                  verbose=False)
-    except Exception as error:  # no compiler, no ninja, read-only cache …: the reference code serves
+        name = build_key()
+        folder = _build_root() / name
+        fresh = not (folder / f"{name}.so").exists()
+        if fresh:
+            print(f"bmrs: building the fused CPU kernels in {folder} (once per version and machine; 30 s to 4 "
+                  "minutes)…", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        with _locked(folder):
+            module = cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(folder),
+                                        extra_cflags=[*_FLAGS, _header_version()], extra_ldflags=["-fopenmp"],
+                                        verbose=False)
+        if fresh:
+            print(f"bmrs: kernels built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        return module
+    except Exception as error:  # no compiler, no ninja, read-only cache, a stuck build …: the reference code serves
         _state["failed"] = True
         reason = str(error).strip().splitlines()
         warnings.warn(f"bmrs: fused CPU kernels unavailable ({reason[-1] if reason else type(error).__name__}); "

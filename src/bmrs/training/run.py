@@ -244,6 +244,9 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction,
                             split_seed=config.seed, download=config.download, image_size=config.image_size,
                             train_subset=config.train_subset, progress=progress)
+    if device.type == "cpu" and config.noise:
+        from .. import _kernels
+        _kernels.get()  # build (or load) the fused kernels now, with a message, not inside the first step
     model = build_for(config, data.in_channels, data.num_classes).to(device)
     example = data.train.tensors[0][:2].to(device)  # traces the network when shrinking it
     optimizer = _optimizer(model, config)
