@@ -64,6 +64,7 @@ def test_mlp_on_real_fashion_mnist_prunes_and_compacts_exactly(fmnist_slice, tmp
     assert saved["config"]["criterion"] == criterion
     assert (tmp_path / "run" / "model_masked.safetensors").exists()
     assert (tmp_path / "run" / "model_compact.safetensors").exists()
+    assert (tmp_path / "run" / "history.png").stat().st_size > 0
     assert len(saved["history"]) == 8
     # the masks that were set are exactly the criterion's decisions on the final posteriors
     from bmrs.training.artifacts import load_run

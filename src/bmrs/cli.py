@@ -103,21 +103,35 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    """--debug and --no-progress, accepted before the command and after it (the subcommands' copies default to
+    SUPPRESS, so they never undo one given before)."""
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    parser.add_argument("--no-progress", action="store_true", default=default,
+                        help="no progress bars (they are shown only on a terminal anyway; elsewhere a line per epoch)")
+
+
+def progress_wanted(args) -> bool:
+    """Progress bars: on a terminal, unless --no-progress."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_global_options(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train with continuous pruning, test, compact",
                            description="Train a network with noise layers, pruning after every epoch, then "
                                        "fine-tune; test the best validation checkpoint and compact it.")
+    _add_global_options(train, argparse.SUPPRESS)
     _add_train_options(train)
 
     curve = sub.add_parser("curve", help="post-training sweep of accuracy against compression",
                            description="Prune a trained run at increasing fractions with each criterion and "
                                        "record accuracy against parameter compression.")
+    _add_global_options(curve, argparse.SUPPRESS)
     curve.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
     curve.add_argument("--criteria", default="bmrs-n,bmrs-u,snr,ev,l2,grad",
                        help="comma-separated criteria (default: %(default)s)")
@@ -131,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     compact = sub.add_parser("compact", help="compact a trained run and measure it",
                              description="Fold E[θ] into the weights, remove pruned structures, and report "
                                          "parameters, FLOPs and CPU latency before and after.")
+    _add_global_options(compact, argparse.SUPPRESS)
     compact.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
     compact.add_argument("--output", default=None, help="compacted model file, written by bmrs.save (default: RUN/model_compact.safetensors)")
     compact.add_argument("--export", action="append", default=[], choices=("onnx", "pt2"),
@@ -141,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="the paper's Fashion-MNIST table, figures and open questions",
                          description="Run every method × network × seed (resumable, skipping finished runs), "
                                      "then write the results table, CSV, plots and summary.")
+    _add_global_options(rep, argparse.SUPPRESS)
     rep.add_argument("dataset", choices=("fashion-mnist",), help="the dataset to reproduce (fashion-mnist)")
     rep.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
     rep.add_argument("--workers", type=int, default=2, help="runs at once, one thread each (default: 2)")
@@ -177,7 +193,7 @@ def _train(args) -> int:
     if args.compare_to:
         from .training.compare import baseline_metrics
         baseline = baseline_metrics(args.compare_to)  # checked before training, not after
-    metrics = train(config, output, resume=args.resume, progress=not args.no_progress)
+    metrics = train(config, output, resume=args.resume, progress=progress_wanted(args))
     if args.compare_to and metrics:
         from .training.compare import comparison_line
         print(comparison_line(metrics, baseline, args.compare_to))
@@ -190,7 +206,7 @@ def _curve(args) -> int:
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     output = args.output or str(Path(args.run) / "curve")
     run_curve(args.run, criteria, output, levels=args.levels, finetune_epochs=args.finetune_epochs, p1=args.p1,
-              data_dir=args.data_dir, progress=not args.no_progress)
+              data_dir=args.data_dir, progress=progress_wanted(args))
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -25,7 +27,7 @@ def reproduce(args, log=print) -> int:
             job.train_config()
     failed = []
     if not args.report_only:
-        failed = run_jobs(jobs, workers=args.workers, log=log, progress=not getattr(args, "no_progress", False))
+        failed = run_jobs(jobs, workers=args.workers, log=log, progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
     from .reproduce_report import build_report
 
     build_report(jobs, Path(args.runs), Path(args.report), levels=args.levels, log=log)

@@ -7,7 +7,7 @@ import torch
 from ..errors import ConfigError
 from .attach import noise_layers
 
-__all__ = ["param_groups", "NOISE_LR_SCALE"]
+__all__ = ["param_groups", "noise_learning_rate", "NOISE_LR_SCALE", "NOISE_TRAVERSE", "NOISE_LR_MAX"]
 
 #: The noise parameters (μ and log σ of every noise layer) train at this multiple of the network's
 #: learning rate.  They live on a scale of tens (ln θ ∈ [−20, 0], log σ ∈ [−20, 5]) where weights live
@@ -15,12 +15,32 @@ __all__ = ["param_groups", "NOISE_LR_SCALE"]
 #: gradient's size: at the network's rate a posterior needs ~6,000 steps to widen from its initial σ = e⁻⁵
 #: to prior-like, so a structure the data does not need could not be pruned before then.
 NOISE_LR_SCALE = 10.0
+#: log σ starts at −5 and a posterior is prior-like from about 3: the distance the noise parameters must be
+#: able to travel between two pruning steps, or a structure the data does not need is never pruned.  With few
+#: steps between pruning steps (a small data set, a large batch) the rate rises to allow it, up to NOISE_LR_MAX.
+NOISE_TRAVERSE = 8.0
+NOISE_LR_MAX = 0.1
+
+
+def noise_learning_rate(lr: float, noise_lr_scale: float = NOISE_LR_SCALE, steps_per_prune: int | None = None) -> float:
+    """The noise parameters' rate: ``lr × noise_lr_scale``, raised to ``NOISE_TRAVERSE / steps_per_prune``
+    (at most ``NOISE_LR_MAX``) when fewer optimizer steps than that separate two pruning steps.
+
+    Example:
+        >>> noise_learning_rate(1e-3), noise_learning_rate(1e-3, steps_per_prune=400), noise_learning_rate(1e-3, steps_per_prune=10)
+        (0.01, 0.02, 0.1)
+    """
+    rate = lr * noise_lr_scale
+    if steps_per_prune is not None and steps_per_prune > 0:
+        rate = max(rate, min(NOISE_TRAVERSE / steps_per_prune, NOISE_LR_MAX))
+    return rate
 
 
 def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOISE_LR_SCALE,
-                 noise_lr: float | None = None) -> list[dict]:
+                 noise_lr: float | None = None, steps_per_prune: int | None = None) -> list[dict]:
     """Optimizer parameter groups: the network's parameters at ``lr``, the noise parameters (μ, log σ of
-    every noise layer) at ``lr × noise_lr_scale`` (see :data:`NOISE_LR_SCALE`), or at ``noise_lr`` when given
+    every noise layer) at :func:`noise_learning_rate` (``lr × noise_lr_scale``, raised when only
+    ``steps_per_prune`` optimizer steps separate two calls of ``prune``), or at ``noise_lr`` when given
     (fine-tuning a pretrained network at a small ``lr``: the noise parameters still need about 1e-2).
 
     Example:
@@ -41,5 +61,6 @@ def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOIS
     noise = [p for p in model.parameters() if id(p) in noise_ids]
     groups = [{"params": network, "lr": lr}]
     if noise:
-        groups.append({"params": noise, "lr": lr * noise_lr_scale if noise_lr is None else noise_lr})
+        rate = noise_learning_rate(lr, noise_lr_scale, steps_per_prune) if noise_lr is None else noise_lr
+        groups.append({"params": noise, "lr": rate})
     return [g for g in groups if g["params"]]

@@ -33,6 +33,7 @@ from ..pruning import nothing_pruned_reason, prune, structure_counts
 from ..compaction.shrink import restore_shrunk, shrink
 from .config import LEGACY_DEFAULTS, TrainConfig
 from .distributed import setup_distributed
+from .history_plot import plot_history
 from .loop import batches, evaluate, train_epoch
 from .optim import make_optimizer, param_groups
 
@@ -124,7 +125,7 @@ _CHECKPOINT_FIELDS = {"config": dict, "model": dict, "optimizer": dict, "epoch":
                       "best_state": (dict, type(None))}  # None until an epoch may be kept as the best
 
 
-def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tuple[dict, nn.Module, torch.optim.Optimizer]:
+def _restore(path: Path, config: TrainConfig, model: nn.Module, example, num_train: int) -> tuple[dict, nn.Module, torch.optim.Optimizer]:
     """Load a checkpoint into ``model`` (rebuilt narrower first if it was shrunk) and a fresh optimizer."""
     state = load_checkpoint(path)
     for key, kind in _CHECKPOINT_FIELDS.items():
@@ -139,7 +140,7 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, example) -> tupl
     try:
         if config.shrink:
             model = restore_shrunk(model, state["model"], example)
-        optimizer = _optimizer(model, config)
+        optimizer = _optimizer(model, config, num_train)
         model.load_state_dict(state["model"])
         _check_optimizer_state(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
@@ -190,8 +191,14 @@ def _masked_in_place(model: nn.Module) -> int:
     return sum(int((noise.mask == 0).sum()) for _, noise in noise_layers(model))
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return make_optimizer(param_groups(model, config.lr, config.noise_lr_scale), lr=config.lr)
+def _optimizer(model: nn.Module, config: TrainConfig, num_train: int) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.lr, config.noise_lr_scale, steps_per_prune=_steps_per_prune(config, num_train))
+    return make_optimizer(groups, lr=config.lr)
+
+
+def _steps_per_prune(config: TrainConfig, num_train: int) -> int:
+    """Optimizer steps between two pruning steps (the noise parameters' rate follows it: param_groups)."""
+    return -(-num_train // config.batch_size) * config.prune_every
 
 
 def _prune_step(model, criterion, config, step_index, data, device) -> dict:
@@ -249,7 +256,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         _kernels.get()  # build (or load) the fused kernels now, with a message, not inside the first step
     model = build_for(config, data.in_channels, data.num_classes).to(device)
     example = data.train.tensors[0][:2].to(device)  # traces the network when shrinking it
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, len(data.train))
     criterion = _criterion(config)
     prune_epochs = _prune_epochs(config)
     eligible_from = prune_epochs[-1] if prune_epochs else 1
@@ -261,7 +268,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         raise ConfigError(f"{output} holds a finished run (metrics.json) without its checkpoint; choose another "
                           "--output, or delete metrics.json to train there again")
     if resume and ckpt_path.exists():
-        state, model, optimizer = _restore(ckpt_path, config, model, example)
+        state, model, optimizer = _restore(ckpt_path, config, model, example, len(data.train))
         _resume_threads(state.get("threads"), config.threads, log)
         start, history = state["epoch"] + 1, state["history"]
         best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
@@ -382,6 +389,8 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     metrics["config"] = config.to_dict()
     metrics["history"] = history
     write_json(output / METRICS, metrics)
+    plot_history(history, metrics.get("structures", 0), output / "history.png",
+                 f"{config.model} on {config.dataset}, {criterion_label(config)}")
     write_json(output / "config.json", config.to_dict())
     log(f"test accuracy {metrics['test_accuracy']:.4f} (top-5 {metrics['test_top5_accuracy']:.4f}), "
         f"structures pruned {metrics['structures_pruned_pct']:.1f}%, parameters removed "
