@@ -95,7 +95,7 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
         noise.mask.masked_fill_(prune_here, 0.0)
     report = structure_counts(model)
     if report.pruned == 0 and amount is None and isinstance(criterion, ModelReduction):
-        warnings.warn(nothing_pruned_reason(model, repr(criterion)), PruningWarning, stacklevel=2)
+        warnings.warn(nothing_pruned_reason(model, repr(criterion)), PruningWarning, stacklevel=3)  # (past no_grad)
     return PruneReport(report.layers, report.pruned - before)
 
 

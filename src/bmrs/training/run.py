@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..io import (
 )
 from ..nn.attach import noise_layers
 from ..saving import save
-from ..pruning import nothing_pruned_reason, prune, structure_counts
+from ..pruning import PruningWarning, nothing_pruned_reason, prune, structure_counts
 from ..compaction.shrink import restore_shrunk, shrink
 from .config import LEGACY_DEFAULTS, TrainConfig
 from .distributed import setup_distributed
@@ -214,7 +215,9 @@ def _prune_step(model, criterion, config, step_index, data, device) -> dict:
         criterion.accumulate(model, batches(data.train, config.batch_size, gen, device), max_batches=50)
     if isinstance(amount, int):
         amount = min(amount, structure_counts(model).structures)
-    report = prune(model, criterion, amount)
+    with warnings.catch_warnings():  # (the run says once at its end why nothing was pruned)
+        warnings.simplefilter("ignore", PruningWarning)
+        report = prune(model, criterion, amount)
     return {"pruned": report.pruned, "newly_pruned": report.newly_pruned, "structures": report.structures}
 
 
