@@ -21,10 +21,10 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .criteria import EVIDENCE_MARGIN
-    from .nn.param_groups import NOISE_LR_SCALE
-    from .nn.attach import KL_REDUCTIONS
-    from .training.config import CRITERION_NAMES, KL_REDUCTION, KL_WEIGHT
+    from .defaults import (
+        CRITERION_NAMES, EVIDENCE_MARGIN, FINETUNE, FINETUNE_MODES, KL_REDUCTION, KL_REDUCTIONS, KL_WEIGHT,
+        NOISE_LR_SCALE,
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion-mnist",
@@ -74,7 +74,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kl-weight", type=float, default=KL_WEIGHT,
                    help="multiply the KL term by this (e.g. --kl elbo --kl-weight 100: between the ELBO and the "
                         "paper's weighting) (default: %(default)g)")
-    g.add_argument("--finetune", default="deterministic", choices=("noisy", "deterministic"),
+    g.add_argument("--finetune", default=FINETUNE, choices=FINETUNE_MODES,
                    help="fine-tuning keeps the noise and KL (noisy, the paper's) or trains the pruned network "
                         "with θ fixed at E[θ]·mask and no KL (deterministic) (default: %(default)s)")
     g.add_argument("--shrink", action="store_true",

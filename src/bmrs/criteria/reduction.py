@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..defaults import EVIDENCE_MARGIN
 from ..errors import ConfigError
 from ..nn.noise import MultiplicativeNoise
 from ..reduction import FLOAT32_MANTISSA_BITS, SPIKE_VARIANCE, delta_f, precision_prior, spike_prior
@@ -16,9 +17,6 @@ __all__ = ["ModelReduction", "BMRSN", "BMRSU", "PublishedBMRSN", "EVIDENCE_MARGI
            "check_margin"]
 
 
-#: Kass & Raftery (1995): a Bayes factor below e (|ΔF| < 1 nat) is "not worth more than a bare
-#: mention".  Evidence for keeping a structure that weak is a tie, and a tie goes to the smaller model.
-EVIDENCE_MARGIN = 1.0
 #: ln 2⁻²³: a structure whose E[θ] lies below float32's unit roundoff is switched off in the network
 #: that is tested (θ = E[θ]), whatever ΔF says about the reduced prior it is compared with.
 SWITCHED_OFF_LOG_THETA = -FLOAT32_MANTISSA_BITS * math.log(2.0)

@@ -45,6 +45,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..defaults import KL_REDUCTIONS
 from ..errors import ConfigError, ModelError
 from ..distributions.fast_sample import sample_theta
 from .flow import Flow, module_flow
@@ -54,9 +55,6 @@ from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
 
 __all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR", "KL_REDUCTIONS"]
-
-#: kl_loss's weightings of the KL term (see its docstring)
-KL_REDUCTIONS = ("mean", "structure-mean", "elbo")
 
 NOISE_ATTR = "bmrs_noise"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

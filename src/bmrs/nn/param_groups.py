@@ -9,17 +9,7 @@ from .attach import noise_layers
 
 __all__ = ["param_groups", "noise_learning_rate", "NOISE_LR_SCALE", "NOISE_TRAVERSE", "NOISE_LR_MAX"]
 
-#: The noise parameters (μ and log σ of every noise layer) train at this multiple of the network's
-#: learning rate.  They live on a scale of tens (ln θ ∈ [−20, 0], log σ ∈ [−20, 5]) where weights live
-#: on a scale of 0.1–1, and Adam moves every parameter by about the learning rate per step whatever its
-#: gradient's size: at the network's rate a posterior needs ~6,000 steps to widen from its initial σ = e⁻⁵
-#: to prior-like, so a structure the data does not need could not be pruned before then.
-NOISE_LR_SCALE = 10.0
-#: log σ starts at −5 and a posterior is prior-like from about 3: the distance the noise parameters must be
-#: able to travel between two pruning steps, or a structure the data does not need is never pruned.  With few
-#: steps between pruning steps (a small data set, a large batch) the rate rises to allow it, up to NOISE_LR_MAX.
-NOISE_TRAVERSE = 8.0
-NOISE_LR_MAX = 0.1
+from ..defaults import NOISE_LR_MAX, NOISE_LR_SCALE, NOISE_TRAVERSE  # noqa: E402 (re-exported)
 
 
 def noise_learning_rate(lr: float, noise_lr_scale: float = NOISE_LR_SCALE, steps_per_prune: int | None = None) -> float:

@@ -7,30 +7,18 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..criteria import EVIDENCE_MARGIN, check_margin
+from ..defaults import (
+    CRITERION_NAMES, EVIDENCE_MARGIN, FINETUNE, FINETUNE_MODES, KL_REDUCTION, KL_REDUCTIONS, KL_WEIGHT, NOISE_LR_SCALE,
+)
 from ..errors import ConfigError, DataError
-from ..nn.attach import KL_REDUCTIONS
-from ..nn.param_groups import NOISE_LR_SCALE
 
 __all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTION", "KL_WEIGHT", "FINETUNE_MODES", "LEGACY_DEFAULTS"]
 
-CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad", "bmrs-n-published")
-# Fine-tuning epochs keep the noise and KL ("noisy", the paper's), or train the weights of the pruned
-# network with θ fixed at E[θ]·mask and no KL ("deterministic").
-FINETUNE_MODES = ("noisy", "deterministic")
 DEVICES = ("auto", "cpu", "cuda")
 # What a run made before a setting existed did: a config read back from such a run takes these
 # (not today's defaults) for the keys it lacks.
 LEGACY_DEFAULTS = {"evidence_margin": 0.0, "noise_lr_scale": 1.0, "kl_reduction": "mean", "kl_weight": 1.0,
                    "finetune": "noisy"}
-# The KL term: the mean over all structures (the same prior pressure on each, independent of the
-# training-set size) at weight KL_WEIGHT.  LeNet5 on Fashion-MNIST, 5 + 2 epochs, against the plain
-# network: 0.3 removes 88.5-91.1% of the parameters at -0.98/-1.69 points (seeds 0/1), 0.4 93.6-94.3% at
-# -2.35/-3.03; the MLP's full schedule: 0.3 84.1%, 0.4 86.5% (docs/decision-rule.md).
-KL_REDUCTION = "structure-mean"
-KL_WEIGHT = 0.3
-
-
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -79,7 +67,7 @@ class TrainConfig:
     kl_weight: float = KL_WEIGHT
     evidence_margin: float = EVIDENCE_MARGIN
     noise_lr_scale: float = NOISE_LR_SCALE
-    finetune: str = "deterministic"
+    finetune: str = FINETUNE
     shrink: bool = False
     granularity: str = "structure"
     low: float = -20.0
@@ -136,6 +124,7 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         _positive_float("kl_weight", self.kl_weight)
+        from ..criteria import check_margin
         self.evidence_margin = check_margin(self.evidence_margin)
         _positive_float("noise_lr_scale", self.noise_lr_scale)
         if self.kl_reduction not in KL_REDUCTIONS:
