@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ def _args(example_inputs: Any) -> tuple:
 def _first_tensor(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, Mapping) and output and isinstance(next(iter(output.values())), torch.Tensor):
+        return next(iter(output.values()))  # e.g. transformers' ModelOutput: its first field
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise ModelError(f"export: the model returns {type(output).__name__}; export models that return a tensor")
