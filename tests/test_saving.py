@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -28,25 +25,18 @@ def _conv_net():
 
 @pytest.mark.parametrize("name,shape", [("lenet5", (3, 1, 32, 32)), ("resnet18", (2, 3, 32, 32)),
                                         ("vit", (2, 3, 32, 32)), ("mlp", (3, 1, 32, 32))])
-def test_a_compacted_builtin_model_reloads_in_a_fresh_process(tmp_path, name, shape):
+def test_a_compacted_builtin_model_reloads_in_a_fresh_process(tmp_path, name, shape, fresh_process):
     torch.manual_seed(0)
     model = _pruned(build_model(name, shape[1], 10, 32)).eval()
     x = torch.randn(*shape)
     small = bmrs.compact(model, x)
     with torch.no_grad():
         want = small(x)
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(want, tmp_path / "want.pt")
     bmrs.save(small, tmp_path / "small.safetensors", builder={"name": name, "in_channels": shape[1],
                                                                "num_classes": 10, "image_size": 32})
-    code = (f"import torch, bmrs; m = bmrs.load({str(tmp_path / 'small.safetensors')!r}); "
-            f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True); "
-            f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True); "
-            "got = m(x).detach(); err = float((got - want).abs().max() / want.abs().max()); "
-            "print(err); assert err <= 1e-6, err; "
-            "assert sum(p.numel() for p in m.parameters()) == " + str(sum(p.numel() for p in small.parameters())))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    fresh_process(f"import bmrs; m = bmrs.load({str(tmp_path / 'small.safetensors')!r}); "
+                  f"assert sum(p.numel() for p in m.parameters()) == {sum(p.numel() for p in small.parameters())}",
+                  "m(x)", x, want, 1e-6)
 
 
 def test_own_model_with_its_factory_and_fast_layers(tmp_path):
@@ -92,7 +82,7 @@ def test_refusals_say_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
-def test_exports_run_without_bmrs_at_any_batch_size(tmp_path, fmt):
+def test_exports_run_without_bmrs_at_any_batch_size(tmp_path, fmt, fresh_process):
     torch.manual_seed(2)
     small = bmrs.compact(_pruned(build_model("lenet5", 1, 10, 32)).eval(), torch.randn(2, 1, 32, 32))
     error = bmrs.compaction.export(small, torch.randn(2, 1, 32, 32), tmp_path / f"small.{fmt}")
@@ -100,18 +90,13 @@ def test_exports_run_without_bmrs_at_any_batch_size(tmp_path, fmt):
     x = torch.randn(7, 1, 32, 32)
     with torch.no_grad():
         want = small(x)
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(want, tmp_path / "want.pt")
-    run = ("m = torch.export.load(path).module(); got = m(x)" if fmt == "pt2" else
-           "import onnxruntime as ort; s = ort.InferenceSession(path); "
-           "got = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])")
-    code = (f"import sys, torch; path = {str(tmp_path / f'small.{fmt}')!r}; "
-            f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True); "
-            f"want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True); {run}; "
-            "err = float((got - want).abs().max() / want.abs().max()); assert err <= 1e-5, err; "
-            "assert 'bmrs' not in sys.modules")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    path = str(tmp_path / f"small.{fmt}")
+    if fmt == "pt2":
+        fresh_process(f"m = torch.export.load({path!r}).module()", "m(x)", x, want, 1e-5, without_bmrs=True)
+    else:
+        fresh_process(f"import onnxruntime as ort; s = ort.InferenceSession({path!r})",
+                      "torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])", x, want, 1e-5,
+                      without_bmrs=True)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary left
 
 
