@@ -573,3 +573,19 @@ def test_attach_default_policy_keeps_noise_off_an_activation_shared_by_layers_of
     model = bmrs.attach(nn.Sequential(nn.Linear(6, 8), act, nn.Linear(8, 5), act, nn.Linear(5, 2)))
     assert [(n, l.num_features) for n, l in bmrs.noise_layers(model)] == [("0", 8), ("2", 5)]
     assert model(torch.randn(3, 6)).shape == (3, 2)
+
+
+def test_api_misuse_gets_a_sentence_that_says_what_to_do():
+    model = bmrs.attach(small_mlp())
+    with pytest.raises(bmrs.ConfigError, match=r"BMRSN\(\) \(with its options\), not the class"):
+        bmrs.prune(model, criteria.BMRSN)
+    with pytest.raises(bmrs.ConfigError, match="got NoneType"):
+        bmrs.prune(model, None)
+    with pytest.warns(bmrs.pruning.PruningWarning):
+        assert bmrs.prune(model, "bmrs-n").structures == 13  # a criterion's name serves too
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(bmrs.ConfigError, match="not a TorchScript one"):
+        bmrs.attach(scripted)
+    empty = bmrs.TruncatedLogNormal(torch.zeros(0), torch.ones(0))
+    for reduced in (bmrs.spike_prior(), bmrs.precision_prior(8)):
+        assert bmrs.delta_f(empty, bmrs.TruncatedLogUniform(), reduced).shape == (0,)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .criteria import ModelReduction, Criterion
+from .errors import ConfigError
 from .nn.attach import noise_layers
 
 __all__ = ["prune", "PruneReport", "LayerReport", "PruningWarning", "structure_counts", "nothing_pruned_reason"]
@@ -88,6 +89,7 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
         >>> report.pruned, report.structures
         (2, 8)
     """
+    criterion = _as_criterion(criterion)
     decisions = criterion.decide(model, amount)
     before = structure_counts(model).pruned
     for name, noise in noise_layers(model):
@@ -97,6 +99,20 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
     if report.pruned == 0 and amount is None and isinstance(criterion, ModelReduction):
         warnings.warn(nothing_pruned_reason(model, repr(criterion)), PruningWarning, stacklevel=3)  # (past no_grad)
     return PruneReport(report.layers, report.pruned - before)
+
+
+def _as_criterion(criterion) -> Criterion:
+    """A criterion instance; its command-line name is accepted too (``"bmrs-n"``), anything else is a ConfigError."""
+    from .criteria import get_criterion
+
+    if isinstance(criterion, Criterion):
+        return criterion
+    if isinstance(criterion, str):
+        return get_criterion(criterion)
+    if isinstance(criterion, type) and issubclass(criterion, Criterion):
+        raise ConfigError(f"prune takes a criterion instance: {criterion.__name__}() (with its options), not the class")
+    raise ConfigError(f"prune takes a criterion such as bmrs.criteria.BMRSN() or its name 'bmrs-n', got "
+                      f"{type(criterion).__name__}")
 
 
 class PruningWarning(UserWarning):

@@ -128,6 +128,8 @@ def delta_f(posterior: TruncatedLogNormal, prior: TruncatedLogUniform, reduced: 
         raise ConfigError(f"the reduced prior must be a torch Distribution (e.g. bmrs.spike_prior() or "
                           f"bmrs.precision_prior(8)), got {type(reduced).__name__}")
     scalar_priors = reduced.batch_shape.numel() == 1 and prior.batch_shape.numel() == 1
+    if posterior.batch_shape.numel() == 0:  # no structures: nothing to score (the kernels index element 0)
+        return posterior._out(closed_form(posterior, prior, reduced))
     if _no_gradients(posterior) and scalar_priors:
         fused = _fused(posterior, prior, reduced)
         if fused is not None:

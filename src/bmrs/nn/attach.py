@@ -502,6 +502,9 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"attach expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError("attach needs the Python model, not a TorchScript one (torch.jit.script or trace): attach "
+                          "noise and train first, then compact and script the small model")
     if noise_layers(model):
         raise ModelError("attach: the model already has noise layers; attach once (or compact it first)")
     chosen = _default_targets(model) if targets is None else _explicit_targets(model, targets)
