@@ -589,3 +589,19 @@ def test_api_misuse_gets_a_sentence_that_says_what_to_do():
     empty = bmrs.TruncatedLogNormal(torch.zeros(0), torch.ones(0))
     for reduced in (bmrs.spike_prior(), bmrs.precision_prior(8)):
         assert bmrs.delta_f(empty, bmrs.TruncatedLogUniform(), reduced).shape == (0,)
+
+
+def test_noise_bounds_are_validated_and_the_cached_expectation_follows_them():
+    noise = bmrs.MultiplicativeNoise(3).eval()
+    with torch.no_grad():
+        noise.mu.fill_(-3.0)
+        noise.log_sigma.fill_(0.0)
+    before = noise.expected_theta().clone()
+    noise.low = -5.0  # a narrower interval: E[θ] changes (it stayed cached before)
+    assert not torch.allclose(noise.expected_theta(), before)
+    torch.testing.assert_close(noise.expected_theta(), noise.posterior().mean * noise.mask)
+    with pytest.raises(bmrs.ConfigError, match="smaller than high"):
+        noise.low = 1.0
+    with pytest.raises(bmrs.ConfigError, match="finite"):
+        noise.high = float("nan")
+    assert (noise.low, noise.high) == (-5.0, 0.0)

@@ -80,13 +80,12 @@ class MultiplicativeNoise(nn.Module):
             raise ConfigError(f"batch_dim must be 0 (batch-first inputs) or 1 (sequence-first), got {batch_dim!r}")
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        check_bounds(torch.tensor(float(low)), torch.tensor(float(high)))
         if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
             raise ConfigError(f"head_dim must be a positive integer (channels per attention head), got {head_dim!r}")
         self.num_features, self.dim, self.granularity, self.batch_dim = num_features, dim, granularity, batch_dim
         #: channels per head when this layer gates attention heads (bmrs.nn.heads), else None
         self.head_dim = head_dim
-        self.low, self.high = float(low), float(high)
+        self.set_bounds(low, high)
         self.mu = nn.Parameter(torch.full((num_features,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((num_features,), float(init_log_sigma)))
         self.register_buffer("mask", torch.ones(num_features))
@@ -97,6 +96,40 @@ class MultiplicativeNoise(nn.Module):
         self._eval_cache: tuple[tuple, Tensor, dict] | None = None
         self.producer: str | None = None  # set by bmrs.attach: the Conv/Linear this layer gates
         self.pending_theta: Tensor | None = None  # drawn for this layer by the model's noise bank
+
+    # -- the bounds of ln θ: validated, and the cached E[θ] follows them ------------------------
+    def set_bounds(self, low: float, high: float) -> None:
+        """Set both bounds of ln θ at once (ConfigError unless finite numbers with low < high).
+
+        Example:
+            >>> noise = MultiplicativeNoise(3)
+            >>> noise.set_bounds(-15.0, 0.0); noise.low, noise.high
+            (-15.0, 0.0)
+        """
+        for name, value in (("low", low), ("high", high)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                    isinstance(value, Tensor) and value.numel() == 1):
+                raise ConfigError(f"MultiplicativeNoise: {name} must be a number (a bound of ln θ), got {value!r}")
+        check_bounds(torch.tensor(float(low)), torch.tensor(float(high)))
+        self.__dict__["_low"], self.__dict__["_high"] = float(low), float(high)
+
+    @property
+    def low(self) -> float:
+        """Lower bound of ln θ (assigning it checks it against ``high``; see :meth:`set_bounds`)."""
+        return self.__dict__["_low"] if "_low" in self.__dict__ else self.__dict__["low"]  # (older pickles)
+
+    @low.setter
+    def low(self, value: float) -> None:
+        self.set_bounds(value, self.high)
+
+    @property
+    def high(self) -> float:
+        """Upper bound of ln θ."""
+        return self.__dict__["_high"] if "_high" in self.__dict__ else self.__dict__["high"]
+
+    @high.setter
+    def high(self, value: float) -> None:
+        self.set_bounds(self.low, value)
 
     @property
     def removed(self) -> int:
@@ -176,10 +209,10 @@ class MultiplicativeNoise(nn.Module):
         return params["mu"], params["log_sigma"], buffers["mask"], buffers["kept_index"]
 
     def expected_theta(self) -> Tensor:
-        """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma or mask change."""
+        """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma, mask or the bounds change."""
         mu, log_sigma, mask, _ = self.tensors()
         key = (mu._version, log_sigma._version, mask._version, mu.data_ptr(), log_sigma.data_ptr(),
-               mask.data_ptr(), mu.device, mu.dtype)
+               mask.data_ptr(), mu.device, mu.dtype, self.low, self.high)
         cache = self._eval_cache
         if cache is not None and cache[0] == key:
             return cache[1]

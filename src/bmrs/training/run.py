@@ -76,7 +76,7 @@ def build_for(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Mod
     model = build_model(spec.pop("name"), noise=config.noise, **spec)
     for _, noise in noise_layers(model):
         noise.granularity = config.granularity
-        noise.low, noise.high = float(config.low), float(config.high)
+        noise.set_bounds(config.low, config.high)
     return model
 
 
