@@ -26,3 +26,14 @@ def test_lazy_package_still_serves_every_public_name():
     for name in bmrs.__all__:
         assert getattr(bmrs, name) is not None, name
     assert set(bmrs.__all__) <= set(dir(bmrs))
+
+
+def test_output_survives_a_terminal_that_cannot_encode_it(tmp_path):
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "bmrs", "train", "--model", "mlp", "--hidden", "8", "--train-subset",
+                           "300", "--epochs", "1", "--finetune-epochs", "0", "--threads", "1", "--output",
+                           str(tmp_path / "run")], capture_output=True, timeout=600,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert b"\\u03c3" in done.stdout  # the note's sigma, escaped rather than a UnicodeEncodeError

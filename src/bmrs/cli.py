@@ -228,6 +228,9 @@ COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bmrs`` and ``python -m bmrs``; returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show σ or θ gets \u03c3, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
