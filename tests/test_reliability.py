@@ -150,7 +150,7 @@ def test_sigkill_at_several_points_resumes_to_identical_metrics(tmp_path, kill_a
     for key in ("test_accuracy", "val_accuracy", "structures_pruned_pct", "parameter_compression_pct"):
         assert a[key] == b[key], key
     assert [h["val_accuracy"] for h in a["history"]] == [h["val_accuracy"] for h in b["history"]]
-    leftovers = [p.name for p in victim.iterdir() if p.name.endswith(".tmp")]
+    leftovers = [p.name for p in victim.iterdir() if ".bmrs-tmp" in p.name]
     assert not leftovers
 
 

@@ -12,6 +12,7 @@ import torch
 import bmrs
 from bmrs.data import load_dataset
 from bmrs.training import TrainConfig, train
+from bmrs.training.config import comparable_settings
 from bmrs.training import run as run_module
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -161,10 +162,12 @@ def test_resume_removes_files_half_written_by_a_killed_process(fmnist_slice, tmp
     cfg = TrainConfig(model="mlp", hidden=16, criterion="none", epochs=1, finetune_epochs=0, batch_size=256,
                       train_subset=3000)
     train(cfg, tmp_path / "r", progress=False, log=quiet, data=fmnist_slice)
-    stale = tmp_path / "r" / ".checkpoint.pt.k1ll3d.tmp"  # what SIGKILL inside atomic_write leaves
+    stale = tmp_path / "r" / ".checkpoint.pt.k1ll3d.bmrs-tmp"  # what SIGKILL inside atomic_write leaves
     stale.write_bytes(b"half a checkpoint")
+    foreign = tmp_path / "r" / ".notes.swp.tmp"  # another program's temporary: not bmrs's to remove
+    foreign.write_text("mine")
     train(cfg, tmp_path / "r", resume=True, progress=False, log=quiet, data=fmnist_slice)
-    assert not stale.exists() and (tmp_path / "r" / "metrics.json").exists()
+    assert not stale.exists() and (tmp_path / "r" / "metrics.json").exists() and foreign.read_text() == "mine"
 
 
 def test_resume_with_other_settings_is_refused(fmnist_slice, tmp_path):
@@ -277,8 +280,8 @@ def test_runs_made_before_a_setting_existed_read_as_what_they_did():
     old = {k: v for k, v in TrainConfig().to_dict().items()
            if k not in ("evidence_margin", "noise_lr_scale", "kl_reduction", "kl_weight", "finetune")}
     paper = TrainConfig(evidence_margin=0.0, noise_lr_scale=1.0, kl_reduction="mean", kl_weight=1.0, finetune="noisy")
-    assert run_module._comparable(old) == run_module._comparable(paper.to_dict())
-    assert run_module._comparable(old) != run_module._comparable(TrainConfig().to_dict())
+    assert comparable_settings(old) == comparable_settings(paper.to_dict())
+    assert comparable_settings(old) != comparable_settings(TrainConfig().to_dict())
 
 
 def test_compare_to_a_reference_run(tmp_path, fmnist_slice):

@@ -26,6 +26,10 @@ __all__ = ["atomic_write", "remove_stale_temporaries", "write_json", "read_json"
            "save_state_dict", "load_state_dict_file", "check_writable"]
 
 
+#: the end of every temporary file bmrs writes (then renames): only these are ever removed as stale
+TEMP_SUFFIX = ".bmrs-tmp"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
     path = Path(path)
@@ -35,7 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     if path.is_dir():
         raise ConfigError(f"cannot write {path}: it is a folder; name a file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -74,18 +78,20 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files that ``atomic_write`` leaves when its process is killed mid-write.
+    """Delete the temporary files that bmrs's atomic writes leave when their process is killed mid-write
+    (named ``.NAME.XXXX.bmrs-tmp``; other programs' files are left alone).
 
     Call it only where no other process writes (a run's own folder, before the run goes on).
 
     Example:
         >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / ".checkpoint.pt.x1y2.tmp").write_text("")
-        >>> remove_stale_temporaries(d)
-        ['.checkpoint.pt.x1y2.tmp']
+        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / ".checkpoint.pt.x1y2.bmrs-tmp").write_text("")
+        >>> _ = (d / ".editor-swap.tmp").write_text("")
+        >>> remove_stale_temporaries(d), sorted(p.name for p in d.iterdir())
+        (['.checkpoint.pt.x1y2.bmrs-tmp'], ['.editor-swap.tmp'])
     """
     removed = []
-    for tmp in sorted(Path(folder).glob(".*.tmp")):
+    for tmp in sorted([*Path(folder).glob(f".*{TEMP_SUFFIX}"), *Path(folder).glob(f".*{TEMP_SUFFIX}.*")]):
         if tmp.is_file():
             tmp.unlink()
             removed.append(tmp.name)
@@ -181,3 +187,45 @@ def check_writable(folder: str | os.PathLike, need_bytes: int = 50 * 2**20) -> P
         raise ConfigError(f"output folder {folder} has only {free // 2**20} MiB free; need about "
                           f"{need_bytes // 2**20} MiB — free space or pass another --output")
     return folder
+
+
+class FolderLock:
+    """An exclusive advisory lock on a run folder (``.bmrs.lock`` holding the owner's pid), released when the
+    owner exits or dies, so that two bmrs processes never write one folder at once.
+
+    Example:
+        >>> import tempfile
+        >>> with FolderLock(tempfile.mkdtemp(), "train"):
+        ...     pass
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str):
+        self.folder, self.what, self.handle = Path(folder), what, None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / ".bmrs.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"{self.folder} is in use by another bmrs process (pid {owner}); wait for it to finish, "
+                              "or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None

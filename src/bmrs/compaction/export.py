@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError, first_line
+from ..io import TEMP_SUFFIX
 
 __all__ = ["export", "EXPORT_FORMATS", "EXPORT_TOLERANCE"]
 
@@ -95,7 +96,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
     with torch.no_grad():
         want = _first_tensor(model(*args)).detach().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{format}", dir=path.parent)  # loaders read the suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_SUFFIX}.{format}", dir=path.parent)  # loaders read the suffix
     os.close(fd)
     try:
         try:

@@ -174,7 +174,7 @@ def write_idx(path: str | os.PathLike, array: torch.Tensor | np.ndarray) -> None
     header = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
     payload = np.ascontiguousarray(arr, dtype=IDX_DTYPES[code][0]).tobytes()
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".bmrs-tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             if path.name.endswith(".gz"):

@@ -115,11 +115,11 @@ class Job:
             return []
         if self.depends_on is not None and not (self.depends_on / "metrics.json").exists():
             return ["amount_schedule"]
-        from ..training.run import _comparable
+        from ..training.config import comparable_settings
 
-        wanted = _comparable(self.train_config().to_dict())
+        wanted = comparable_settings(self.train_config().to_dict())
         saved = _metrics(self.folder).get("config")
-        have = _comparable(saved if isinstance(saved, dict) else {})
+        have = comparable_settings(saved if isinstance(saved, dict) else {})
         return sorted(k for k in wanted if have.get(k) != wanted[k])
 
     def train_config(self):

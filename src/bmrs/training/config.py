@@ -12,7 +12,7 @@ from ..defaults import (
 )
 from ..errors import ConfigError, DataError
 
-__all__ = ["TrainConfig", "CRITERION_NAMES", "KL_REDUCTION", "KL_WEIGHT", "FINETUNE_MODES", "LEGACY_DEFAULTS"]
+__all__ = ["TrainConfig", "comparable_settings", "CRITERION_NAMES", "KL_REDUCTION", "KL_WEIGHT", "FINETUNE_MODES", "LEGACY_DEFAULTS"]
 
 DEVICES = ("auto", "cpu", "cuda")
 # What a run made before a setting existed did: a config read back from such a run takes these
@@ -187,3 +187,23 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known)}")
         return cls(**data)
+
+
+#: settings that may differ between a run and its resumption (where and how fast it runs, not what)
+RESUME_IGNORES = ("device", "threads", "data_dir", "download", "compile")
+
+
+def comparable_settings(config: dict) -> dict:
+    """The settings a resumed or re-reported run must share (a config dict from a checkpoint or metrics.json);
+    a key that an older run lacks takes what runs did before it existed (LEGACY_DEFAULTS), else its default.
+
+    Example:
+        >>> comparable_settings({"lr": 0.1})["kl_weight"], "threads" in comparable_settings({})
+        (1.0, False)
+    """
+    full = {**_DEFAULTS, **config}
+    return {k: v for k, v in full.items() if k not in RESUME_IGNORES}
+
+
+_DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
+             **LEGACY_DEFAULTS}

@@ -32,7 +32,7 @@ from torch.autograd.graph import increment_version
 
 from ..nn.param_groups import NOISE_LR_SCALE, param_groups  # noqa: F401 (re-exported)
 
-__all__ = ["Adam", "make_optimizer", "fused_supported", "param_groups", "NOISE_LR_SCALE"]
+__all__ = ["Adam", "make_optimizer", "engine_optimizer", "fused_supported", "param_groups", "NOISE_LR_SCALE"]
 
 
 # devices with a fused Adam kernel in PyTorch, floating-point parameters only (Adam checks the same at
@@ -72,3 +72,15 @@ def make_optimizer(params, lr: float) -> Adam:
     params = list(params)
     tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
     return Adam(params, lr=lr, fused=True if fused_supported(tensors) else None)
+
+
+def engine_optimizer(model: torch.nn.Module, config, num_train: int) -> torch.optim.Optimizer:
+    """The training engine's Adam for ``config`` (a TrainConfig): the network at its lr, the noise parameters at
+    the rate ``param_groups`` gives for the steps between two pruning steps."""
+    groups = param_groups(model, config.lr, config.noise_lr_scale, steps_per_prune=_steps_per_prune(config, num_train))
+    return make_optimizer(groups, lr=config.lr)
+
+
+def _steps_per_prune(config, num_train: int) -> int:
+    """Optimizer steps between two pruning steps (the noise parameters' rate follows it: param_groups)."""
+    return -(-num_train // config.batch_size) * config.prune_every

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import warnings
 
 import time
@@ -24,19 +24,20 @@ import torch
 from torch import nn
 
 from ..criteria import Criterion, Gradient, get_criterion
-from ..errors import CheckpointError, ConfigError, first_line
+from ..errors import ConfigError
 from ..io import (
-    check_writable, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
+    FolderLock, check_writable, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
 )
 from ..nn.attach import noise_layers
 from ..saving import save
 from ..pruning import PruningWarning, nothing_pruned_reason, prune, structure_counts
-from ..compaction.shrink import restore_shrunk, shrink
-from .config import LEGACY_DEFAULTS, TrainConfig
+from ..compaction.shrink import shrink
+from .config import TrainConfig
 from .distributed import setup_distributed
 from .history_plot import plot_history
 from .loop import batches, evaluate, train_epoch
-from .optim import make_optimizer, param_groups
+from .optim import engine_optimizer
+from .resume import restore, resume_threads
 
 __all__ = ["train", "build_for", "builder_for", "COMPACT_MODEL", "MASKED_MODEL", "resolve_device", "epoch_seed", "CHECKPOINT", "METRICS"]
 
@@ -45,7 +46,6 @@ METRICS = "metrics.json"
 MASKED_MODEL = "model_masked.safetensors"
 #: the compacted network, written by bmrs.save (reload with bmrs.load(path) or load_run(run).compacted())
 COMPACT_MODEL = "model_compact.safetensors"
-_RESUME_IGNORES = ("device", "threads", "data_dir", "download", "compile")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,96 +110,8 @@ def _prune_epochs(config: TrainConfig) -> list[int]:
     return [e for e in range(1, config.epochs + 1) if e % config.prune_every == 0]
 
 
-def _comparable(config: dict) -> dict:
-    """The settings a resumed run must share; a key that an older checkpoint lacks takes its default."""
-    full = {**_DEFAULTS, **config}
-    return {k: v for k, v in full.items() if k not in _RESUME_IGNORES}
-
-
-_DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
-             **LEGACY_DEFAULTS}
-
-
-# what a training checkpoint holds, and of what kind (checked before any is used on --resume)
-_CHECKPOINT_FIELDS = {"config": dict, "model": dict, "optimizer": dict, "epoch": int, "history": list,
-                      "best_val_accuracy": (int, float), "best_epoch": int,
-                      "best_state": (dict, type(None))}  # None until an epoch may be kept as the best
-
-
-def _restore(path: Path, config: TrainConfig, model: nn.Module, example, num_train: int) -> tuple[dict, nn.Module, torch.optim.Optimizer]:
-    """Load a checkpoint into ``model`` (rebuilt narrower first if it was shrunk) and a fresh optimizer."""
-    state = load_checkpoint(path)
-    for key, kind in _CHECKPOINT_FIELDS.items():
-        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise CheckpointError(f"{path}: not a bmrs training checkpoint (no {key!r} of the right kind); "
-                                  "delete it to start over")
-    if _comparable(state["config"]) != _comparable(config.to_dict()):
-        changed = sorted(k for k in _comparable(config.to_dict())
-                         if state["config"].get(k) != config.to_dict().get(k))
-        raise CheckpointError(f"{path}: checkpoint was made with different settings ({', '.join(changed)}); "
-                              "use the same options to resume, or another --output")
-    try:
-        if config.shrink:
-            model = restore_shrunk(model, state["model"], example)
-        optimizer = _optimizer(model, config, num_train)
-        model.load_state_dict(state["model"])
-        _check_optimizer_state(state["optimizer"], optimizer)
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({first_line(err)}); "
-                              "it belongs to another model — use another --output") from None
-    problem = _progress_problem(state, model, config)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}; the checkpoint is damaged — delete it to start over")
-    return state, model, optimizer
-
-
-def _progress_problem(state: dict, model: nn.Module, config: TrainConfig) -> str | None:
-    """What is wrong with a checkpoint's record of progress (epoch, history, best state), if anything."""
-    epoch, history, best = state["epoch"], state["history"], state["best_state"]
-    if not 0 <= epoch <= config.total_epochs:
-        return f"epoch {epoch} lies outside the run's 0 … {config.total_epochs}"
-    if len(history) != epoch or not all(isinstance(h, dict) and isinstance(h.get("seconds"), (int, float))
-                                        for h in history):
-        return f"its history does not hold one record (with its seconds) for each of its {epoch} epochs"
-    if best is None:
-        return f"it has finished all {epoch} epochs but kept no best state" if epoch == config.total_epochs else None
-    own = model.state_dict()
-    if set(best) != set(own) or any(not isinstance(best[k], torch.Tensor) or best[k].shape != own[k].shape for k in own):
-        return "its best state does not fit the model"
-    return None
-
-
-def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
-    """ValueError unless every saved per-parameter tensor (Adam's moments) has its parameter's shape:
-    ``load_state_dict`` checks only how many parameters there are, and the fused step then writes past the
-    end of a smaller moment."""
-    groups, state = saved.get("param_groups"), saved.get("state")
-    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(optimizer.param_groups):
-        raise ValueError("the optimizer state has another layout")
-    for group, mine in zip(groups, optimizer.param_groups):
-        indices = group.get("params") if isinstance(group, dict) else None
-        if not isinstance(indices, list) or len(indices) != len(mine["params"]):
-            raise ValueError("the optimizer state has another number of parameters")
-        for index, param in zip(indices, mine["params"]):
-            entry = state.get(index, {})
-            for name, value in (entry.items() if isinstance(entry, dict) else [("state", entry)]):
-                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != param.shape):
-                    raise ValueError(f"optimizer {name} of parameter {index} does not match its shape")
-
-
 def _masked_in_place(model: nn.Module) -> int:
     return sum(int((noise.mask == 0).sum()) for _, noise in noise_layers(model))
-
-
-def _optimizer(model: nn.Module, config: TrainConfig, num_train: int) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.lr, config.noise_lr_scale, steps_per_prune=_steps_per_prune(config, num_train))
-    return make_optimizer(groups, lr=config.lr)
-
-
-def _steps_per_prune(config: TrainConfig, num_train: int) -> int:
-    """Optimizer steps between two pruning steps (the noise parameters' rate follows it: param_groups)."""
-    return -(-num_train // config.batch_size) * config.prune_every
 
 
 def _prune_step(model, criterion, config, step_index, data, device) -> dict:
@@ -233,6 +145,15 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         metrics = train(config, "runs/mlp-bmrs-u-4", resume=True)
         print(metrics["test_accuracy"], metrics["parameter_compression_pct"])
     """
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes (and holds the folder)
+        return _train(config, output, resume, progress, log, data)
+    check_writable(output)
+    with FolderLock(output, "train"):  # a second bmrs train on this folder is refused, not interleaved
+        return _train(config, output, resume, progress, log, data)
+
+
+def _train(config: TrainConfig, output: str | Path, resume: bool, progress: bool, log: Callable[[str], None],
+           data) -> dict:
     from ..data import load_dataset
 
     device = resolve_device(config.device)
@@ -259,7 +180,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         _kernels.get()  # build (or load) the fused kernels now, with a message, not inside the first step
     model = build_for(config, data.in_channels, data.num_classes).to(device)
     example = data.train.tensors[0][:2].to(device)  # traces the network when shrinking it
-    optimizer = _optimizer(model, config, len(data.train))
+    optimizer = engine_optimizer(model, config, len(data.train))
     criterion = _criterion(config)
     prune_epochs = _prune_epochs(config)
     eligible_from = prune_epochs[-1] if prune_epochs else 1
@@ -271,8 +192,8 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         raise ConfigError(f"{output} holds a finished run (metrics.json) without its checkpoint; choose another "
                           "--output, or delete metrics.json to train there again")
     if resume and ckpt_path.exists():
-        state, model, optimizer = _restore(ckpt_path, config, model, example, len(data.train))
-        _resume_threads(state.get("threads"), config.threads, log)
+        state, model, optimizer = restore(ckpt_path, config, model, example, len(data.train))
+        resume_threads(state.get("threads"), config.threads, log)
         start, history = state["epoch"] + 1, state["history"]
         best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
                 "state": state["best_state"]}
@@ -331,18 +252,6 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     if not dist.is_main:
         return {}
     return finish(config, output, model, best, history, data, device, log)
-
-
-def _resume_threads(saved: int | None, asked: int | None, log: Callable[[str], None]) -> None:
-    """Resume on the thread count the run was trained with (PyTorch's CPU reductions split work by thread,
-    so the last bits, and then the run, depend on it), unless --threads asks for another: then say so."""
-    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
-        return  # (checkpoints from before the count was kept)
-    if asked is None:
-        torch.set_num_threads(saved)
-    elif asked != saved:
-        log(f"note: resuming on {asked} threads where the run used {saved}; it will not match an "
-            f"uninterrupted run bit for bit (pass --threads {saved} for that)")
 
 
 def _silent(_message: str) -> None:
