@@ -55,7 +55,7 @@ def test_tiny_grid_runs_and_reports(tmp_path):
     with open(report / "fashion-mnist.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == CSV_COLUMNS
-    assert {r["method"] for r in rows} == {"none", "bmrs-n", "l2", "bmrs-u-4"}
+    assert {r["method"] for r in rows} == {"none", "bmrs-n", "l2", "bmrs-u-4", "bmrs-n-published", "plain"}
     for name in ("fashion-mnist.md", "fashion-mnist-table.png", "post-training-mlp.png", "p1-sweep.png",
                  "mantissa.png", "theta-histograms.png"):
         assert (report / name).stat().st_size > 0, name
