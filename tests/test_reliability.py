@@ -222,12 +222,12 @@ def test_a_finished_run_without_its_checkpoint_is_not_overwritten(finished_run, 
 
 
 def test_resume_takes_the_runs_thread_count(monkeypatch):
-    from bmrs.training import run
+    from bmrs.training.resume import resume_threads
     notes = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: notes.append(("set", n)))
-    run._resume_threads(1, None, notes.append)
-    run._resume_threads(1, 2, notes.append)
-    run._resume_threads(None, None, notes.append)  # a checkpoint from before the count was kept
+    resume_threads(1, None, notes.append)
+    resume_threads(1, 2, notes.append)
+    resume_threads(None, None, notes.append)  # a checkpoint from before the count was kept
     assert notes[0] == ("set", 1) and len(notes) == 2 and "resuming on 2 threads where the run used 1" in notes[1]
 
 
