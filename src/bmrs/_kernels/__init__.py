@@ -102,7 +102,8 @@ def build_key() -> str:
     sha = hashlib.sha1()
     for path in sorted(_SOURCES) + sorted(_SOURCES[0].parent.glob("*.h")):
         sha.update(path.name.encode() + path.read_bytes())
-    for part in (*_FLAGS, torch.__version__, sys.version, sys.executable, _cpu_identity()):
+    # the environment by its prefix (a venv's own; python and python3 of one interpreter share it)
+    for part in (*_FLAGS, torch.__version__, sys.version, sys.prefix, _cpu_identity()):
         sha.update(str(part).encode())
     return f"bmrs_kernels_{sha.hexdigest()[:16]}"
 
