@@ -621,3 +621,21 @@ def test_an_empty_test_set_or_validation_split_is_a_data_error(isolated, n_train
     make_mnist_like(isolated / "data" / "fashion-mnist", n_train=n_train, n_test=n_test)
     with pytest.raises(DataError, match=fragment):
         load_dataset("fashion-mnist", isolated / "data", progress=False)
+
+
+def test_cifar_batch_with_an_object_dtype_is_refused_not_a_crash(tmp_path):
+    """A batch whose array dtype was changed to Python objects ('O8'): its raw bytes would become object
+    pointers, and reading them crashed the process (found by the fuzz test). Run apart, since it could."""
+    import pickle as _pickle
+    import subprocess
+    import sys
+
+    import numpy as np
+    batch = _pickle.dumps({b"data": np.zeros(2, dtype=np.float64) + 1e-300, b"labels": [0, 1]}, protocol=2)
+    crafted = tmp_path / "data_batch_1"
+    crafted.write_bytes(batch.replace(b"f8", b"O8"))
+    code = ("from bmrs.data.cifar import read_cifar_batch; from bmrs.errors import DataError\n"
+            f"try:\n    read_cifar_batch({str(crafted)!r})\nexcept DataError as err:\n    print('refused:', err)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "refused:" in done.stdout and "Python objects" in done.stdout

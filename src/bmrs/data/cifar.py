@@ -87,13 +87,22 @@ def _safe_frombuffer(buf, dtype, shape, order):
     return _numeric()._frombuffer(buf, dtype, shape, order)
 
 
+def _safe_dtype(*args):
+    """numpy.dtype, refusing dtypes that hold Python objects: an array of them built from raw bytes holds
+    arbitrary pointers (reading it crashed the process)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("refusing a dtype of Python objects")
+    return dtype
+
+
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
     ("numpy", "ndarray"): _ArrayType,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _safe_dtype,
     # Python 3 writes bytes as _codecs.encode(str, "latin1") in protocols 0-2 (a pure function).
     ("_codecs", "encode"): codecs.encode,
 }
@@ -112,6 +121,19 @@ class SafeUnpickler(_PyUnpickler):
         >>> SafeUnpickler(io.BytesIO(pickle.dumps({"a": [1, 2]}))).load()
         {'a': [1, 2]}
     """
+
+    def load_build(self):
+        """BUILD (``__setstate__``) only with a dtype free of Python objects, for arrays and dtypes alike."""
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.ndarray):
+            dtype = state[2] if isinstance(state, tuple) and len(state) >= 3 else None
+            if not isinstance(dtype, np.dtype) or dtype.hasobject:
+                raise pickle.UnpicklingError("refusing an array state without a plain numeric dtype")
+        _PyUnpickler.load_build(self)
+        if isinstance(target, np.dtype) and target.hasobject:
+            raise pickle.UnpicklingError("refusing a dtype of Python objects")
+
+    dispatch = {**_PyUnpickler.dispatch, pickle.BUILD[0]: load_build}
 
     def find_class(self, module: str, name: str):
         target = _ALLOWED.get((module, name))
