@@ -260,7 +260,7 @@ def _silent(_message: str) -> None:
 
 def finish(config, output: Path, model: nn.Module, best: dict, history: list, data, device, log) -> dict:
     """Test the best checkpoint, compact it, save models and metrics.json."""
-    from ..compaction import compact, compression_report
+    from ..compaction import CompactionWarning, compact, compression_report
 
     model.load_state_dict(best["state"])
     model.eval()
@@ -275,7 +275,14 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     }
     if noise_layers(model):
         counts = structure_counts(model)
-        compacted = compact(model, example)
+        with warnings.catch_warnings(record=True) as caught:  # said as a note line, not a Python warning
+            warnings.simplefilter("always", CompactionWarning)
+            compacted = compact(model, example)
+        for warning in caught:
+            if issubclass(warning.category, CompactionWarning):
+                log(f"note: {warning.message}")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         # "before" is the network as built: a shrunk model has already lost what it pruned
         full = build_for(config, data.in_channels, data.num_classes).to(device)
         sizes = compression_report(full, compacted, example)
