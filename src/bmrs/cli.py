@@ -220,7 +220,7 @@ def _compact(args) -> int:
 def _reproduce(args) -> int:
     from .experiments.reproduce import reproduce
 
-    return reproduce(args)
+    return reproduce(args, progress=progress_wanted(args))
 
 
 COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": _reproduce}

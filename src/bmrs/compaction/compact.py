@@ -116,17 +116,16 @@ def _remove_masked_channels(folded: Folded) -> dict[str, tuple[int, str]]:
     records = [rec for rec in folded.records if rec.carrier is not None]
     # original channel number of each current position of every gated node (pruning shifts positions)
     kept = {rec.carrier: list(range(rec.theta.numel())) for rec in records}
+    masked = {rec.name: set((rec.theta == 0).nonzero().flatten().tolist()) for rec in records}
     for rec in records:
         if rec.carrier.type in _BLOCKING_TYPES:
             continue
-        masked = set((rec.theta == 0).nonzero().flatten().tolist())
-        positions = [pos for pos, orig in enumerate(kept[rec.carrier]) if orig in masked]
+        positions = [pos for pos, orig in enumerate(kept[rec.carrier]) if orig in masked[rec.name]]
         if positions:
             _prune(trace, rec.carrier, positions, kept)
     stayed = {}
     for rec in records:
-        masked = set((rec.theta == 0).nonzero().flatten().tolist())
-        left = len(masked & set(kept[rec.carrier]))
+        left = len(masked[rec.name] & set(kept[rec.carrier]))
         if left:
             why = (f"they are read by a {rec.carrier.type.name}" if rec.carrier.type in _BLOCKING_TYPES else
                    "their channels also reach a residual sum an unpruned layer writes, a normalisation over "

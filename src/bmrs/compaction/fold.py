@@ -61,6 +61,8 @@ _HOMOGENEOUS_OPS = frozenset({
     "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
     "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
 })
+
+
 class IncompleteCompactionWarning(RuntimeWarning):
     """Compaction could not work out every channel (a noise layer the inputs never reach, or a graph
     torch-pruning cannot handle): the result keeps channels it could have removed."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -12,7 +10,7 @@ from .reproduce_runs import grid_jobs, run_jobs
 __all__ = ["reproduce"]
 
 
-def reproduce(args, log=print) -> int:
+def reproduce(args, log=print, progress: bool = True) -> int:
     """Run (or continue) every job of the grid, then build the report from whatever has finished."""
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
@@ -27,7 +25,7 @@ def reproduce(args, log=print) -> int:
             job.train_config()
     failed = []
     if not args.report_only:
-        failed = run_jobs(jobs, workers=args.workers, log=log, progress=not getattr(args, "no_progress", False) and sys.stderr.isatty())
+        failed = run_jobs(jobs, workers=args.workers, log=log, progress=progress)
     from .reproduce_report import build_report
 
     build_report(jobs, Path(args.runs), Path(args.report), levels=args.levels, log=log)

@@ -23,6 +23,7 @@ from ..training.artifacts import load_run
 from ..training.run import CHECKPOINT
 from ..training.loop import evaluate
 from .curve import plot_curves, sweep
+from ..defaults import KL_WEIGHT
 from .reproduce_runs import EXTRA_METHODS, GOAL_REFERENCES, PAPER, PAPER_STD, Job, summary_rows
 
 __all__ = ["build_report", "aggregate", "knee_distances", "mantissa_test"]
@@ -430,7 +431,7 @@ def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, lo
         *agreement(table),
         "",
         "`bmrs-n` is `bmrs train`'s defaults (the stated rule ΔF ≥ −1 nat or E[θ] < 2⁻²³, noise parameters at 10× "
-        "the learning rate, the KL as a 0.7-weighted mean over structures, deterministic fine-tuning; "
+        f"the learning rate, the KL as a {KL_WEIGHT:g}-weighted mean over structures, deterministic fine-tuning; "
         "docs/decision-rule.md); every other method runs with the paper's recipe. `bmrs-n-exact` is the exact rule "
         "ΔF ≥ 0 with the paper's recipe: the ΔF of a posterior the data leaves prior-like is a tie just below 0, so "
         "it prunes nothing; `bmrs-n-published` (the public code's +½ ln 2π ≈ 0.919) prunes those posteriors; "

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import NOISE_LR_MAX, NOISE_LR_SCALE, NOISE_TRAVERSE
 from ..errors import ConfigError
 from .attach import noise_layers
 
 __all__ = ["param_groups", "noise_learning_rate", "NOISE_LR_SCALE", "NOISE_TRAVERSE", "NOISE_LR_MAX"]
-
-from ..defaults import NOISE_LR_MAX, NOISE_LR_SCALE, NOISE_TRAVERSE  # noqa: E402 (re-exported)
 
 
 def noise_learning_rate(lr: float, noise_lr_scale: float = NOISE_LR_SCALE, steps_per_prune: int | None = None) -> float:
