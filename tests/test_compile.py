@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-import bmrs
 from bmrs._compile import set_compile
 from bmrs.distributions import _truncnorm as tn
 

@@ -215,12 +215,13 @@ def test_attach_explicit_targets_and_attention():
     block = bmrs.attach(Block(), targets=["attn", nn.Linear])
     layers = dict(bmrs.noise_layers(block))
     assert set(layers) == {"attn", "fc", "head"}  # explicit targets may include the head
-    assert layers["attn"].producer == "attn.out_proj" and layers["attn"].dim == -1
+    assert layers["attn"].num_features == 2 and layers["attn"].head_dim == 4  # naming attention gates its heads
     out = block(torch.randn(2, 4, 8))
     assert out.shape == (2, 4, 3)
-    # default policy on the same block: not the head, not the attention's internal projections
+    # default policy on the same block: its heads; not the output layer, the projections inside the
+    # attention, nor fc, whose outputs have the width of the attention output it reads (a stream writer)
     default = dict(bmrs.noise_layers(bmrs.attach(Block())))
-    assert set(default) == {"fc"}
+    assert set(default) == {"attn"}
 
 
 def test_attach_errors():
@@ -503,7 +504,7 @@ def test_sequence_first_layers_draw_theta_per_example_shared_across_tokens():
     tokens, examples = 5, 3
     # inside nn.TransformerEncoderLayer (batch_first=False by default) the layers are found sequence-first
     encoder = bmrs.attach(nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0)))
-    assert {name: noise.batch_dim for name, noise in bmrs.noise_layers(encoder)} == {"0.linear1": 1}
+    assert {name: noise.batch_dim for name, noise in bmrs.noise_layers(encoder)} == {"0.self_attn": 1, "0.linear1": 1}
     # a whole model declared sequence-first
     model = bmrs.attach(_TokensThenPool(token_axis=0), targets=["act"], batch_dim=1)
     (_, noise), = bmrs.noise_layers(model)

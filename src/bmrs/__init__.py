@@ -26,9 +26,9 @@ _EXPORTS = {
     "DataError": "bmrs.errors", "ModelError": "bmrs.errors",
     "delta_f": "bmrs.reduction", "spike_prior": "bmrs.reduction", "precision_prior": "bmrs.reduction",
     "MultiplicativeNoise": "bmrs.nn", "attach": "bmrs.nn", "kl_loss": "bmrs.nn", "noise_layers": "bmrs.nn",
-    "param_groups": "bmrs.nn",
+    "param_groups": "bmrs.nn", "detach_noise": "bmrs.nn.attach",
     "PruneReport": "bmrs.pruning", "prune": "bmrs.pruning",
-    "compact": "bmrs.compaction", "count": "bmrs.compaction",
+    "compact": "bmrs.compaction", "count": "bmrs.compaction", "export": "bmrs.compaction.export",
     "save": "bmrs.saving", "load": "bmrs.saving",
 }
 _SUBMODULES = ("criteria", "compaction", "pruning", "models", "training", "data", "nn", "distributions",

@@ -134,8 +134,13 @@ def _resize(model: nn.Module, modules: dict, tensors: dict[str, torch.Tensor], p
     if missing:
         raise ModelError(f"{path}: the network given has no submodule {missing[0]!r} (and {len(missing) - 1} more); "
                          "pass the network the saved model was compacted from")
+    from .nn.mha import make_headed
+
+    adopt = {"bmrs.nn.mha.HeadedMultiheadAttention": make_headed}  # classes compaction turns modules into
     for name, entry in modules.items():
         module = own[name]
+        if entry["type"] in adopt and isinstance(module, nn.MultiheadAttention):
+            adopt[entry["type"]](module)
         for key, value in entry["sizes"].items():
             current = getattr(module, key, None)
             if key in vars(module) and isinstance(current, (int, float, tuple, list)) and not isinstance(current, bool):

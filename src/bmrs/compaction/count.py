@@ -28,6 +28,7 @@ from torch_pruning.utils import op_counter
 from torch import nn
 
 from ..errors import ModelError
+from ..nn.mha import HeadedMultiheadAttention
 from ..nn.noise import MultiplicativeNoise
 from .fold import plain_inputs
 
@@ -62,16 +63,31 @@ def count(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     return {"params": count_params(model), "macs": macs, "flops": 2 * macs}
 
 
+def _headed_attention_macs(module: HeadedMultiheadAttention, inputs, output) -> None:
+    """torch-pruning counter hook for :class:`~bmrs.nn.mha.HeadedMultiheadAttention`: its query/key/value
+    projections (to the heads it has), the attention of each head and the output projection (the counter
+    does not descend into a module it counts)."""
+    query, key = inputs[0], inputs[1]
+    length_axis = 1 if module.batch_first and query.dim() == 3 else 0
+    batch = query.shape[0 if length_axis == 1 else 1] if query.dim() == 3 else 1
+    queries, keys = query.shape[length_axis], key.shape[length_axis]
+    inner = module.num_heads * module.head_dim
+    projections = queries * query.shape[-1] * inner + keys * (key.shape[-1] + inputs[2].shape[-1]) * inner
+    attention = module.num_heads * queries * keys * (2 * module.head_dim + 1)
+    out = queries * inner * module.out_proj.out_features
+    module.__flops__ += int((projections + attention + out) * batch)
+
+
 def _count_subclasses_as_bases(model: nn.Module) -> None:
     """Count a subclass of a torch layer (e.g. :class:`~bmrs.compaction.NarrowConv2d`) as that layer.
 
     torch-pruning's counter looks modules up by exact type; its custom mapping is reset after each count.
     """
     known = op_counter.MODULES_MAPPING
-    custom = {}
+    custom = {HeadedMultiheadAttention: _headed_attention_macs}
     for module in model.modules():
         kind = type(module)
-        if kind not in known and not isinstance(module, MultiplicativeNoise):
+        if kind not in known and kind not in custom and not isinstance(module, MultiplicativeNoise):
             base = next((b for b in kind.__mro__[1:] if b in known), None)
             if base is not None:
                 custom[kind] = known[base]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..nn.attach import NOISE_ATTR, noise_layers
 from ..nn.heads import HeadGate, HeadLayout, head_layout
+from ..nn.mha import make_plain
 
 __all__ = ["fold_head_gates"]
 
@@ -71,12 +72,16 @@ def fold_head_gates(model: nn.Module) -> dict[str, tuple[int, int]]:
         scale = theta.repeat_interleave(layout.head_dim)
         layout.out.weight.mul_(scale)
         keep = [h for h in range(layout.heads) if float(theta[h]) != 0.0] or [0]
-        if len(keep) < layout.heads:
+        if len(keep) < layout.heads and layout.keep_heads is not None:
+            layout.keep_heads(keep)
+        elif len(keep) < layout.heads:
             for linear, rows in _rows(layout, keep).values():
                 _keep_rows(linear, rows)
-            _keep_columns(layout.out, [h * layout.head_dim + i for h in keep for i in range(layout.head_dim)])
             for module, attr, factor in layout.counters:
                 setattr(module, attr, len(keep) * factor)
+        if len(keep) < layout.heads:
+            _keep_columns(layout.out, [h * layout.head_dim + i for h in keep for i in range(layout.head_dim)])
         _remove_gate(host, layout.out)
+        make_plain(host)  # an nn.MultiheadAttention that kept every head is one again
         changed[name] = (layout.heads, len(keep))
     return changed

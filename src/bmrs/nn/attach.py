@@ -23,8 +23,10 @@ Default policy (``targets=None``):
     convolutions, are placed right; else from registration order (the next module registered follows, the
     last Conv/Linear registered is the output layer), as also when a residual sum or concatenation lies
     between the layers and the output;
-  * never on layers inside ``nn.MultiheadAttention`` (its projections are not called as modules):
-    target the ``MultiheadAttention`` module itself to gate its output channels;
+  * in a model with attention modules bmrs knows (:mod:`bmrs.nn.heads`, ``nn.MultiheadAttention`` included):
+    one θ per attention head, and none inside the attention modules nor on layers that write into the
+    residual stream (:func:`~bmrs.nn.heads.transformer_placement`); naming an attention module as a target
+    also gates its heads;
   * a module used in several places (shared weights) gets one noise layer and one hook, which gates its
     output wherever it runs.
 
@@ -49,7 +51,8 @@ from ..defaults import KL_REDUCTIONS
 from ..errors import ConfigError, ModelError
 from ..distributions.fast_sample import sample_theta
 from .flow import Flow, module_flow
-from .heads import HeadGate, head_layout, transformer_placement
+from .heads import HeadGate, head_layout, ready_for_gate, transformer_placement
+from .mha import make_plain
 from .fused_layers import kl_layers, sample_layers
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
@@ -556,7 +559,7 @@ def install_noise(model: nn.Module, entries: list[tuple[nn.Module, Multiplicativ
     for module, noise in entries:
         module.add_module(NOISE_ATTR, noise)
         if noise.head_dim is not None:  # gates the heads at the input of the output projection
-            head_layout(module).out.register_forward_pre_hook(HeadGate(module, noise.head_dim, _gate_heads))
+            ready_for_gate(module).out.register_forward_pre_hook(HeadGate(module, noise.head_dim, _gate_heads))
             continue
         target = _hook_target(module, noise, modules, places)
         target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module), with_kwargs=True)
@@ -571,6 +574,7 @@ def detach_noise(model: nn.Module) -> nn.Module:
     for _, module in model.named_modules():
         if NOISE_ATTR in getattr(module, "_modules", {}):
             del module._modules[NOISE_ATTR]
+            make_plain(module)
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
                 if hook in (_apply_noise, _bank_draw, _bank_clear) or isinstance(hook, (_NoiseAfterPool, HeadGate)):

@@ -12,7 +12,10 @@ Recognised layouts (:func:`head_layout`):
 * ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``/``out_proj`` Linears with a head count and ``head_dim``
   (transformers' ViT and most recent models; grouped key/value heads are not supported);
 * a child with ``query``, ``key``, ``value`` Linears and ``attention_head_size``, and a child ``output``
-  whose ``dense`` Linear reads the heads (transformers' BERT family: ``BertAttention``).
+  whose ``dense`` Linear reads the heads (transformers' BERT family: ``BertAttention``);
+* ``nn.MultiheadAttention`` (and ``nn.Transformer*`` layers' ``self_attn``): attaching a head gate turns it
+  into a :class:`~bmrs.nn.mha.HeadedMultiheadAttention` (same parameters and results, ``out_proj`` called
+  as a module), which also removes heads (:meth:`~bmrs.nn.mha.HeadedMultiheadAttention.keep_heads`).
 
 Example:
     >>> from bmrs.models.vit import Attention
@@ -28,7 +31,9 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-__all__ = ["HeadLayout", "head_layout", "HeadGate", "transformer_placement"]
+from .mha import HeadedMultiheadAttention, make_headed
+
+__all__ = ["HeadLayout", "head_layout", "HeadGate", "transformer_placement", "ready_for_gate"]
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads")
 
@@ -39,7 +44,9 @@ class HeadLayout:
 
     ``projections``: the query, key and value Linears with the row where head 0 starts (head h's rows are
     ``offset + h·head_dim`` onwards); ``out``: the output projection, whose input columns are grouped by
-    head; ``counters``: attributes that hold the number of heads times a factor (updated when heads go).
+    head; ``counters``: attributes that hold the number of heads times a factor (updated when heads go);
+    ``keep_heads``: for a module that removes its own query/key/value rows given the heads to keep (then
+    ``projections`` and ``counters`` are empty).
     """
 
     heads: int
@@ -47,6 +54,7 @@ class HeadLayout:
     out: nn.Linear
     projections: list[tuple[nn.Linear, int]]
     counters: list[tuple[nn.Module, str, int]]
+    keep_heads: Callable[[list[int]], None] | None = None
 
 
 def _count(module: nn.Module) -> tuple[str, int] | None:
@@ -103,13 +111,28 @@ def _split(module: nn.Module) -> HeadLayout | None:
     return HeadLayout(count[1], head_dim, out, [(inner.query, 0), (inner.key, 0), (inner.value, 0)], counters)
 
 
+def _torch_mha(module: nn.Module) -> HeadLayout | None:
+    if type(module) not in (nn.MultiheadAttention, HeadedMultiheadAttention):
+        return None
+    keep = module.keep_heads if isinstance(module, HeadedMultiheadAttention) else None
+    return HeadLayout(module.num_heads, module.head_dim, module.out_proj, [], [], keep)
+
+
 def head_layout(module: nn.Module) -> HeadLayout | None:
     """The heads of an attention module (see the module docstring), or None if it is not one bmrs knows."""
-    for recognise in (_fused, _separate, _split):
+    for recognise in (_torch_mha, _fused, _separate, _split):
         layout = recognise(module)
         if layout is not None:
             return layout
     return None
+
+
+def ready_for_gate(module: nn.Module) -> HeadLayout:
+    """``module``'s head layout, after turning an ``nn.MultiheadAttention`` into a
+    :class:`~bmrs.nn.mha.HeadedMultiheadAttention` (in place) so that a gate can reach its heads."""
+    if type(module) is nn.MultiheadAttention:
+        make_headed(module)
+    return head_layout(module)
 
 
 class HeadGate:
