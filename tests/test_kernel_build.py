@@ -21,6 +21,17 @@ def test_build_key_names_sources_torch_interpreter_and_cpu(monkeypatch):
     assert str(_kernels._build_root()) == "/somewhere/else/bmrs"
 
 
+def test_another_checkout_with_the_same_sources_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """ninja rebuilds when the sources' paths change: two checkouts sharing a folder rebuilt over each other."""
+    key = _kernels.build_key()
+    copies = []
+    for source in _kernels._SOURCES + sorted(_kernels._SOURCES[0].parent.glob("*.h")):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+        copies.append(tmp_path / source.name)
+    monkeypatch.setattr(_kernels, "_SOURCES", [c for c in copies if c.suffix == ".cpp"])
+    assert _kernels.build_key() != key
+
+
 def test_a_killed_build_leaves_its_lock_to_the_next_run(tmp_path):
     folder = tmp_path / "bmrs_kernels_x"
     holder = subprocess.Popen([sys.executable, "-c", (

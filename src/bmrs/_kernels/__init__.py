@@ -95,13 +95,14 @@ def _cpu_identity() -> str:
 
 
 def build_key() -> str:
-    """The kernels' build folder and module name: one per source, flags, torch, interpreter and CPU, so two
-    checkouts, virtual environments or versions never rebuild over each other."""
+    """The kernels' build folder and module name: one per source (its path and text), flags, torch, interpreter
+    and CPU, so two checkouts, virtual environments or versions never rebuild over each other (ninja rebuilds
+    whenever the sources' paths change, so checkouts with the same text need folders of their own too)."""
     import sys
 
     sha = hashlib.sha1()
     for path in sorted(_SOURCES) + sorted(_SOURCES[0].parent.glob("*.h")):
-        sha.update(path.name.encode() + path.read_bytes())
+        sha.update(str(path.resolve()).encode() + path.read_bytes())
     # the environment by its prefix (a venv's own; python and python3 of one interpreter share it)
     for part in (*_FLAGS, torch.__version__, sys.version, sys.prefix, _cpu_identity()):
         sha.update(str(part).encode())
