@@ -171,18 +171,20 @@ class BMRSTrainerMixin:
             found[0].plan.prepare(self.model)
         self.bmrs = found[0]
         self.bmrs.trainer = self
-        self._bmrs_steps: int | None = None
-
-    def create_optimizer_and_scheduler(self, num_training_steps: int):
-        self._bmrs_steps = num_training_steps
-        return super().create_optimizer_and_scheduler(num_training_steps)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        epochs = math.ceil(self.args.num_train_epochs) if self.args.max_steps <= 0 else None
-        per_epoch = self._bmrs_steps / epochs if self._bmrs_steps and epochs else None
-        self.bmrs.plan.split_noise_group(self.model, optimizer, self.bmrs.plan.steps_per_prune(per_epoch))
+        self.bmrs.plan.split_noise_group(self.model, optimizer, self.bmrs.plan.steps_per_prune(self._steps_per_epoch()))
         return optimizer
+
+    def _steps_per_epoch(self) -> float | None:
+        if self.train_dataset is None:
+            return None
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:  # an iterable dataset
+            return None
+        return batches / max(self.args.gradient_accumulation_steps, 1)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, **kwargs):
         self.bmrs.before_forward(model, inputs)
