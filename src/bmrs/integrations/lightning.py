@@ -46,7 +46,7 @@ from ..defaults import FINETUNE, KL_REDUCTION, KL_WEIGHT, NOISE_LR_SCALE
 from ..errors import ConfigError
 from ..nn.attach import noise_layers
 from ..nn.param_groups import param_groups as _param_groups
-from .plan import PruningPlan
+from .plan import PlanResults, PruningPlan
 
 try:
     from lightning.pytorch import Callback
@@ -62,7 +62,7 @@ _FIX_OPTIMIZER = ("build it in configure_optimizers from param_groups(self, lr) 
                   "(from bmrs.integrations.lightning import param_groups)")
 
 
-class BMRSPruning(Callback):
+class BMRSPruning(PlanResults, Callback):
     """Attach noise layers, prune on a schedule, fine-tune and compact, inside ``Trainer.fit``.
 
     ``module``: the attribute path of the network inside the LightningModule (``"net"``); None prunes the
@@ -98,16 +98,6 @@ class BMRSPruning(Callback):
         self.module, self.shrink, self.compact = module, bool(shrink), bool(compact)
         self._kl_added = False
         self._num_train: int | None = None
-
-    @property
-    def compacted(self) -> nn.Module | None:
-        """The compacted network after ``fit`` (None before, or with ``compact=False``)."""
-        return self.plan.compacted
-
-    @property
-    def reports(self):
-        """The ``PruneReport`` of every pruning step so far."""
-        return self.plan.reports
 
     def network(self, pl_module) -> nn.Module:
         """The network this callback prunes: ``pl_module`` or its submodule ``module``."""

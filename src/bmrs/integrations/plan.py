@@ -33,7 +33,7 @@ from ..nn.attach import attach, kl_loss, noise_layers
 from ..nn.param_groups import noise_learning_rate
 from ..pruning import PruneReport, PruningWarning, _as_criterion, nothing_pruned_reason, prune
 
-__all__ = ["PruningPlan", "model_inputs", "LABEL_KEYS"]
+__all__ = ["PruningPlan", "PlanResults", "model_inputs", "LABEL_KEYS"]
 
 #: keys of a dict batch that hold targets, not model inputs (left out of the example inputs)
 LABEL_KEYS = ("labels", "label", "label_ids", "targets", "target")
@@ -222,3 +222,19 @@ class PruningPlan:
             group["weight_decay"] = 0.0
         optimizer.add_param_group(group)
         return optimizer
+
+
+class PlanResults:
+    """What a callback running a :class:`PruningPlan` (its ``plan``) shows of it."""
+
+    plan: PruningPlan
+
+    @property
+    def compacted(self) -> nn.Module | None:
+        """The compacted network after training (None before, or with ``compact=False``)."""
+        return self.plan.compacted
+
+    @property
+    def reports(self) -> list[PruneReport]:
+        """The ``PruneReport`` of every pruning step so far."""
+        return self.plan.reports

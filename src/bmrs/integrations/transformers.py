@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..defaults import FINETUNE, KL_REDUCTION, KL_WEIGHT, NOISE_LR_SCALE
 from ..errors import ConfigError
-from .plan import PruningPlan
+from .plan import PlanResults, PruningPlan
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -58,7 +58,7 @@ __all__ = ["BMRSCallback", "BMRSTrainer", "BMRSTrainerMixin"]
 _FIX_TRAINER = "train with bmrs.integrations.transformers.BMRSTrainer (or BMRSTrainerMixin on your Trainer class)"
 
 
-class BMRSCallback(TrainerCallback):
+class BMRSCallback(PlanResults, TrainerCallback):
     """Attach noise layers, prune on a schedule, fine-tune and compact, inside ``Trainer.train``.
 
     The model (the ``Trainer``'s, at its construction) gets noise layers unless it has them (``targets``:
@@ -85,16 +85,6 @@ class BMRSCallback(TrainerCallback):
         self._epoch, self._total = 0, None
         self._kl_added = False
         self._num_train: int | None = None
-
-    @property
-    def compacted(self) -> nn.Module | None:
-        """The compacted model after ``train`` (None before, or with ``compact=False``)."""
-        return self.plan.compacted
-
-    @property
-    def reports(self):
-        """The ``PruneReport`` of every pruning step so far."""
-        return self.plan.reports
 
     def frozen(self) -> bool:
         return self.plan.frozen(self._epoch, self._total) if self._epoch else False
