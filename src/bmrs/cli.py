@@ -3,6 +3,7 @@
     bmrs train   [options]        continuous pruning run (default: LeNet5 + BMRS_N on Fashion-MNIST)
     bmrs curve   --run DIR        post-training sweep: accuracy against compression per criterion
     bmrs compact --run DIR        a trained run → compacted model file, size, FLOPs and latency
+    bmrs prune   --model M:F --checkpoint FILE   your own trained model → pruned, compacted model file
 
 Bad input ends with a one-line ``bmrs: error: …`` and exit code 2 (usage) or 1 (data, checkpoint,
 training); ``--debug`` shows the traceback instead.
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--runs", default="runs/reproduce/fashion-mnist", help="folder of the runs")
     rep.add_argument("--report", default="docs/results", help="folder of the report")
     rep.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    from .experiments.prune_run import add_prune_command  # (imports no torch)
+    add_prune_command(sub, _add_global_options)
     return parser
 
 
@@ -223,7 +226,13 @@ def _reproduce(args) -> int:
     return reproduce(args, progress=progress_wanted(args))
 
 
-COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": _reproduce}
+def _prune(args) -> int:
+    from .experiments.prune_run import run_prune
+
+    return run_prune(args)
+
+
+COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": _reproduce, "prune": _prune}
 
 
 def main(argv: list[str] | None = None) -> int:
