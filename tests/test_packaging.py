@@ -15,7 +15,7 @@ from bmrs.extras import MissingExtraError, require
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("matplotlib", "scipy", "kneed", "PIL", "ninja", "onnx", "onnxscript", "onnxruntime", "transformers",
-            "lightning", "pytorch_lightning")
+            "lightning", "pytorch_lightning", "accelerate")
 
 
 def _project() -> dict:

@@ -32,7 +32,8 @@ _EXPORTS = {
     "save": "bmrs.saving", "load": "bmrs.saving",
 }
 _SUBMODULES = ("criteria", "compaction", "pruning", "models", "training", "data", "nn", "distributions",
-               "reduction", "saving", "defaults", "errors", "io", "experiments", "_compile", "_kernels")
+               "reduction", "saving", "defaults", "errors", "io", "experiments", "integrations", "extras",
+               "_compile", "_kernels")
 
 __all__ = ["__version__", *_EXPORTS, "criteria"]
 
