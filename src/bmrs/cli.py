@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -253,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals reach the main thread only)
+    # SIGTERM acts as Ctrl-C: temporaries removed, children stopped, the advice below printed
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: temporaries removed, children stopped
         return COMMANDS[args.command](args)
     except BMRSError as err:
         if args.debug:
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bmrs: error: {prefix}{err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
-        print(f"bmrs: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
+        print(f"bmrs: interrupted; {INTERRUPTED.get(args.command, 'rerun the same command')}", file=sys.stderr)
         return 130
     except OSError as err:
         if args.debug:
@@ -278,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bmrs: error: out of memory; lower the sizes asked for (--batch-size, --hidden, --image-size, "
               "--levels …) or free memory", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame):

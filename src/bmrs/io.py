@@ -274,7 +274,7 @@ def check_writable(folder: str | os.PathLike, need_bytes: int = 50 * 2**20) -> P
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -313,10 +313,16 @@ class FolderLock:
             handle.close()
             raise ConfigError(f"{self.folder} is in use by another bmrs process (pid {owner}); wait for it to finish, "
                               "or choose another folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as err:  # a full disk: said in one line naming the lock file
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                handle.close()
+            raise WriteError.of(self.folder / ".bmrs.lock", err) from None
         self.handle = handle
         return self
 

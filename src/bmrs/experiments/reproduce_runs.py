@@ -136,6 +136,12 @@ class Job:
                 raise CheckpointError(f"{self.depends_on / 'metrics.json'}: no epoch history to match; delete the "
                                       "run and rerun")
             counts = [h.get("structures_pruned") for h in history if "pruned" in h]
+            bad = next((i for i, c in enumerate(counts) if isinstance(c, bool) or not isinstance(c, int) or c < 0),
+                       None)
+            if bad is not None:
+                raise CheckpointError(f"{self.depends_on / 'metrics.json'}: field history[…].structures_pruned of "
+                                      f"pruning step {bad + 1} must be a count >= 0, got {counts[bad]!r}; the file "
+                                      "is damaged: delete the run and rerun")
             args += ["--amount-schedule", ",".join(str(c) for c in counts)]
         return [sys.executable, "-m", "bmrs", "--no-progress", "train", *args, "--seed", str(self.seed),
                 "--threads", "1", "--output", str(self.folder), "--resume"]

@@ -44,7 +44,7 @@ def batches(dataset: TensorDataset, batch_size: int, generator: torch.Generator 
 
 
 @torch.no_grad()
-def divergence_bound(model: nn.Module, dataset: TensorDataset, device="cpu", examples: int = 128) -> float:
+def divergence_bound(model: nn.Module, dataset: TensorDataset, device="cpu", examples: int = 64) -> float:
     """The cross-entropy above which training has diverged: ``DIVERGENCE_FACTOR`` × the untrained network's
     cross-entropy on the first ``examples`` training examples (deterministic, eval mode), and at least
     ``DIVERGENCE_FACTOR`` × ln C (what a network that predicts uniformly over C classes scores).
