@@ -101,8 +101,8 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
     (["compact", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
     (["curve", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
     (["train", "--seed", str(2**64)], 2, "seed must be"),
-    (["train", "--model", "mlp", "--hidden", "1000000000", "--train-subset", "100", "--epochs", "1",
-      "--finetune-epochs", "0", "--output", "{tmp}/o"], 1, "out of memory"),
+    (["train", "--model", "mlp", "--hidden", "65536", "--image-size", "4096", "--train-subset", "100", "--epochs",
+      "1", "--finetune-epochs", "0", "--output", "{tmp}/o"], 1, "out of memory"),
 ])
 def test_cli_bad_input(args, code, fragment, tmp_path, monkeypatch):
     empty = tmp_path / "empty"

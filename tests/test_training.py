@@ -225,8 +225,8 @@ def _cli(*args, timeout=600, **kwargs):
     (["train", "--batch-size", "0"], "batch_size must be"),
     (["train", "--model", "alexnet"], "unknown model"),
     (["train", "--dataset", "imagenet21k", "--output", "{tmp}/x"], "unknown dataset"),
-    (["compact", "--run", "{tmp}/x", "--batch-size", "-5"], "batch size"),
-    (["compact", "--run", "{tmp}/x", "--batch-size", "0"], "batch size"),
+    (["compact", "--run", "{tmp}/x", "--batch-size", "-5"], "--batch-size"),
+    (["compact", "--run", "{tmp}/x", "--batch-size", "0"], "--batch-size"),
     (["reproduce", "fashion-mnist", "--levels", "1", "--runs", "{tmp}/r", "--report", "{tmp}/p"], "--levels"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, fragment, tmp_path):

@@ -12,7 +12,9 @@ training); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -117,11 +119,18 @@ def progress_wanted(args) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: ``bmrs: error: argument --hidden: invalid int value: '1e16'``."""
+
+    def error(self, message: str):
+        self.exit(2, f"bmrs: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
+    parser = _Parser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
     _add_global_options(parser, False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     train = sub.add_parser("train", help="train with continuous pruning, test, compact",
                            description="Train a network with noise layers, pruning after every epoch, then "
@@ -168,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--runs", default="runs/reproduce/fashion-mnist", help="folder of the runs")
     rep.add_argument("--report", default="docs/results", help="folder of the report")
     rep.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    rep.add_argument("--force", action="store_true",
+                     help="replace a report even if it was built from more finished runs than there are now")
     from .experiments.prune_run import add_prune_command  # (imports no torch)
     add_prune_command(sub, _add_global_options)
     return parser
@@ -233,6 +244,14 @@ def _prune(args) -> int:
 
 
 COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": _reproduce, "prune": _prune}
+#: what to do after Ctrl-C (or SIGTERM): each command's outputs are written as one set, so a rerun is safe
+INTERRUPTED = {
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+    "curve": "nothing was written; rerun the same command to sweep again",
+    "compact": "nothing was written; rerun the same command",
+    "reproduce": "rerun the same command: finished runs are kept and interrupted ones resume",
+    "prune": "rerun the same command",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,15 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals reach the main thread only)
+    # SIGTERM acts as Ctrl-C: temporaries removed, children stopped, the advice below printed
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return COMMANDS[args.command](args)
     except BMRSError as err:
         if args.debug:
             raise
-        print(f"bmrs: error: {err}", file=sys.stderr)
+        field = getattr(err, "field", None)  # a setting given on this command line: name its option
+        option = {"kl_reduction": "kl", "noise": "no-noise"}.get(field, (field or "").replace("_", "-"))
+        prefix = f"--{option}: " if field and hasattr(args, field) else ""
+        print(f"bmrs: error: {prefix}{err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
-        print("bmrs: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        print(f"bmrs: interrupted; {INTERRUPTED.get(args.command, 'rerun the same command')}", file=sys.stderr)
         return 130
     except OSError as err:
         if args.debug:
@@ -266,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bmrs: error: out of memory; lower the sizes asked for (--batch-size, --hidden, --image-size, "
               "--levels …) or free memory", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _out_of_memory(err: BaseException) -> bool:

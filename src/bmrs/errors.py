@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 __all__ = ["BMRSError", "ConfigError", "DataError", "CheckpointError", "ModelError", "TrainingError",
-           "first_line"]
+           "WriteError", "first_line"]
 
 
 class BMRSError(Exception):
@@ -23,7 +23,19 @@ class BMRSError(Exception):
 
 
 class ConfigError(BMRSError, ValueError):
-    """An invalid hyperparameter or option (exit code 2 on the command line)."""
+    """An invalid hyperparameter or option (exit code 2 on the command line).
+
+    ``field``: the setting at fault (e.g. ``"image_size"``), so that the command line can name its option and a
+    run folder's reader can name the file and field it came from.
+
+    Example:
+        >>> ConfigError("image_size must be an integer in [1, 4096], got 0", field="image_size").field
+        'image_size'
+    """
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(BMRSError, ValueError):
@@ -40,6 +52,21 @@ class ModelError(BMRSError, ValueError):
 
 class TrainingError(BMRSError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message names the layer at fault."""
+
+
+class WriteError(BMRSError, OSError):
+    """A file could not be written (disk full, file too large, quota, I/O error); the previous file is intact.
+
+    Example:
+        >>> import errno
+        >>> str(WriteError.of("runs/x/metrics.json", OSError(errno.ENOSPC, "No space left on device")))
+        'could not write runs/x/metrics.json: No space left on device; free space or choose another --output'
+    """
+
+    @classmethod
+    def of(cls, path, err: BaseException) -> "WriteError":
+        reason = getattr(err, "strerror", None) or first_line(err)
+        return cls(f"could not write {path}: {reason}; free space or choose another --output")
 
 
 def first_line(err: BaseException, limit: int = 120) -> str:

@@ -11,19 +11,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CheckpointError, ConfigError, first_line
+from .errors import CheckpointError, ConfigError, WriteError, first_line
 
 __all__ = ["atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
-           "save_state_dict", "load_state_dict_file", "check_writable"]
+           "save_state_dict", "load_state_dict_file", "check_writable", "write_bytes",
+           "staged_outputs"]
 
 
 #: the end of every temporary file bmrs writes (then renames): only these are ever removed as stale
@@ -31,7 +35,10 @@ TEMP_SUFFIX = ".bmrs-tmp"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic).
+
+    A failed write (disk full, file too large, quota, I/O error) raises :class:`WriteError` naming ``path``; the
+    temporary is removed and the previous ``path`` is left as it was."""
     path = Path(path)
     for folder in (path.parent, *path.parent.parents):
         if folder.exists() and not folder.is_dir():
@@ -39,7 +46,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     if path.is_dir():
         raise ConfigError(f"cannot write {path}: it is a folder; name a file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise WriteError.of(path, err) from None
     os.close(fd)
     try:
         write(tmp)
@@ -47,11 +57,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 → what open() would have given
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError.of(path, err) from None
         raise
     _fsync_folder(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically (WriteError if the disk refuses it).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "blob"
+        >>> write_bytes(path, b"abc"); path.read_bytes()
+        b'abc'
+    """
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def _read_umask() -> int:
@@ -95,7 +122,61 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
         if tmp.is_file():
             tmp.unlink()
             removed.append(tmp.name)
+        elif tmp.is_dir() and tmp.name.startswith(".stage."):  # a staged set of outputs (staged_outputs)
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp.name)
     return removed
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
+    """Write a set of files as one: yields a staging folder inside ``folder``; when the block ends normally every
+    file written there is moved into ``folder`` (Ctrl-C and SIGTERM held back meanwhile, so the set is never
+    split), and when it fails the staging folder is removed and ``folder`` keeps its previous files.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp())
+        >>> with staged_outputs(out) as stage:
+        ...     write_json(stage / "a.json", 1); write_json(stage / "b.json", 2)
+        >>> sorted(p.name for p in out.iterdir())
+        ['a.json', 'b.json']
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".stage.", suffix=TEMP_SUFFIX, dir=folder))
+    except OSError as err:
+        raise WriteError.of(folder, err) from None
+    try:
+        try:
+            yield stage
+        except WriteError as err:  # name the file the user asked for, not its staged copy
+            raise WriteError(str(err).replace(f"{stage}{os.sep}", f"{folder}{os.sep}")) from None
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        with _signals_held():
+            for file in files:
+                target = folder / file.relative_to(stage)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+        _fsync_folder(folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends (then act), so that a few renames happen together."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):  # (a platform without it: renames are still quick)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -117,8 +198,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save of plain containers and tensors only (loadable with weights_only=True), atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """torch.save of plain containers and tensors only (loadable with weights_only=True), atomically.
+
+    Serialised in memory first: torch's own file writer turns a full disk into a C++ traceback."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -143,30 +230,41 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> None:
-    """Write a state dict as safetensors (no pickle), atomically, with optional string ``metadata``."""
+    """Write a state dict as safetensors (no pickle), atomically, with optional string ``metadata`` and the
+    tensors' sha256 (``metadata["sha256"]``, which :func:`load_state_dict_file` checks)."""
     from safetensors.torch import save
 
+    from .saving import _digest
+
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    metadata = dict(metadata or {})
+    metadata.setdefault("sha256", _digest(tensors))
     data = save(tensors, metadata)  # bytes: safetensors' own save_file leaves a temporary of its own when killed
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
+    write_bytes(path, data)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors (or weights_only torch) state dict; CheckpointError if unreadable."""
+    """Read a safetensors (or weights_only torch) state dict; CheckpointError if unreadable or if its tensors do
+    not match the sha256 recorded when it was written."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
+
+        from .saving import _digest
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
         try:
-            return load_file(str(path))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no such file") from None
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({str(err)[:120]}); it is truncated "
+            raise CheckpointError(f"{path}: cannot read safetensors file ({first_line(err)}); it is truncated "
                                   "or corrupt") from None
+        if "sha256" in metadata and _digest(tensors) != metadata["sha256"]:  # (files of older versions have none)
+            raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file is "
+                                  "damaged (train the run again, or restore the file)")
+        return tensors
     state = load_checkpoint(path)
     return state.get("model", state)
 
@@ -176,7 +274,7 @@ def check_writable(folder: str | os.PathLike, need_bytes: int = 50 * 2**20) -> P
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -215,10 +313,16 @@ class FolderLock:
             handle.close()
             raise ConfigError(f"{self.folder} is in use by another bmrs process (pid {owner}); wait for it to finish, "
                               "or choose another folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as err:  # a full disk: said in one line naming the lock file
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                handle.close()
+            raise WriteError.of(self.folder / ".bmrs.lock", err) from None
         self.handle = handle
         return self
 

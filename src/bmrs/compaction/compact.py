@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .fast_layers import use_fast_layers
 from .fold import (
     OPTYPE, REL_TOL, Folded, IncompleteCompactionWarning, Trace, fold, op_name, reference_mismatch,
@@ -88,6 +89,11 @@ def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> 
         >>> bool(torch.allclose(small(x), cnn.eval()(x), atol=1e-5))
         True
     """
+    leaves = example_inputs.values() if isinstance(example_inputs, dict) else \
+        example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if any(torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
+        raise ConfigError("compact: the example input holds NaN or infinite values; pass finite example inputs "
+                          "(e.g. a batch of real data)")
     folded = fold(model, example_inputs, caller="compact")
     stayed = {}
     try:

@@ -10,7 +10,9 @@ Preprocessing (as in the BMRS paper's experiments):
    (after resizing, before ``train_subset``), so validation and test see no statistics of their own;
 4. the official test set is the test split.
 
-Where the files are looked for, in order: ``data_dir``, ``$BMRS_DATA_DIR``, the system folders in
+A ``data_dir`` given is the only folder looked in (a missing, empty or incomplete one is a DataError; with
+``download`` the files are fetched into it).  Without one the files are looked for, in order: ``$BMRS_DATA_DIR``,
+the system folders in
 :data:`SYSTEM_DATA_DIRS` (Debian's ``dataset-fashion-mnist`` installs into
 ``/usr/share/datasets/fashion-mnist``), then the download cache (:func:`default_data_dir`). In each,
 a dataset-named subfolder (e.g. ``fashion-mnist/``) is tried before the folder itself (flat layout;
@@ -89,6 +91,7 @@ class DataSplits:
     name: str = ""
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    source: str = ""  #: the folder the files were read from
 
 
 def default_data_dir() -> Path:
@@ -138,9 +141,9 @@ def _complete(name: str, folder: Path) -> Path | None:
 
 
 def _search_bases(data_dir: str | os.PathLike | None) -> list[Path]:
+    if data_dir is not None:  # a folder given is the only one looked in
+        return [Path(data_dir).expanduser()]
     bases = []
-    if data_dir is not None:
-        bases.append(Path(data_dir).expanduser())
     if os.environ.get(ENV_VAR):
         bases.append(Path(os.environ[ENV_VAR]).expanduser())
     bases.extend(SYSTEM_DATA_DIRS)
@@ -172,14 +175,41 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path |
     return None
 
 
+def _not_in_given_folder(name: str, data_dir) -> DataError:
+    """Why the folder the user named does not hold ``name`` (missing, a file, empty, some files only)."""
+    folder = Path(data_dir).expanduser()
+    apt = " (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+    advice = (f"drop --data-dir to search ${ENV_VAR} and the system copy{apt}, or add --download to fetch the "
+              f"files into {folder}")
+    if not folder.exists():
+        why = "does not exist"
+    elif not folder.is_dir():
+        why, advice = "is a file, not a folder", f"name the folder holding the {name} files"
+    elif not any(folder.iterdir()):
+        why = "is empty"
+    else:
+        why = f"does not hold {_NEEDED[name]}"
+        for sub in (("",) + _SUBFOLDERS[name]) if name in ("mnist", "fashion-mnist") else ():
+            candidate = folder / sub if sub else folder
+            have = [s for s in _IDX_FILES if candidate.is_dir() and _idx_file(candidate, s)]
+            if have:
+                missing = ", ".join(f"{m}(.gz)" for m in _IDX_FILES if m not in have)
+                why = f"holds {len(have)} of the 4 files in {candidate}, missing {missing}"
+                break
+    return DataError(f"{name} not found: data folder {folder} (--data-dir) {why}; {advice}")
+
+
+_NEEDED = {
+    "mnist": "train-images-idx3-ubyte.gz and the 3 other MNIST files",
+    "fashion-mnist": "train-images-idx3-ubyte.gz and the 3 other Fashion-MNIST files",
+    "cifar10": "cifar-10-batches-py/",
+    "tinyimagenet": "tiny-imagenet-200/ (with train/ and val/)",
+}
+
+
 def _not_found(name: str, data_dir) -> DataError:
     looked = ", ".join(str(b) for b in _search_bases(data_dir))
-    need = {
-        "mnist": "train-images-idx3-ubyte.gz and the 3 other MNIST files",
-        "fashion-mnist": "train-images-idx3-ubyte.gz and the 3 other Fashion-MNIST files",
-        "cifar10": "cifar-10-batches-py/",
-        "tinyimagenet": "tiny-imagenet-200/ (with train/ and val/)",
-    }[name]
+    need = _NEEDED[name]
     apt = "run `apt-get install dataset-fashion-mnist`, " if name == "fashion-mnist" else ""
     return DataError(
         f"{name} not found: looked in {looked} (and their {_SUBFOLDERS[name][0]}/ subfolders); "
@@ -290,6 +320,8 @@ def load_dataset(
 
     folder = find_dataset(name, data_dir)
     if folder is None:
+        if data_dir is not None and (not download or Path(data_dir).expanduser().is_file()):
+            raise _not_in_given_folder(name, data_dir)
         if not download:
             raise _not_found(name, data_dir)
         target = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
@@ -345,5 +377,6 @@ def load_dataset(
         name=name,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
+        source=str(folder),
     )
 

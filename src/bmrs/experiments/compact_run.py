@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..io import write_json
+from ..io import FolderLock, remove_stale_temporaries, staged_outputs, write_json
 from ..saving import save
 from ..training.artifacts import load_run
+from ..training.config import check_int
 from ..training.run import CHECKPOINT, COMPACT_MODEL, MASKED_MODEL, METRICS, builder_for
 from .timing import alternating_times
 
@@ -25,13 +26,14 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
         report = compact_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
         report["latency_speedup_b256"]
     """
-    from ..compaction import compact, compression_report, export, fold_noise
+    from ..compaction import compact, compression_report, fold_noise
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size for the latency measurement must be a positive integer, got {batch_size!r}")
-    if output is not None and Path(output).resolve() in {(Path(run_dir) / f).resolve() for f in
-                                                          (CHECKPOINT, METRICS, MASKED_MODEL, "config.json")}:
-        raise ConfigError(f"--output {output} is one of the run's own files; name another file")
+    check_int("batch_size", batch_size, 1, 65_536)  # (the latency batch: two inputs of this size are made)
+    own = {(Path(run_dir) / f).resolve() for f in (CHECKPOINT, METRICS, MASKED_MODEL, "config.json")}
+    if output is not None and {Path(output).resolve(), Path(output).with_name("compact_report.json").resolve(),
+                               *(Path(output).with_suffix(f".{fmt}").resolve() for fmt in exports)} & own:
+        raise ConfigError(f"--output {output} is one of the run's own files (or its report would be); name "
+                          "another file")
     run = load_run(run_dir)
     size = run.config.image_size
     in_channels = run.metrics["data"]["in_channels"]
@@ -52,8 +54,10 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
         report[f"latency_speedup_b{batch}"] = plain_ms / compact_ms  # (the two medians reported)
     report["threads"] = torch.get_num_threads()
     output = Path(output) if output else Path(run_dir) / COMPACT_MODEL
-    save(compacted, output, builder=builder_for(run.config, in_channels, run.metrics["data"]["num_classes"]))
-    write_json(output.with_name("compact_report.json"), report)
+    builder = builder_for(run.config, in_channels, run.metrics["data"]["num_classes"])
+    with FolderLock(output.parent, "compact"):
+        remove_stale_temporaries(output.parent)  # what a killed compact (or train) left there
+        _write_outputs(compacted, example, output, builder, report, exports)
     log(f"parameters {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['parameter_compression_pct']:.1f}% removed); FLOPs {report['flops_removed_pct']:.1f}% removed")
     for batch in sorted({1, batch_size}):
@@ -62,10 +66,19 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
             f"(x{report[f'latency_speedup_b{batch}']:.2f})")
     log(f"compacted model: {output} (bmrs.load reads it back)")
     for fmt in dict.fromkeys(exports):
-        target = output.with_suffix(f".{fmt}")
-        error = export(compacted, example, target, fmt)
-        report[f"export_{fmt}"] = {"path": str(target), "relative_error": error}
-        log(f"{fmt} export: {target} (outputs within {error:.1e} of the compacted model)")
-    if exports:
-        write_json(output.with_name("compact_report.json"), report)
+        done = report[f"export_{fmt}"]
+        log(f"{fmt} export: {done['path']} (outputs within {done['relative_error']:.1e} of the compacted model)")
     return report
+
+
+def _write_outputs(compacted, example, output: Path, builder: dict, report: dict, exports) -> None:
+    """The model, its report and its exports appear together, or the previous ones stay (nothing half-made)."""
+    from ..compaction import export
+
+    with staged_outputs(output.parent) as stage:
+        save(compacted, stage / output.name, builder=builder)
+        for fmt in dict.fromkeys(exports):
+            target = output.with_suffix(f".{fmt}")
+            error = export(compacted, example, stage / target.name, fmt)
+            report[f"export_{fmt}"] = {"path": str(target), "relative_error": error}
+        write_json(stage / "compact_report.json", report)

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from ..criteria import Gradient, get_criterion
 from ..errors import ConfigError
-from ..io import atomic_write, check_writable, write_json
+from ..io import FolderLock, atomic_write, check_writable, remove_stale_temporaries, staged_outputs, write_json
 from ..pruning import prune, structure_counts
 from ..reduction import precision_prior
 from ..training.artifacts import load_run
+from ..training.config import check_int
 from ..training.loop import batches, evaluate, train_epoch
 from ..training.optim import make_optimizer
 
@@ -124,30 +125,32 @@ def run_curve(run_dir, criteria: list[str], output, *, levels: int = 21, finetun
     unknown = [c for c in criteria if c not in valid]
     if unknown or not criteria:
         raise ConfigError(f"unknown criteria {unknown}; choose from {', '.join(valid)}")
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ConfigError(f"levels must be an integer >= 2, got {levels!r}")
-    if finetune_epochs < 0:
-        raise ConfigError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+    check_int("levels", levels)
+    check_int("finetune_epochs", finetune_epochs)
     run = load_run(run_dir)
     if "bmrs-u" in criteria:  # checked before the sweeps, not after the first one
         precision_prior(p1, run.config.low, run.config.high)
     check_writable(output)
-    cfg = run.config
-    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.seed,
-                        image_size=cfg.image_size, train_subset=cfg.train_subset, progress=progress)
     output = Path(output)
-    results, built = [], run.built_model()
-    for name in criteria:
-        res = sweep(run.model, data, name, levels, finetune_epochs=finetune_epochs, p1=p1,
-                    batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress,
-                    baseline=built)
-        results.append(res)
-        stop = f", stops at {res['stop']['compression']:.1f}% / {100 * res['stop']['accuracy']:.2f}%" \
-            if "stop" in res else ""
-        log(f"{name}: {len(res['points'])} levels{stop}")
-        write_json(output / "curve.json", {"run": str(run_dir), "levels": levels,
-                                           "finetune_epochs": finetune_epochs, "results": results})
-    _write_csv(results, output / "curve.csv")
-    plot_curves(results, output / "curve.png", title=f"{cfg.dataset} {cfg.model}: post-training pruning")
+    with FolderLock(output, "curve"):  # one sweep writes a folder at a time; a killed one left only temporaries
+        remove_stale_temporaries(output)
+        cfg = run.config
+        data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, val_fraction=cfg.val_fraction,
+                            split_seed=cfg.seed, image_size=cfg.image_size, train_subset=cfg.train_subset,
+                            progress=progress)
+        results, built = [], run.built_model()
+        for name in criteria:
+            res = sweep(run.model, data, name, levels, finetune_epochs=finetune_epochs, p1=p1,
+                        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress,
+                        baseline=built)
+            results.append(res)
+            stop = f", stops at {res['stop']['compression']:.1f}% / {100 * res['stop']['accuracy']:.2f}%" \
+                if "stop" in res else ""
+            log(f"{name}: {len(res['points'])} levels{stop}")
+        with staged_outputs(output) as stage:  # curve.json, .csv and .png from one sweep, or the previous three
+            write_json(stage / "curve.json", {"run": str(run_dir), "levels": levels,
+                                              "finetune_epochs": finetune_epochs, "results": results})
+            _write_csv(results, stage / "curve.csv")
+            plot_curves(results, stage / "curve.png", title=f"{cfg.dataset} {cfg.model}: post-training pruning")
     log(f"curve: {output / 'curve.png'}")
     return results

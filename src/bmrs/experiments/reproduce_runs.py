@@ -136,6 +136,12 @@ class Job:
                 raise CheckpointError(f"{self.depends_on / 'metrics.json'}: no epoch history to match; delete the "
                                       "run and rerun")
             counts = [h.get("structures_pruned") for h in history if "pruned" in h]
+            bad = next((i for i, c in enumerate(counts) if isinstance(c, bool) or not isinstance(c, int) or c < 0),
+                       None)
+            if bad is not None:
+                raise CheckpointError(f"{self.depends_on / 'metrics.json'}: field history[…].structures_pruned of "
+                                      f"pruning step {bad + 1} must be a count >= 0, got {counts[bad]!r}; the file "
+                                      "is damaged: delete the run and rerun")
             args += ["--amount-schedule", ",".join(str(c) for c in counts)]
         return [sys.executable, "-m", "bmrs", "--no-progress", "train", *args, "--seed", str(self.seed),
                 "--threads", "1", "--output", str(self.folder), "--resume"]
@@ -187,6 +193,31 @@ def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0, pr
     running: list[tuple[Job, subprocess.Popen, object]] = []
     failed: list[Job] = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run", disable=not progress)
+    try:
+        _run_pending(pending, running, failed, bar, workers, log, poll)
+    finally:  # Ctrl-C, SIGTERM or an error here: no run goes on writing behind our back
+        stop_children(running)
+        bar.close()
+    return failed
+
+
+def stop_children(running: list) -> None:
+    """Stop the ``bmrs train`` children still running (SIGTERM: each ends its epoch's writes cleanly and keeps its
+    last checkpoint, so the next ``bmrs reproduce`` resumes it); kill those that do not stop within 30 s."""
+    for _, proc, _ in running:
+        if proc.poll() is None:
+            proc.terminate()
+    for _, proc, logf in running:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logf.close()
+    running.clear()
+
+
+def _run_pending(pending: list[Job], running: list, failed: list[Job], bar, workers: int, log, poll: float) -> None:
     while pending or running:
         for job, proc, logf in list(running):
             if proc.poll() is not None:
@@ -212,8 +243,6 @@ def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0, pr
         if not ready and not running and pending:
             break  # waiting on dependencies that will not come
         time.sleep(poll)
-    bar.close()
-    return failed
 
 
 def summary_rows(jobs: list[Job]) -> list[dict]:

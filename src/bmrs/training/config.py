@@ -19,15 +19,56 @@ DEVICES = ("auto", "cpu", "cuda")
 # (not today's defaults) for the keys it lacks.
 LEGACY_DEFAULTS = {"evidence_margin": 0.0, "noise_lr_scale": 1.0, "kl_reduction": "mean", "kl_weight": 1.0,
                    "finetune": "noisy"}
-def _positive_int(name: str, value, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+#: (smallest, largest) value of each integer setting: large enough for any real run, small enough that a typo
+#: (--hidden 10000000000000000, --layers 1e20) is refused at once instead of overflowing, hanging or exhausting memory
+LIMITS = {
+    "epochs": (0, 100_000), "finetune_epochs": (0, 100_000), "prune_every": (1, 100_000),
+    "batch_size": (1, 2**20), "hidden": (1, 2**16), "layers": (0, 1_000), "image_size": (1, 4_096),
+    "train_subset": (1, 2**40), "threads": (1, 4_096), "levels": (2, 100_001), "workers": (1, 1_024),
+}
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """``value`` if it is an integer in [low, high] (default: ``LIMITS[name]``), else a ConfigError naming ``name``
+    (its ``field``).  The one range check of every integer option and every integer read back from a run.
+
+    Example:
+        >>> check_int("hidden", 150)
+        150
+        >>> check_int("hidden", 10**16)
+        Traceback (most recent call last):
+        ...
+        bmrs.errors.ConfigError: hidden must be an integer in [1, 65536], got 10000000000000000
+    """
+    if low is None or high is None:
+        low, high = LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}", field=name)
+    return value
+
+
+def check_float(name: str, value, low: float = 0.0, high: float = math.inf, *, low_open: bool = True) -> float:
+    """``value`` if it is a finite number in (low, high] (``low_open=False``: [low, high]), else a ConfigError
+    naming ``name``.
+
+    Example:
+        >>> check_float("lr", 1e-3)
+        0.001
+        >>> check_float("lr", float("nan"))
+        Traceback (most recent call last):
+        ...
+        bmrs.errors.ConfigError: lr must be a finite number > 0, got nan
+    """
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ConfigError(f"{name} must be a finite number {bounds}, got {value!r}", field=name)
+    return value
 
 
 def _positive_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    check_float(name, value)
 
 
 @dataclass
@@ -47,7 +88,7 @@ class TrainConfig:
         >>> TrainConfig(batch_size=0)
         Traceback (most recent call last):
         ...
-        bmrs.errors.ConfigError: batch_size must be an integer >= 1, got 0
+        bmrs.errors.ConfigError: batch_size must be an integer in [1, 1048576], got 0
     """
 
     dataset: str = "fashion-mnist"
@@ -103,79 +144,86 @@ class TrainConfig:
         try:
             dataset_key(self.dataset)
         except DataError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(str(err), field="dataset") from None
         if self.model not in MODEL_NAMES:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}", field="model")
         if self.criterion not in CRITERION_NAMES:
-            raise ConfigError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERION_NAMES)}")
+            raise ConfigError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERION_NAMES)}", field="criterion")
         if isinstance(self.p1, bool) or not isinstance(self.p1, (int, float)) or not 0 < self.p1 < 23:
-            raise ConfigError(f"p1 must be a number in (0, 23), got {self.p1!r}; the paper uses 8 or 4")
-        _positive_int("epochs", self.epochs, allow_zero=True)
-        _positive_int("finetune_epochs", self.finetune_epochs, allow_zero=True)
+            raise ConfigError(f"p1 must be a number in (0, 23), got {self.p1!r}; the paper uses 8 or 4", field="p1")
+        for name in ("epochs", "finetune_epochs", "prune_every", "batch_size", "hidden", "layers", "image_size"):
+            check_int(name, getattr(self, name))
         if self.total_epochs < 1:
-            raise ConfigError("epochs + finetune_epochs must be at least 1")
-        _positive_int("prune_every", self.prune_every)
+            raise ConfigError("epochs + finetune_epochs must be at least 1", field="epochs")
         if self.prunes and self.prune_every > self.epochs:
             raise ConfigError(f"criterion {self.criterion} would never prune: it runs after every prune_every-th "
                               f"({self.prune_every}) of the first epochs ({self.epochs}); lower --prune-every or raise "
-                              "--epochs (or use --criterion none)")
-        _positive_int("batch_size", self.batch_size)
+                              "--epochs (or use --criterion none)", field="prune_every")
         _positive_float("lr", self.lr)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}", field="seed")
         _positive_float("kl_weight", self.kl_weight)
         from ..criteria import check_margin
-        self.evidence_margin = check_margin(self.evidence_margin)
+        try:
+            self.evidence_margin = check_margin(self.evidence_margin)
+        except ConfigError as err:
+            raise ConfigError(str(err), field="evidence_margin") from None
         _positive_float("noise_lr_scale", self.noise_lr_scale)
         if self.kl_reduction not in KL_REDUCTIONS:
-            raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+            raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}", field="kl_reduction")
+        for name in ("shrink", "noise", "download", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ConfigError(f"data_dir must be a folder name or None, got {self.data_dir!r}", field="data_dir")
+        if self.threshold is not None:
+            check_float("threshold", self.threshold, high=1e300)
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {self.extra!r}", field="extra")
         if not isinstance(self.shrink, bool):
-            raise ConfigError(f"shrink must be True or False, got {self.shrink!r}")
+            raise ConfigError(f"shrink must be True or False, got {self.shrink!r}", field="shrink")
         if self.shrink and not self.noise:
-            raise ConfigError("shrink removes pruned structures: it needs the noise layers (drop --no-noise)")
+            raise ConfigError("shrink removes pruned structures: it needs the noise layers (drop --no-noise)", field="shrink")
         if self.finetune not in FINETUNE_MODES:
-            raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+            raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}", field="finetune")
         if self.granularity not in ("structure", "element"):
-            raise ConfigError(f"granularity must be 'structure' or 'element', got {self.granularity!r}")
+            raise ConfigError(f"granularity must be 'structure' or 'element', got {self.granularity!r}", field="granularity")
         for name in ("low", "high"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number (a bound of ln θ), got {value!r}")
+                raise ConfigError(f"{name} must be a finite number (a bound of ln θ), got {value!r}", field=name)
         if not self.low < 0.0 <= self.high:
             raise ConfigError(f"the noise bounds must satisfy low < 0 <= high (θ starts at 1), got "
-                              f"low={self.low}, high={self.high}; the paper uses -20 and 0")
-        _positive_int("hidden", self.hidden)
-        _positive_int("layers", self.layers, allow_zero=True)
-        _positive_int("image_size", self.image_size)
+                              f"low={self.low}, high={self.high}; the paper uses -20 and 0", field="low")
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction!r}")
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction!r}", field="val_fraction")
         if self.train_subset is not None:
-            _positive_int("train_subset", self.train_subset)
+            check_int("train_subset", self.train_subset)
         if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}", field="device")
         if self.threads is not None:
-            _positive_int("threads", self.threads)
+            check_int("threads", self.threads)
         if self.amount is not None:
             if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount <= 1:
-                raise ConfigError(f"amount must be a fraction in [0, 1], got {self.amount!r}")
+                raise ConfigError(f"amount must be a fraction in [0, 1], got {self.amount!r}", field="amount")
         if self.amount_schedule is not None:
-            if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.amount_schedule):
-                raise ConfigError("amount_schedule must be a list of non-negative structure counts")
+            if not isinstance(self.amount_schedule, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.amount_schedule):
+                raise ConfigError("amount_schedule must be a list of non-negative structure counts", field="amount_schedule")
         if self.amount is not None and self.amount_schedule is not None:
-            raise ConfigError("pass either amount (a fraction) or amount_schedule (counts per step), not both")
+            raise ConfigError("pass either amount (a fraction) or amount_schedule (counts per step), not both", field="amount")
         if self.criterion == "none" and (self.amount is not None or self.amount_schedule is not None):
             raise ConfigError("amount and amount_schedule set how much a criterion prunes: criterion 'none' "
-                              "never prunes (choose a criterion, or drop them)")
+                              "never prunes (choose a criterion, or drop them)", field="amount")
         if self.criterion in ("l2", "grad") and self.amount is None and self.amount_schedule is None:
             raise ConfigError(f"criterion {self.criterion!r} ranks but has no threshold: pass --amount "
-                              "(fraction of structures to prune), e.g. --amount 0.8")
+                              "(fraction of structures to prune), e.g. --amount 0.8", field="amount")
         if self.threshold is not None and self.criterion not in ("snr", "ev"):
-            raise ConfigError("threshold applies only to the snr and ev criteria")
+            raise ConfigError("threshold applies only to the snr and ev criteria", field="threshold")
         if self.criterion == "bmrs-u":  # its reduced prior must meet the noise's interval (else: after an epoch)
             from ..reduction import precision_prior
             precision_prior(self.p1, self.low, self.high)
         if not self.noise and self.criterion != "none":
-            raise ConfigError("pruning needs noise layers: use --criterion none with --no-noise")
+            raise ConfigError("pruning needs noise layers: use --criterion none with --no-noise", field="noise")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

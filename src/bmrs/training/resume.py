@@ -11,7 +11,7 @@ from torch import nn
 from ..compaction.shrink import restore_shrunk
 from ..errors import CheckpointError, first_line
 from ..io import load_checkpoint
-from .config import TrainConfig, comparable_settings
+from .config import LIMITS, TrainConfig, comparable_settings
 from .optim import engine_optimizer
 
 __all__ = ["restore", "resume_threads"]
@@ -88,7 +88,7 @@ def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> Non
 def resume_threads(saved: int | None, asked: int | None, log: Callable[[str], None]) -> None:
     """Resume on the thread count the run was trained with (PyTorch's CPU reductions split work by thread,
     so the last bits, and then the run, depend on it), unless --threads asks for another: then say so."""
-    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+    if not isinstance(saved, int) or isinstance(saved, bool) or not 1 <= saved <= LIMITS["threads"][1]:
         return  # (checkpoints from before the count was kept)
     if asked is None:
         torch.set_num_threads(saved)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..criteria import Criterion, Gradient, get_criterion
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..io import (
     FolderLock, check_writable, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
 )
@@ -35,7 +35,7 @@ from ..compaction.shrink import shrink
 from .config import TrainConfig
 from .distributed import setup_distributed
 from .history_plot import plot_history
-from .loop import batches, evaluate, train_epoch
+from .loop import batches, divergence_bound, evaluate, train_epoch
 from .optim import engine_optimizer
 from .resume import restore, resume_threads
 
@@ -179,6 +179,7 @@ def _train(config: TrainConfig, output: str | Path, resume: bool, progress: bool
         from .. import _kernels
         _kernels.get()  # build (or load) the fused kernels now, with a message, not inside the first step
     model = build_for(config, data.in_channels, data.num_classes).to(device)
+    diverge_above = divergence_bound(model, data.train, device)  # from the untrained network (same on resume)
     example = data.train.tensors[0][:2].to(device)  # traces the network when shrinking it
     optimizer = engine_optimizer(model, config, len(data.train))
     criterion = _criterion(config)
@@ -214,10 +215,15 @@ def _train(config: TrainConfig, output: str | Path, resume: bool, progress: bool
         torch.manual_seed(epoch_seed(config.seed, epoch))
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         t0 = time.perf_counter()
-        stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
-                            kl_reduction=config.kl_reduction, kl_weight=config.kl_weight, device=device, progress=progress and dist.is_main,
-                            desc=f"epoch {epoch}/{config.total_epochs}", dist=dist, forward=forward,
-                            freeze_noise=frozen)
+        try:
+            stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
+                                kl_reduction=config.kl_reduction, kl_weight=config.kl_weight, device=device,
+                                progress=progress and dist.is_main, desc=f"epoch {epoch}/{config.total_epochs}",
+                                dist=dist, forward=forward, freeze_noise=frozen, diverge_above=diverge_above)
+        except TrainingError as err:
+            kept = (f"{output / CHECKPOINT} keeps epoch {epoch - 1}" if ckpt_path.exists() else "nothing was saved")
+            raise TrainingError(f"{err}; {kept}: start again with other settings in a new --output (or delete "
+                                f"{output})") from None
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
         if epoch in prune_epochs:
@@ -304,7 +310,8 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
     save_state_dict(output / MASKED_MODEL, model.state_dict())
     if config.prunes:
         metrics["decision_rule"] = criterion_label(config)
-    metrics["data"] = {"in_channels": data.in_channels, "num_classes": data.num_classes}
+    metrics["data"] = {"in_channels": data.in_channels, "num_classes": data.num_classes,
+                       "source": getattr(data, "source", "") or "given by the caller"}
     metrics["config"] = config.to_dict()
     metrics["history"] = history
     write_json(output / METRICS, metrics)
