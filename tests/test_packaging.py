@@ -76,3 +76,15 @@ def test_the_core_works_without_the_optional_packages(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert not (tmp_path / "run" / "history.png").exists()  # no matplotlib: no plot, and no error
+
+
+def test_commands_that_need_an_extra_say_so_before_working(tmp_path):
+    shadow = tmp_path / "matplotlib"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError('matplotlib is not installed (test)')")
+    done = subprocess.run([sys.executable, "-m", "bmrs", "curve", "--run", str(tmp_path / "no-run")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}"})
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == ["bmrs: error: matplotlib is needed for drawing curve.png but not "
+                                                "installed: pip install 'bmrs[plots]' (or pip install matplotlib)"]

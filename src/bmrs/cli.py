@@ -216,6 +216,9 @@ def _train(args) -> int:
 
 def _curve(args) -> int:
     from .experiments.curve import run_curve
+    from .extras import require
+
+    require("matplotlib", "plots", "drawing curve.png")  # before the sweep, not after it
 
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     output = args.output or str(Path(args.run) / "curve")
@@ -233,7 +236,10 @@ def _compact(args) -> int:
 
 def _reproduce(args) -> int:
     from .experiments.reproduce import reproduce
+    from .extras import require
 
+    for module in ("matplotlib", "scipy", "kneed"):  # the report's figures, tests and knee points
+        require(module, "paper", "the reproduction's report")
     return reproduce(args, progress=progress_wanted(args))
 
 
