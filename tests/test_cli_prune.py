@@ -133,9 +133,11 @@ def test_a_plain_checkpoint_is_pruned_by_weight_magnitude_only(folder, fashion, 
     (["--model", "usernets:wide"], 1, "does not fit the model that usernets:wide builds"),
     (["--model", "usernets:mlp", "--input-shape", "1,0,32"], 2, "--input-shape"),
     (["--model", "usernets:mlp", "--output", "trained.safetensors"], 2, "is the checkpoint itself"),
-    (["--model", "usernets:mlp", "--checkpoint", "missing.safetensors"], 1, "no such file"),
+    (["--model", "usernets:mlp", "--checkpoint", "missing.safetensors"], 1, "no such checkpoint file"),
     (["--model", "usernets:mlp", "--checkpoint", "garbage.pt"], 1, "garbage.pt: cannot read"),
     (["--model", "usernets:mlp", "--criterion", "bmrs-u", "--p1", "40"], 2, "p1"),
+    (["--model", "usernets:mlp", "--criterion", "l2", "--amount", "1e20"], 2, "--amount"),
+    (["--model", "usernets:mlp", "--criterion", "bmrs-u", "--p1", "-3"], 2, "--p1"),
 ])
 def test_bad_input_gives_one_line_and_an_exit_code(folder, noisy_state, capsys, argv, code, message):
     save_file(noisy_state, str(folder / "trained.safetensors"))

@@ -127,10 +127,17 @@ def prune_checkpoint(model_spec: str, checkpoint: str | Path, input_shape: tuple
     from ..nn.noise import LOG_SIGMA_RANGE
     from ..pruning import PruningWarning, prune
     from ..saving import save
+    from ..training.config import check_float
 
     if criterion not in PRUNE_CRITERIA:
         raise ConfigError(f"--criterion {criterion!r}: choose one of {', '.join(PRUNE_CRITERIA)}")
+    if amount is not None:
+        check_float("amount", amount, 0.0, 1.0, low_open=False)
+    if not 0 < check_float("p1", p1) < 23:
+        raise ConfigError(f"p1 must be a number of bits in (0, 23), got {p1!r}; the paper uses 8 or 4", field="p1")
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file; pass the trained weights (.safetensors or .pt)")
     output = Path(output) if output else checkpoint.with_name(f"{checkpoint.stem}-pruned.safetensors")
     if output.resolve() == checkpoint.resolve():
         raise ConfigError(f"--output {output} is the checkpoint itself; name another file")
