@@ -200,3 +200,18 @@ def test_the_rules_see_a_breach():
     assert ("bmrs.compaction.fold", "bmrs.nn.attach") in edges
     assert RANK[_part("bmrs.compaction.fold")] > RANK[_part("bmrs.nn.attach")]
 
+
+def test_the_criteria_registry_agrees_with_the_classes():
+    """bmrs.defaults.CRITERION_RULES (torch-free: the CLI's choices) names exactly the classes of
+    bmrs.criteria.CRITERIA, and says of each whether it has a rule of its own and takes a threshold."""
+    import inspect
+
+    from bmrs import defaults
+    from bmrs.criteria import CRITERIA
+
+    assert set(CRITERIA) == set(defaults.CRITERION_RULES) == set(defaults.CRITERION_NAMES) - {"none"}
+    for name, cls in CRITERIA.items():
+        rule = defaults.CRITERION_RULES[name]
+        assert cls.name == name
+        assert cls().has_rule == (rule != "ranking"), name
+        assert ("threshold" in inspect.signature(cls).parameters) == (rule == "threshold"), name
