@@ -8,7 +8,6 @@ import torch
 
 import bmrs
 from bmrs import _kernels
-from test_kernels import kernels
 
 LOW, HIGH = -20.0, 0.0
 
@@ -35,7 +34,7 @@ REDUCED = {
 
 
 @pytest.mark.parametrize("name", sorted(REDUCED))
-def test_kernel_matches_the_pytorch_closed_form(name):
+def test_kernel_matches_the_pytorch_closed_form(kernels, name):
     q, p, r = _posteriors(40_003), bmrs.TruncatedLogUniform(LOW, HIGH), REDUCED[name]()  # 40003: a partial vector
     got = bmrs.delta_f(q, p, r)
     with kernels(False):

@@ -16,7 +16,6 @@ import bmrs
 from bmrs import _kernels
 from bmrs.compaction import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
 from bmrs.compaction.fast_layers import aligned_width
-from test_kernels import kernels
 
 needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason="no C++ compiler: the fallback is tested below")
 
@@ -115,7 +114,7 @@ def test_narrow_conv_trains_like_conv2d():
     assert torch.equal(grad_w, want_w) and torch.equal(grad_x, want_x)
 
 
-def test_narrow_conv_without_kernels_is_conv2d():
+def test_narrow_conv_without_kernels_is_conv2d(kernels):
     torch.manual_seed(4)
     plain = nn.Conv2d(1, 3, 5)
     fast = NarrowConv2d.from_conv(plain)
@@ -310,7 +309,7 @@ def test_linear_layers_with_few_inputs_are_left_to_torch():
     assert "_aligned" not in fast_small.__dict__   # no padded copy was made
 
 
-def test_aligned_linear_without_kernels_pads_only_from_128_inputs():
+def test_aligned_linear_without_kernels_pads_only_from_128_inputs(kernels):
     # the Python slice and copy that keep the columns without the kernels cost 2-3 µs more: padding pays later
     torch.manual_seed(11)
     mid, wide = nn.Linear(64, 29), nn.Linear(128, 29)

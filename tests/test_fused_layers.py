@@ -11,7 +11,6 @@ from bmrs.distributions.fast_sample import sample_theta
 from bmrs.nn.fused_layers import kl_layers, sample_layers
 from bmrs.nn.noise import sigma_of
 from bmrs.nn.uniforms import draw_key, reference_uniforms
-from test_kernels import kernels
 
 LOW, HIGH = -20.0, 0.0
 SIZES = (5, 17, 3)
@@ -59,7 +58,7 @@ def _fused_with_kl(mus, log_sigmas, masks, row_first=3, rows=7, kept=KEPT, full_
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sampling_all_layers_matches_the_per_layer_reference(dtype):
+def test_sampling_all_layers_matches_the_per_layer_reference(kernels, dtype):
     mus, log_sigmas, masks = _layers(dtype)
     fused = _fused(mus, log_sigmas, masks)
     assert fused is not None
@@ -151,7 +150,7 @@ def test_the_kl_formed_beside_theta_matches_the_kl_kernel_and_its_gradient_joins
 
 @pytest.mark.parametrize("reduction", ["mean", "elbo"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kl_of_all_layers_matches_kl_loss_reference(dtype, reduction):
+def test_kl_of_all_layers_matches_kl_loss_reference(kernels, dtype, reduction):
     net = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 17),
                                           torch.nn.ReLU(), torch.nn.Linear(17, 3), torch.nn.ReLU(),
                                           torch.nn.Linear(3, 2))).to(dtype)
@@ -213,7 +212,7 @@ def test_kl_gradient_scales_with_the_incoming_gradient():
     torch.testing.assert_close(thrice, 3.0 * once)
 
 
-def test_unservable_inputs_return_none():
+def test_unservable_inputs_return_none(kernels):
     mus, log_sigmas, masks = _layers(torch.float32)
     deep = [m.detach().clone() for m in mus]
     deep[1][0] = 30.0  # its interval lies far below its mean (σ ≤ e²): the exact float64 path
@@ -317,7 +316,7 @@ def _expected_mean_kl(model):
 
 def test_kl_loss_skips_the_model_walk_only_while_the_bank_covers_the_model(monkeypatch):
     torch.manual_seed(0)
-    attach_module = __import__("sys").modules["bmrs.nn.attach"]
+    attach_module = __import__("sys").modules["bmrs.nn.loss"]  # (where kl_loss looks the walk up)
     walks = []
     real_walk = attach_module.noise_layers
     monkeypatch.setattr(attach_module, "noise_layers", lambda model: walks.append(1) or real_walk(model))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import mpmath as mp
 import numpy as np
@@ -18,15 +17,6 @@ from bmrs.distributions.fast_sample import sample_theta
 from test_gradients import POINTS, _reference_grads
 
 LOW, HIGH = -20.0, 0.0
-
-
-@contextlib.contextmanager
-def kernels(enabled: bool):
-    _kernels.set_enabled(enabled)
-    try:
-        yield
-    finally:
-        _kernels.set_enabled(True)
 
 
 def test_kernels_build_on_this_machine():
@@ -57,7 +47,7 @@ def _kl_and_grads(mu, sigma, low, high):
 
 
 @pytest.mark.parametrize("bounds", [(-20.0, 0.0), (-7.0, 2.5)])
-def test_kl_agrees_with_the_reference_over_the_trained_range(bounds):
+def test_kl_agrees_with_the_reference_over_the_trained_range(kernels, bounds):
     """Every regime: means inside, near and far below and above, σ from e⁻²⁰ to e⁵ (the clamp)."""
     g = torch.Generator().manual_seed(0)
     n = 20000
@@ -72,7 +62,7 @@ def test_kl_agrees_with_the_reference_over_the_trained_range(bounds):
         assert bool((err <= 1e-8 * want.abs() + floor).all()), float((err / (want.abs() + floor)).max())
 
 
-def test_kl_in_float32_returns_float32_from_float64_arithmetic():
+def test_kl_in_float32_returns_float32_from_float64_arithmetic(kernels):
     mu, sigma = torch.tensor([0.0, -25.0, 3.0]), torch.tensor([0.0067, 0.5, 1e-6])
     got = tn.kl_to_fixed_uniform(mu, sigma, LOW, HIGH)
     with kernels(False):
@@ -105,7 +95,7 @@ def _draw(mu, sigma, u, mask):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", [False, True])
-def test_sampling_matches_the_reference(dtype, masked):
+def test_sampling_matches_the_reference(kernels, dtype, masked):
     g = torch.Generator().manual_seed(1)
     S = 400
     mu = torch.empty(S, dtype=dtype).uniform_(-28, 6, generator=g)
@@ -162,7 +152,7 @@ def test_deep_tail_structures_fall_back_to_the_exact_path():
     assert bool(((theta > 0) & (theta <= 1)).all())
 
 
-def test_training_step_with_kernels_matches_the_reference():
+def test_training_step_with_kernels_matches_the_reference(kernels):
     """One training step of a LeNet5 with noise: same loss and gradients with or without the kernels.
 
     (Gradients, not Adam's first step: that step is lr·g/(|g| + eps), which turns a last-bit difference

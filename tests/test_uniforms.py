@@ -10,14 +10,13 @@ from scipy import stats
 
 import bmrs
 from bmrs.nn.uniforms import counter_uniforms, draw_key, reference_uniforms
-from test_kernels import kernels
 
 KEYS = [(0, 0, 0, 0), (0xFFFFFFFF,) * 4, (0x12345678, 0x9ABCDEF0, 0x0F1E2D3C, 0x4B5A6978)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("key", KEYS)
-def test_kernel_and_reference_are_the_same_stream(key, dtype):
+def test_kernel_and_reference_are_the_same_stream(kernels, key, dtype):
     codes = torch.tensor([0, 1, 2, 7, 1000, 65535, 65536, 2**31, 2**32 - 1])
     fast = counter_uniforms(key, 2**32 - 300, 300, codes, dtype)
     assert fast.dtype == dtype and fast.shape == (300, 9)

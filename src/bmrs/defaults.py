@@ -7,6 +7,8 @@ Example:
     >>> from bmrs import defaults
     >>> defaults.EVIDENCE_MARGIN, defaults.KL_REDUCTION, defaults.KL_WEIGHT
     (1.0, 'structure-mean', 0.3)
+    >>> defaults.CRITERION_NAMES[:3], defaults.RANKING_CRITERIA
+    (('none', 'bmrs-n', 'bmrs-u'), ('l2', 'grad'))
 """
 
 from __future__ import annotations
@@ -36,8 +38,19 @@ KL_REDUCTIONS = ("mean", "structure-mean", "elbo")
 KL_REDUCTION = "structure-mean"
 KL_WEIGHT = 0.3
 
+#: The one registry of the criteria's command-line names, each with how it decides: "evidence" (ΔF against a
+#: reduced prior, its own rule), "threshold" (its own rule at a threshold: ``threshold=``/``--threshold``) or
+#: "ranking" (no rule: it needs an amount to prune).  ``bmrs.criteria.CRITERIA`` maps the same names to their
+#: classes (tests/test_architecture.py checks that the two agree); everything else reads the names from here.
+CRITERION_RULES = {
+    "bmrs-n": "evidence", "bmrs-u": "evidence", "snr": "threshold", "ev": "threshold", "l2": "ranking",
+    "grad": "ranking", "bmrs-n-published": "evidence",
+}
 #: the criteria by their command-line names ("none": train without pruning)
-CRITERION_NAMES = ("none", "bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad", "bmrs-n-published")
+CRITERION_NAMES = ("none", *CRITERION_RULES)
+#: the criteria that take a threshold, and those that need an amount (ranking only)
+THRESHOLD_CRITERIA = tuple(name for name, rule in CRITERION_RULES.items() if rule == "threshold")
+RANKING_CRITERIA = tuple(name for name, rule in CRITERION_RULES.items() if rule == "ranking")
 # Fine-tuning epochs keep the noise and KL ("noisy", the paper's), or train the weights of the pruned
 # network with θ fixed at E[θ]·mask and no KL ("deterministic", the default).
 FINETUNE_MODES = ("noisy", "deterministic")

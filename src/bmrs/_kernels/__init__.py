@@ -37,7 +37,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["get", "set_enabled", "usable_for"]
+__all__ = ["get", "set_enabled", "enabled", "usable_for"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("noise_kernels.cpp", "delta_f_kernels.cpp", "conv_kernels.cpp")]
 _state: dict = {"enabled": os.environ.get("BMRS_KERNELS", "1") != "0", "module": None, "failed": False}
@@ -47,6 +47,18 @@ _lock = threading.Lock()
 def set_enabled(enabled: bool) -> None:
     """Use the fused kernels (True, the default) or the reference PyTorch code (False)."""
     _state["enabled"] = bool(enabled)
+
+
+def enabled() -> bool:
+    """Whether the fused kernels are switched on (``BMRS_KERNELS=0`` or ``set_enabled(False)`` turn them off).
+
+    Example:
+        >>> from bmrs import _kernels
+        >>> was = enabled(); _kernels.set_enabled(False); off = enabled(); _kernels.set_enabled(was)
+        >>> off
+        False
+    """
+    return _state["enabled"]
 
 
 def get() -> ModuleType | None:

@@ -33,23 +33,25 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..errors import ModelError
 from .heads import fold_head_gates
 from ..nn.attach import detach_noise, noise_layers
+from .surgery import channel_multiplier, scale_affine, scale_in, scale_out
+from .trace import (
+    OPTYPE, ModuleCall, Trace, _forward, _tensors, map_floating, op_name, output_mismatch, plain_inputs,
+)
 
-__all__ = ["fold_noise"]
+# (the trace and surgery names were defined here before they had modules of their own: importable from here too)
+__all__ = ["fold_noise", "Trace", "ModuleCall", "plain_inputs", "output_mismatch", "op_name", "map_floating",
+           "OPTYPE", "channel_multiplier", "scale_out", "scale_in"]
 
-OPTYPE = tp.ops.OPTYPE
 _CONV = nn.modules.conv._ConvNd
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _CHANNEL_FIRST_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
@@ -69,201 +71,6 @@ class IncompleteCompactionWarning(RuntimeWarning):
 
 
 REL_TOL = 1e-4  # self-check: max|Δout| / max|out| allowed after folding or compaction
-
-
-# -- small helpers --------------------------------------------------------------------------------
-def plain_inputs(inputs: Any) -> Any:
-    """Example inputs as torch-pruning takes them: any mapping (a tokenizer's ``BatchEncoding``) as a dict.
-
-    Example:
-        >>> from collections import UserDict
-        >>> type(plain_inputs(UserDict(input_ids=1))).__name__
-        'dict'
-    """
-    if isinstance(inputs, Mapping) and not isinstance(inputs, dict):
-        return dict(inputs)
-    return inputs
-
-
-def _forward(model: nn.Module, inputs: Any):
-    """Call the model the way torch-pruning does: dict → **kwargs, tuple/list → *args, else one arg."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _tensors(obj: Any) -> list[Tensor]:
-    """Every tensor in a (nested) tensor / tuple / list / dict, in order."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _tensors(item)]
-    return []
-
-
-def output_mismatch(got: Any, want: Any) -> float:
-    """max|got − want| / max|want| over every output tensor (inf if the structures differ)."""
-    got, want = _tensors(got), _tensors(want)
-    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
-        return float("inf")
-    scale = max([w.detach().abs().max().item() for w in want if w.numel()] + [1e-12])
-    diff = max([(g.detach() - w.detach()).abs().max().item() for g, w in zip(got, want) if w.numel()] + [0.0])
-    return diff / scale
-
-
-def op_name(grad_fn) -> str:
-    """'MaxPool2DWithIndicesBackward0' → 'MaxPool2DWithIndices'."""
-    return re.sub(r"Backward\d*$", "", grad_fn.name()) if grad_fn is not None else ""
-
-
-# -- weight surgery -------------------------------------------------------------------------------
-def channel_multiplier(layer: nn.Module, values: Tensor, side: str) -> Tensor:
-    """``values`` (one per output or input channel of a Conv/Linear) shaped to broadcast over its weight."""
-    weight = layer.weight
-    values = values.to(device=weight.device, dtype=weight.dtype)
-    if isinstance(layer, nn.Linear):
-        return values.view(-1, 1) if side == "out" else values.view(1, -1)
-    tail = [1] * (weight.dim() - 2)
-    # A Conv weight is (out, in/g, k…); a ConvTranspose weight is (in, out/g, k…).
-    whole_dim0 = (side == "out") != layer.transposed
-    if whole_dim0:
-        return values.view(-1, 1, *tail)
-    groups, rows, cols = layer.groups, weight.shape[0], weight.shape[1]
-    grid = values.view(groups, 1, cols).expand(groups, rows // groups, cols)
-    return grid.reshape(rows, cols, *tail)
-
-
-@torch.no_grad()
-def scale_out(layer: nn.Module, theta: Tensor) -> None:
-    """Multiply the output channel c of a Conv/Linear (weight rows and bias) by theta[c]."""
-    layer.weight.mul_(channel_multiplier(layer, theta, "out"))
-    if layer.bias is not None:
-        layer.bias.mul_(theta.to(layer.bias))
-
-
-@torch.no_grad()
-def scale_in(layer: nn.Module, scale: Tensor) -> None:
-    """Multiply the input channel (column) c of a Conv/Linear by scale[c]."""
-    layer.weight.mul_(channel_multiplier(layer, scale, "in"))
-
-
-@torch.no_grad()
-def _scale_affine(norm: nn.Module, theta: Tensor, axis: int) -> None:
-    """Multiply a norm's output by theta along ``axis`` of its affine weight, creating it if absent."""
-    shape = tuple(norm.normalized_shape) if isinstance(norm, nn.LayerNorm) else (theta.numel(),)
-    view = [1] * len(shape)
-    view[axis] = theta.numel()
-    theta = theta.reshape(view)
-    if norm.weight is None:
-        norm.weight = nn.Parameter(theta.expand(shape).clone())
-        if getattr(norm, "bias", None) is None and not isinstance(norm, nn.LayerNorm):
-            norm.bias = nn.Parameter(torch.zeros_like(norm.weight))
-        _mark_affine(norm)
-        return
-    norm.weight.mul_(theta.to(norm.weight))
-    if norm.bias is not None:
-        norm.bias.mul_(theta.to(norm.bias))
-
-
-def _mark_affine(norm: nn.Module) -> None:
-    if isinstance(norm, nn.LayerNorm):
-        norm.elementwise_affine = True
-    else:
-        norm.affine = True
-
-
-# -- tracing --------------------------------------------------------------------------------------
-@dataclass
-class ModuleCall:
-    """How a module was called while tracing (first call only, plus the number of calls)."""
-
-    calls: int = 0
-    in_fns: tuple = ()          # grad_fn of every tensor argument (None for inputs without autograd history)
-    out_fn: Any = None          # grad_fn of the (first) output tensor
-    out_ndim: int | None = None
-
-
-class Trace:
-    """torch-pruning's DependencyGraph of a model plus how each module was called while tracing it.
-
-    ``graph``: the DependencyGraph; ``calls[module]``: a :class:`ModuleCall`; ``node_of[grad_fn]``: the
-    graph node computing that autograd function; ``owner[grad_fn]``: the Conv/Linear/… node whose own
-    forward contains that function (e.g. the reshape and ``addmm`` inside a Linear on a 3-D input);
-    ``output_fns``: the autograd functions producing the model's outputs.
-    """
-
-    def __init__(self, model: nn.Module, example_inputs: Any):
-        self.calls: dict[nn.Module, ModuleCall] = {}
-        self.output_fns: set = set()  # grad_fns of the model's output tensors
-        handles = []
-        for module in model.modules():
-            handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
-            handles.append(module.register_forward_hook(self._after))
-        try:
-            with torch.enable_grad():
-                self.graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_inputs, forward_fn=self._run, verbose=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        nodes = self.graph.module2node.values()
-        self.node_of = {node.grad_fn: node for node in nodes if node.grad_fn is not None}
-        self.owner = self._internal_functions()
-
-    def _run(self, model: nn.Module, inputs: Any):
-        out = _forward(model, inputs)
-        self.output_fns = {t.grad_fn for t in _tensors(out) if t.grad_fn is not None}
-        return out
-
-    def _before(self, module, args, kwargs):
-        call = self.calls.setdefault(module, ModuleCall())
-        call.calls += 1
-        if call.calls == 1:
-            call.in_fns = tuple(t.grad_fn for t in _tensors(list(args) + list(kwargs.values())))
-
-    def _after(self, module, args, output):
-        call = self.calls[module]
-        outs = _tensors(output)
-        if call.calls == 1 and outs:
-            call.out_fn, call.out_ndim = outs[0].grad_fn, outs[0].dim()
-
-    def module_node(self, module: nn.Module):
-        return self.graph.module2node.get(module)
-
-    def is_module_node(self, node) -> bool:
-        return isinstance(node.module, nn.Module) and node.module in self.calls
-
-    def _internal_functions(self) -> dict:
-        """Autograd functions that run inside a traced module's forward (between its inputs and output)."""
-        module_fns = {n.grad_fn for n in self.graph.module2node.values() if self.is_module_node(n)}
-        owner = {}
-        for node in self.graph.module2node.values():
-            if not self.is_module_node(node) or node.grad_fn is None:
-                continue
-            stop = set(self.calls[node.module].in_fns) | module_fns
-            stack = [fn for fn, _ in node.grad_fn.next_functions]
-            while stack:
-                fn = stack.pop()
-                if fn is None or fn in stop or fn in owner or "accumulategrad" in fn.name().lower():
-                    continue
-                owner[fn] = node
-                stack.extend(f for f, _ in fn.next_functions)
-        return owner
-
-    def label(self, node) -> str:
-        """A readable name for a graph node: the module's class and name, or the autograd op."""
-        if self.is_module_node(node):
-            return f"{type(node.module).__name__} {self.graph._module2name.get(node.module, '')!r}"
-        return f"the {op_name(node.grad_fn) or type(node.module).__name__} operation"
-
-    def input_node(self, module: nn.Module):
-        """The graph node producing the module's first tensor argument (None if untracked)."""
-        fns = self.calls[module].in_fns
-        return self.node_of.get(fns[0]) if fns else None
 
 
 # -- folding one noise layer ----------------------------------------------------------------------
@@ -306,7 +113,7 @@ def _fold_untraced(rec: NoiseRecord) -> None:
     elif isinstance(module, nn.MultiheadAttention) and rec.dim == -1:
         scale_out(module.out_proj, rec.theta)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm) and rec.dim == 1:
-        _scale_affine(module, rec.theta, 0)
+        scale_affine(module, rec.theta, 0)
     else:
         raise ModelError(f"fold: the example inputs never reach {_describe(rec)}, so its noise cannot be folded "
                          "into its consumers; pass example_inputs that run every noise layer")
@@ -354,7 +161,7 @@ def _fold_after_norm(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int
             return
         except ModelError:
             pass
-    _scale_affine(norm, rec.theta, weight_axis)
+    scale_affine(norm, rec.theta, weight_axis)
 
 
 def _fold_after_activation(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: int) -> None:
@@ -381,7 +188,7 @@ def _fold_into_producer(rec: NoiseRecord, trace: Trace, call: ModuleCall, axis: 
     if _channel_axis(layer, call.out_ndim) != axis:
         return False
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        _scale_affine(layer, rec.theta, 0)
+        scale_affine(layer, rec.theta, 0)
     else:
         scale_out(layer, rec.theta)
     return True
@@ -472,16 +279,6 @@ class Folded:
     checks: list[tuple[Any, Any]]
     requires_grad: dict[str, bool]
 
-
-def map_floating(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """The same nested tuples/lists/dicts with ``fn`` applied to every floating-point tensor."""
-    if isinstance(obj, Tensor):
-        return fn(obj) if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(map_floating(item, fn) for item in obj)
-    if isinstance(obj, dict):
-        return {key: map_floating(item, fn) for key, item in obj.items()}
-    return obj
 
 
 def _randn_like(t: Tensor) -> Tensor:

@@ -51,14 +51,9 @@ __all__ = [
 ]
 
 
+# the classes of the names registered in bmrs.defaults.CRITERION_RULES, by their ``name``
 CRITERIA: dict[str, Callable[..., Criterion]] = {
-    "bmrs-n": BMRSN,
-    "bmrs-n-published": PublishedBMRSN,
-    "bmrs-u": BMRSU,
-    "snr": SNR,
-    "ev": ExpectedValue,
-    "l2": L2Norm,
-    "grad": Gradient,
+    cls.name: cls for cls in (BMRSN, PublishedBMRSN, BMRSU, SNR, ExpectedValue, L2Norm, Gradient)
 }
 
 

@@ -1,0 +1,248 @@
+"""The noise bank: the registry of a model's noise layers, which draws θ for all of them in one batched
+call per training step (see :class:`_NoiseBank`), and :func:`noise_layers`, the walk that lists them.
+
+Example:
+    >>> import torch, bmrs
+    >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+    >>> [name for name, _ in noise_layers(mlp)], len(mlp._bmrs_bank.layers)
+    (['1'], 1)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..distributions.fast_sample import sample_theta
+from .fused_layers import sample_layers
+from .hooks import NOISE_ATTR, _applications
+from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
+from .uniforms import draw_key
+
+__all__ = ["noise_layers"]
+
+# How many module registrations (setattr, add_module, register_module) there have been, process-wide: with
+# it and hooks._applications a model's noise bank can tell, without walking the model, that its list of
+# noise layers is still the model's (see _NoiseBank.covers_model).
+_registrations = [0]
+_registration_hook: list = []
+
+
+def _count_registration(module: nn.Module, name: str, submodule) -> None:
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Count every module registration from now on (one global hook, installed once)."""
+    if not _registration_hook:
+        _registration_hook.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
+
+class _KLStash:
+    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), per layer and as the paper's
+    mean over all of them, for ``kl_loss`` to reuse while the layers' parameters and the grad mode are
+    unchanged and no backward pass has spent its graph (the node sets ``spent``)."""
+
+    def __init__(self, members: list[MultiplicativeNoise], versions: tuple, kl: Tensor, mean: Tensor, spent: Tensor):
+        self.members, self.versions, self.kl, self.mean, self.spent = members, versions, kl, mean, spent
+        self.grad_enabled = torch.is_grad_enabled()
+        # the node's backward sets the flag and bumps its version: reading _version needs no operator
+        # (bool(spent) is one, and a cold one when kl_loss runs after the forward's matrix products)
+        self.spent_version = spent._version
+
+    def matches(self, members: list[MultiplicativeNoise]) -> bool:
+        return (self.spent._version == self.spent_version and self.grad_enabled == torch.is_grad_enabled()
+                and len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
+                and self.versions == _versions(members))
+
+
+def _versions(members: list[MultiplicativeNoise]) -> tuple:
+    """What identifies the values of the layers' posterior parameters."""
+    mus, log_sigmas, _, _ = zip(*map(MultiplicativeNoise.tensors, members))
+    return _versions_of(mus, log_sigmas)
+
+
+def _versions_of(mus, log_sigmas) -> tuple:
+    """_versions from the layers' mu and log σ tensors, already read."""
+    return tuple((id(mu), mu._version, id(log_sigma), log_sigma._version) for mu, log_sigma in zip(mus, log_sigmas))
+
+
+class _NoiseBank:
+    """Draws θ for every structure-granularity noise layer of a model in one batched call per step.
+
+    Registered by ``attach`` as a forward pre-hook on the model: before each training forward it
+    samples one θ per (example, structure) for all layers at once (a few dozen tensor operations
+    instead of that many per layer) and leaves each layer its slice; a layer whose input batch does
+    not match (e.g. a sequence-first tensor) or that is called outside the model's forward samples
+    for itself.  A forward hook clears the slices afterwards.
+    """
+
+    def __init__(self, layers: list[MultiplicativeNoise]):
+        self.layers = layers
+        # the index in the global batch of this process's first row when it holds a slice of a larger
+        # batch (distributed training): rows are coded by their global index in the counter-based
+        # uniform stream, so every example's θ matches a single process
+        self.row_first = 0
+        self.kl_stashes: list[_KLStash] = []
+        # _registrations when a walk of the model last found exactly these layers (-1: never)
+        self.confirmed = -1
+        # the last training forward applied these layers once each, each to its own draw, and no other
+        # noise layer (set when the model's forward returns)
+        self.complete = False
+        self._applications_at_draw = 0
+
+    def __getstate__(self) -> dict:
+        # copies and pickles of the model leave this step's draw (and its graph) behind, and walk the
+        # model again before trusting the layer list (the registration count is this process's)
+        return {**self.__dict__, "kl_stashes": [], "confirmed": -1, "complete": False}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_applications_at_draw": 0, **state})  # (banks pickled before it existed)
+
+    def draw(self, model: nn.Module, args) -> None:
+        self.clear()
+        self.kl_stashes = []
+        self.complete = False
+        self._applications_at_draw = _applications[0]
+        if not model.training:
+            return
+        if self.row_first:  # a distributed shard: layers drawing for themselves count rows from here too
+            for noise in self.layers:
+                noise.__dict__["row_first"] = self.row_first
+            self._rows_offset = True
+        layers = [n for n in self.layers if n.granularity == "structure" and n.training]
+        first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+        # the examples of the model's input (a layer whose input counts other examples draws for itself)
+        batch = None if first is None or not layers else \
+            first.shape[layers[0].batch_dim if first.dim() > layers[0].batch_dim else 0]
+        if batch is None or not layers:
+            return
+        for members in _bounds_groups(layers):
+            head = members[0]
+            mus, log_sigmas, masks, kept = zip(*map(MultiplicativeNoise.tensors, members))
+            # the kernel draws the key itself (as draw_key() would) and weights the KL as kl_loss's "mean"
+            # does when these layers are all the model's (the only case in which kl_loss takes that sum)
+            fused = sample_layers(mus, log_sigmas, masks, None, self.row_first, batch, kept,
+                                  [n.full_features for n in members], head.low, head.high,
+                                  _mean_weights(members, len(members)))
+            if fused is not None:
+                parts, kl, mean, spent = fused
+                self.kl_stashes.append(_KLStash(members, _versions_of(mus, log_sigmas), kl, mean, spent))
+            else:  # the reference path, on uniforms of the same stream
+                key = draw_key()
+                u = draw_uniforms(batch, _bank_codes(members), head.mu.dtype, head.mu.device, self.row_first, key)
+                theta = sample_theta(*_concat_posteriors(members), head.low, head.high, u, torch.cat(masks))
+                parts = torch.split(theta, [n.num_features for n in members], dim=1)
+            for noise, part in zip(members, parts):
+                noise.hold_theta(part)
+
+    def stashed_kl(self, members: list[MultiplicativeNoise]) -> Tensor | None:
+        """The per-layer KL (n,) the last draw formed for exactly these layers, if their parameters are
+        unchanged, its graph not yet spent by a backward pass, and the grad mode the same; else None."""
+        for stash in self.kl_stashes:
+            if stash.matches(members):
+                return stash.kl
+        return None
+
+    def stashed_mean_kl(self, layers: list[MultiplicativeNoise]) -> Tensor | None:
+        """kl_loss's "mean" of these layers, when the last draw covered exactly them in one call (and
+        stashed_kl would serve); else None.  Handed out once (the caller may change it in place): a
+        second call in the same step gets None and forms the sum afresh from the per-layer KL."""
+        stashes = self.kl_stashes
+        if len(stashes) == 1 and stashes[0].mean is not None and stashes[0].matches(layers):
+            mean, stashes[0].mean = stashes[0].mean, None
+            return mean
+        return None
+
+    def finish(self) -> None:
+        """At the end of the model's forward: note whether it applied exactly this bank's layers, each once
+        to the θ drawn for it (then ``covers_model`` needs no walk), and drop any θ left unused."""
+        self.complete = (bool(self.kl_stashes) and _applications[0] - self._applications_at_draw == len(self.layers)
+                         and all(noise.__dict__["pending_theta"] is None for noise in self.layers))
+        self.clear()
+
+    def covers_model(self) -> bool:
+        """True when ``self.layers`` are known to be all of the model's noise layers without walking it: a
+        walk found exactly them and no module has been registered anywhere since, and the last forward
+        applied each of them once and no other (so none was deleted, nor added past the registration hooks,
+        as ``nn.ModuleList.insert`` does)."""
+        return self.complete and self.confirmed == _registrations[0]
+
+    def confirm(self, layers: list[MultiplicativeNoise]) -> None:
+        """Record a walk of the model that found ``layers``: if they are exactly this bank's, ``covers_model``
+        holds until the next module registration."""
+        if len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers)):
+            self.confirmed = _registrations[0]
+
+    def clear(self, *_) -> None:
+        for noise in self.layers:
+            noise.hold_theta(None)
+        if self.__dict__.get("_rows_offset"):
+            for noise in self.layers:
+                noise.__dict__["row_first"] = 0
+            self._rows_offset = False
+
+
+def _bank_codes(members: list[MultiplicativeNoise]) -> Tensor:
+    """The column codes of the layers side by side: each structure's position before any ``shrink``,
+    offset by the full widths of the layers before it (the fused kernel forms the same)."""
+    offsets, codes = 0, []
+    for noise in members:
+        codes.append(noise.kept_index.cpu() + offsets)
+        offsets += noise.full_features
+    return torch.cat(codes)
+
+
+def _bank_draw(model: nn.Module, args):
+    bank = getattr(model, "_bmrs_bank", None)
+    if bank is not None:
+        bank.draw(model, args)
+
+
+def _bank_clear(model: nn.Module, args, output):
+    bank = getattr(model, "_bmrs_bank", None)
+    if bank is not None:
+        bank.finish()
+
+
+def noise_layers(model: nn.Module) -> list[tuple[str, MultiplicativeNoise]]:
+    """(name of the module the noise follows, noise layer) for every attached noise layer, in order."""
+    found = []
+    for name, module in model.named_modules():
+        noise = module._modules.get(NOISE_ATTR) if hasattr(module, "_modules") else None
+        if isinstance(noise, MultiplicativeNoise):
+            found.append((name, noise))
+    return found
+
+
+def _mean_weights(members: list[MultiplicativeNoise], layer_count: int) -> list[float]:
+    """kl_loss's "mean" weight of each member's summed KL: the mean over the layer's original structures
+    (removing pruned ones changes no weight), averaged over the model's ``layer_count`` noise layers."""
+    return [1.0 / (n.full_features * layer_count) for n in members]
+
+
+def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[MultiplicativeNoise]]:
+    """The layers split by (low, high, device): each group's posteriors concatenate into one batched call.
+
+    The common case (all on the CPU with the same bounds: one group) forms no device object per layer: the
+    noise bank's draw calls this at every training step, right after the previous step's matrix products,
+    where each Python object it touches is a cache miss (its Python took 15-60 µs there, a few µs hot).
+
+    Example:
+        >>> from bmrs.nn.noise import MultiplicativeNoise
+        >>> a, b = MultiplicativeNoise(3), MultiplicativeNoise(4, high=-1.0)
+        >>> [len(g) for g in _bounds_groups([a, a])], [len(g) for g in _bounds_groups([a, b, a])]
+        ([2], [2, 1])
+    """
+    if layers:
+        low, high = layers[0].low, layers[0].high
+        if all(n.low == low and n.high == high and n._parameters["mu"].is_cpu for n in layers):
+            return [layers]
+    groups: dict[tuple, list[MultiplicativeNoise]] = {}
+    for noise in layers:
+        groups.setdefault((noise.low, noise.high, noise.tensors()[0].device), []).append(noise)
+    return list(groups.values())
+
+
+def _concat_posteriors(members: list[MultiplicativeNoise]) -> tuple[Tensor, Tensor]:
+    """(μ, σ) of a group's layers side by side, with one log-σ clamp for all of them."""
+    return torch.cat([n.mu for n in members]), sigma_of(torch.cat([n.log_sigma for n in members]))
