@@ -15,7 +15,7 @@ MAX_LINES = 400
 # The layers, bottom up (DESIGN.md "Layers of the code"): a module may import from its own layer and those
 # below, never from one above, at module level or inside a function.
 LAYERS = [
-    {"errors", "defaults", "io", "_compile", "_kernels"},  # the foundation: no torch model code
+    {"errors", "defaults", "io", "extras", "_compile", "_kernels"},  # the foundation: no torch model code
     {"distributions"},
     {"reduction"},
     {"nn"},
@@ -38,7 +38,6 @@ ALLOWED_UPWARD = {
 }
 # Files over MAX_LINES being split by their owners: path relative to src/ → the issue.
 ALLOWED_LONG = {
-    "bmrs/experiments/reproduce_report.py": "issue #28 (the paper's reproduction moves out of the package)",
     "bmrs/_kernels/noise_kernels.cpp": "issue #28 (split by job: special functions, KL, sampling, uniforms, bindings)",
 }
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, WriteError, first_line
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
+__all__ = ["tensor_digest", "atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
            "save_state_dict", "load_state_dict_file", "check_writable", "write_bytes",
            "staged_outputs"]
 
@@ -228,17 +229,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes (recorded in every safetensors file bmrs writes)."""
+    sha = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        sha.update(key.encode())
+        sha.update(str(tensor.dtype).encode())
+        sha.update(str(tuple(tensor.shape)).encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return sha.hexdigest()
+
+
 def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as safetensors (no pickle), atomically, with optional string ``metadata`` and the
     tensors' sha256 (``metadata["sha256"]``, which :func:`load_state_dict_file` checks)."""
     from safetensors.torch import save
 
-    from .saving import _digest
-
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     metadata = dict(metadata or {})
-    metadata.setdefault("sha256", _digest(tensors))
+    metadata.setdefault("sha256", tensor_digest(tensors))
     data = save(tensors, metadata)  # bytes: safetensors' own save_file leaves a temporary of its own when killed
 
     write_bytes(path, data)
@@ -251,7 +262,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        from .saving import _digest
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         try:
@@ -261,7 +271,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as err:
             raise CheckpointError(f"{path}: cannot read safetensors file ({first_line(err)}); it is truncated "
                                   "or corrupt") from None
-        if "sha256" in metadata and _digest(tensors) != metadata["sha256"]:  # (files of older versions have none)
+        if "sha256" in metadata and tensor_digest(tensors) != metadata["sha256"]:  # (files of older versions have none)
             raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file is "
                                   "damaged (train the run again, or restore the file)")
         return tensors

@@ -12,7 +12,7 @@ from .criteria import ModelReduction, Criterion
 from .errors import ConfigError
 from .nn.attach import noise_layers
 
-__all__ = ["prune", "PruneReport", "LayerReport", "PruningWarning", "structure_counts", "nothing_pruned_reason"]
+__all__ = ["as_criterion", "prune", "PruneReport", "LayerReport", "PruningWarning", "structure_counts", "nothing_pruned_reason"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
         >>> report.pruned, report.structures
         (2, 8)
     """
-    criterion = _as_criterion(criterion)
+    criterion = as_criterion(criterion)
     decisions = criterion.decide(model, amount)
     before = structure_counts(model).pruned
     for name, noise in noise_layers(model):
@@ -101,7 +101,7 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
     return PruneReport(report.layers, report.pruned - before)
 
 
-def _as_criterion(criterion) -> Criterion:
+def as_criterion(criterion) -> Criterion:
     """A criterion instance; its command-line name is accepted too (``"bmrs-n"``), anything else is a ConfigError."""
     from .criteria import get_criterion
 

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, ModelError, first_line
+from .io import tensor_digest
 
 __all__ = ["save", "load", "read_description"]
 
@@ -48,17 +48,6 @@ def _size_attributes(module: nn.Module) -> dict[str, Any]:
         if isinstance(value, _SIMPLE) or (isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value)):
             out[key] = list(value) if isinstance(value, (tuple, list)) else value
     return out
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    sha = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        sha.update(key.encode())
-        sha.update(str(tensor.dtype).encode())
-        sha.update(str(tuple(tensor.shape)).encode())
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return sha.hexdigest()
 
 
 def save(model: nn.Module, path: str | Path, builder: dict | None = None) -> None:
@@ -80,7 +69,7 @@ def save(model: nn.Module, path: str | Path, builder: dict | None = None) -> Non
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     modules = {name: {"type": f"{type(m).__module__}.{type(m).__qualname__}", "sizes": _size_attributes(m)}
                for name, m in model.named_modules()}
-    metadata = {"format": FORMAT, "modules": json.dumps(modules), "sha256": _digest(state),
+    metadata = {"format": FORMAT, "modules": json.dumps(modules), "sha256": tensor_digest(state),
                 "builder": json.dumps(builder)}
     save_state_dict(path, state, metadata)
 
@@ -102,7 +91,7 @@ def read_description(path: str | Path) -> tuple[dict[str, str], dict[str, torch.
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a model written by bmrs.save (a bare state dict has no sizes); load it "
                               "with safetensors into a model of the right sizes")
-    if _digest(tensors) != metadata.get("sha256"):
+    if tensor_digest(tensors) != metadata.get("sha256"):
         raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file is damaged")
     return metadata, tensors
 

@@ -31,7 +31,7 @@ from ..defaults import FINETUNE, FINETUNE_MODES, KL_REDUCTION, KL_REDUCTIONS, KL
 from ..errors import ConfigError
 from ..nn.attach import attach, kl_loss, noise_layers
 from ..nn.param_groups import noise_learning_rate
-from ..pruning import PruneReport, PruningWarning, _as_criterion, nothing_pruned_reason, prune
+from ..pruning import PruneReport, PruningWarning, as_criterion, nothing_pruned_reason, prune
 
 __all__ = ["PruningPlan", "PlanResults", "model_inputs", "LABEL_KEYS"]
 
@@ -84,7 +84,7 @@ class PruningPlan:
                  targets: Iterable | None = None, example_inputs: Any = None) -> None:
         from ..criteria import BMRSN
 
-        self.criterion = _as_criterion(BMRSN() if criterion is None else criterion)
+        self.criterion = as_criterion(BMRSN() if criterion is None else criterion)
         self.prune_every = _count(prune_every, "prune_every", 1)
         self.finetune_epochs = _count(finetune_epochs, "finetune_epochs", 0)
         if finetune not in FINETUNE_MODES:
