@@ -39,7 +39,6 @@ ALLOWED_UPWARD = {
 # Files over MAX_LINES being split by their owners: path relative to src/ → the issue.
 ALLOWED_LONG = {
     "bmrs/experiments/reproduce_report.py": "issue #28 (the paper's reproduction moves out of the package)",
-    "bmrs/_kernels/noise_kernels.cpp": "issue #28 (split by job: special functions, KL, sampling, uniforms, bindings)",
 }
 
 
