@@ -3,7 +3,7 @@
 The public names load their modules on first use (PEP 562), so that ``bmrs --help`` and
 ``import bmrs.defaults`` do not import torch.
 
-Example:
+Examples:
     >>> import bmrs
     >>> bmrs.attach.__module__
     'bmrs.nn.attach'

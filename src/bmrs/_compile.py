@@ -6,7 +6,7 @@ per-operation overhead; compiled, the KL of all structures runs ~5x faster.  Com
 turn it on with ``set_compile(True)``, ``BMRS_COMPILE=1`` or ``bmrs train --compile``.  Any
 failure to compile falls back to eager execution with one warning.
 
-Example:
+Examples:
     >>> from bmrs._compile import maybe_compiled, compile_enabled
     >>> double = maybe_compiled(lambda t: 2 * t)
     >>> compile_enabled()

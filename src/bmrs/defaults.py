@@ -3,7 +3,7 @@ command line's help is built from them in well under a second).
 
 Why each value: ``docs/decision-rule.md``.
 
-Example:
+Examples:
     >>> from bmrs import defaults
     >>> defaults.EVIDENCE_MARGIN, defaults.KL_REDUCTION, defaults.KL_WEIGHT
     (1.0, 'structure-mean', 0.3)

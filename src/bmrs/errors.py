@@ -3,7 +3,7 @@
 Every error a user can cause derives from :class:`BMRSError`, so the command line can turn it into a
 one-line message and a non-zero exit instead of a traceback.
 
-Example:
+Examples:
     >>> from bmrs.errors import ConfigError
     >>> try:
     ...     raise ConfigError("p1 must lie in (0, 23), got 30; pass e.g. --p1 8")
@@ -28,7 +28,7 @@ class ConfigError(BMRSError, ValueError):
     ``field``: the setting at fault (e.g. ``"image_size"``), so that the command line can name its option and a
     run folder's reader can name the file and field it came from.
 
-    Example:
+    Examples:
         >>> ConfigError("image_size must be an integer in [1, 4096], got 0", field="image_size").field
         'image_size'
     """
@@ -57,7 +57,7 @@ class TrainingError(BMRSError, RuntimeError):
 class WriteError(BMRSError, OSError):
     """A file could not be written (disk full, file too large, quota, I/O error); the previous file is intact.
 
-    Example:
+    Examples:
         >>> import errno
         >>> str(WriteError.of("runs/x/metrics.json", OSError(errno.ENOSPC, "No space left on device")))
         'could not write runs/x/metrics.json: No space left on device; free space or choose another --output'
@@ -73,7 +73,7 @@ def first_line(err: BaseException, limit: int = 120) -> str:
     """The first line of an exception's message, cut at ``limit`` characters (its type's name if empty), for
     quoting a library's error inside a one-line bmrs message.
 
-    Example:
+    Examples:
         >>> first_line(RuntimeError("size mismatch\\nmore detail")), first_line(KeyError())
         ('size mismatch', 'KeyError')
     """

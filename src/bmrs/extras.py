@@ -4,7 +4,7 @@ The core of bmrs (attach, train, prune, compact, save) needs torch, numpy, torch
 safetensors only; plots, the paper's statistics, ONNX and the trainer integrations live in extras
 (``pip install 'bmrs[plots]'`` …, see ``docs/dependencies.md``).
 
-Example:
+Examples:
     >>> require("math", "plots").__name__
     'math'
 """
@@ -26,7 +26,7 @@ class MissingExtraError(ConfigError, ImportError):
 def require(module: str, extra: str, purpose: str = "") -> ModuleType:
     """``module`` imported, or MissingExtraError naming the extra that installs it.
 
-    Example:
+    Examples:
         plt = require("matplotlib.pyplot", "plots", "drawing curve.png")
     """
     try:

@@ -1,6 +1,6 @@
 """Atomic writes and safe loads: results and checkpoints are never left half-written.
 
-Example:
+Examples:
     >>> import tempfile, pathlib
     >>> from bmrs.io import write_json, read_json
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.json"
@@ -70,7 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` atomically (WriteError if the disk refuses it).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "blob"
         >>> write_bytes(path, b"abc"); path.read_bytes()
@@ -111,7 +111,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
 
     Call it only where no other process writes (a run's own folder, before the run goes on).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / ".checkpoint.pt.x1y2.bmrs-tmp").write_text("")
         >>> _ = (d / ".editor-swap.tmp").write_text("")
@@ -135,7 +135,7 @@ def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
     file written there is moved into ``folder`` (Ctrl-C and SIGTERM held back meanwhile, so the set is never
     split), and when it fails the staging folder is removed and ``folder`` keeps its previous files.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> out = pathlib.Path(tempfile.mkdtemp())
         >>> with staged_outputs(out) as stage:
@@ -301,7 +301,7 @@ class FolderLock:
     """An exclusive advisory lock on a run folder (``.bmrs.lock`` holding the owner's pid), released when the
     owner exits or dies, so that two bmrs processes never write one folder at once.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with FolderLock(tempfile.mkdtemp(), "train"):
         ...     pass

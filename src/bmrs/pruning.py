@@ -82,7 +82,7 @@ def prune(model: nn.Module, criterion: Criterion, amount: int | float | None = N
 
     Masks only ever go from 1 to 0: a structure pruned earlier stays pruned.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
         >>> report = bmrs.prune(m, bmrs.criteria.SNR(), amount=0.25)
@@ -122,7 +122,7 @@ class PruningWarning(UserWarning):
 def nothing_pruned_reason(model: nn.Module, label: str) -> str:
     """One line: why a BMRS rule pruned nothing (how far the posteriors are from prior-like) and what to change.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
         >>> nothing_pruned_reason(m, "BMRSN()")[:60]

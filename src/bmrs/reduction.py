@@ -7,7 +7,7 @@ prune it.  Closed forms exist for a reduced truncated log-normal (BMRS_N) and a 
 log-uniform (BMRS_U); any other reduced prior goes through Gauss–Legendre quadrature in the
 posterior's quantile space, which is also the reference the closed forms are checked against.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> q = bmrs.TruncatedLogNormal(torch.tensor([0.0, -30.0]), torch.tensor([0.1, 0.1]))
     >>> p = bmrs.TruncatedLogUniform(-20.0, 0.0)
@@ -50,7 +50,7 @@ def _check_bounds_args(low, high) -> None:
 def spike_prior(low: float = -20.0, high: float = 0.0, variance: float = SPIKE_VARIANCE) -> TruncatedLogNormal:
     """BMRS_N's reduced prior: a near-Dirac log-normal at the lower bound (θ ≈ 0), variance 1e−12.
 
-    Example:
+    Examples:
         >>> import bmrs
         >>> float(bmrs.spike_prior().scale)
         1e-06
@@ -70,7 +70,7 @@ def precision_prior(p1: float = 8.0, low: float = -20.0, high: float = 0.0) -> T
 
     ``p1`` is the precision in bits (8 or 4 in the paper); it must lie in (0, 23).
 
-    Example:
+    Examples:
         >>> import bmrs
         >>> r = bmrs.precision_prior(8)
         >>> round(float(r.low), 3), round(float(r.high), 3)
@@ -110,7 +110,7 @@ def delta_f(posterior: TruncatedLogNormal, prior: TruncatedLogUniform, reduced: 
     Closed forms for ``TruncatedLogNormal`` (BMRS_N) and ``TruncatedLogUniform`` (BMRS_U) reduced
     priors; quadrature for anything else with a ``log_prob`` over θ.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> q = bmrs.TruncatedLogNormal(torch.tensor(-12.0), torch.tensor(2.0))
         >>> p = bmrs.TruncatedLogUniform(-20.0, 0.0)
@@ -269,7 +269,7 @@ def delta_f_quadrature(
     lies within 1e-8 of a bound far from 0 is resolved only as finely as float64 spaces x there.  Memory:
     (2·panels + 80)·order per element.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.reduction import delta_f_quadrature
         >>> q = bmrs.TruncatedLogNormal(torch.tensor(-12.0).double(), torch.tensor(2.0).double())

@@ -8,7 +8,7 @@ constructor, or a built-in builder named in the file), gives each submodule the 
 tensor shapes, then loads the weights strictly.  No code is unpickled; the file also carries a SHA-256
 of the tensors, checked at load.
 
-Example:
+Examples:
     >>> import torch, bmrs, tempfile, os
     >>> net = lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> model = bmrs.attach(net())
@@ -57,7 +57,7 @@ def save(model: nn.Module, path: str | Path, builder: dict | None = None) -> Non
     "in_channels": 1, "num_classes": 10, "image_size": 32}`` for :func:`bmrs.models.build_model`; then
     :func:`load` needs only the path.
 
-    Example:
+    Examples:
         bmrs.save(small, "lenet5-pruned.safetensors", builder={"name": "lenet5"})
     """
     from .io import save_state_dict
@@ -154,7 +154,7 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module] | None = N
     file names a built-in builder.  ``fast_layers=True`` swaps in the fast CPU inference layers
     (:func:`bmrs.compaction.use_fast_layers`).
 
-    Example:
+    Examples:
         small = bmrs.load("lenet5-pruned.safetensors")             # saved with a builder
         small = bmrs.load("my-pruned.safetensors", MyNet)           # your own class
     """

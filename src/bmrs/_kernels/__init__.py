@@ -18,7 +18,7 @@ machines never share or rebuild each other's objects.  Builds of one key take a 
 releases when its process dies, so a killed build never blocks later runs.  ``BMRS_KERNELS=0`` turns them
 off; a failed build warns once and falls back to the reference code.
 
-Example:
+Examples:
     >>> from bmrs import _kernels
     >>> _kernels.set_enabled(False); _kernels.get() is None
     True
@@ -52,7 +52,7 @@ def set_enabled(enabled: bool) -> None:
 def enabled() -> bool:
     """Whether the fused kernels are switched on (``BMRS_KERNELS=0`` or ``set_enabled(False)`` turn them off).
 
-    Example:
+    Examples:
         >>> from bmrs import _kernels
         >>> was = enabled(); _kernels.set_enabled(False); off = enabled(); _kernels.set_enabled(was)
         >>> off

@@ -15,7 +15,7 @@ Every criterion scores each structure of every noise layer of a model and decide
 prunable (``k`` an int count or a float fraction of all structures); structures already masked
 always count among them.  ``prunability`` orders structures for that ranking: higher = pruned first.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs import criteria
     >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
@@ -60,7 +60,7 @@ CRITERIA: dict[str, Callable[..., Criterion]] = {
 def get_criterion(name: str, **kwargs) -> Criterion:
     """Build a criterion by its command-line name (``bmrs-n``, ``bmrs-u``, ``snr``, ``ev``, ``l2``, ``grad``).
 
-    Example:
+    Examples:
         >>> from bmrs.criteria import get_criterion
         >>> get_criterion("bmrs-u", p1=4)
         BMRSU(p1=4, margin=1)

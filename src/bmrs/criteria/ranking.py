@@ -42,7 +42,7 @@ class Gradient(Criterion):
     Call ``accumulate(model, batches)`` first (it runs forward and backward passes in eval mode,
     without touching parameters); ranking only.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
         >>> g = bmrs.criteria.Gradient()

@@ -72,7 +72,7 @@ class BMRSN(ModelReduction):
     ``BMRSN(margin=0)`` is the exact rule ΔF ≥ 0, which ties on posteriors the data leaves
     prior-like (see docs/decision-rule.md).
 
-    Example:
+    Examples:
         >>> from bmrs.criteria import BMRSN
         >>> BMRSN(), BMRSN(margin=0)
         (BMRSN(margin=1, variance=1e-12), BMRSN(margin=0, variance=1e-12))
@@ -121,7 +121,7 @@ class BMRSU(ModelReduction):
     Same decision rule as :class:`BMRSN`: ΔF ≥ −``margin`` or E[θ] < 2⁻²³ (a posterior the data
     has pushed below the reduced prior's support is switched off, although its ΔF_U is very negative).
 
-    Example:
+    Examples:
         >>> from bmrs.criteria import BMRSU
         >>> BMRSU(p1=4)
         BMRSU(p1=4, margin=1)

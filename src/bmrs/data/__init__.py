@@ -1,6 +1,6 @@
 """Dataset readers, downloads and the train/val/test loader used by bmrs.
 
-Example:
+Examples:
     from bmrs.data import load_dataset
     splits = load_dataset("fashion-mnist")
 """

@@ -7,7 +7,7 @@ the red, green and blue 32x32 planes of each image) and ``labels`` (N ints in 0.
 Pickles are loaded with :class:`SafeUnpickler`, which only resolves the handful of numpy
 functions needed to rebuild arrays; anything else (``os.system``, ``eval``, ...) is refused.
 
-Example:
+Examples:
     images, labels = read_cifar10("data/cifar10", train=False)
     images.shape, labels.shape
     (torch.Size([10000, 3, 32, 32]), torch.Size([10000]))
@@ -116,7 +116,7 @@ class SafeUnpickler(_PyUnpickler):
     only numpy's own ``_reconstruct`` path (with a size bound) is allowed. It is based on the
     pure-Python unpickler, whose memo cannot be abused to allocate huge tables.
 
-    Example:
+    Examples:
         >>> import io, pickle
         >>> SafeUnpickler(io.BytesIO(pickle.dumps({"a": [1, 2]}))).load()
         {'a': [1, 2]}
@@ -147,7 +147,7 @@ def safe_unpickle(data: bytes, name: str = "<pickle>"):
 
     Any failure, including a forbidden global, raises :class:`~bmrs.errors.DataError`.
 
-    Example:
+    Examples:
         >>> import pickle
         >>> safe_unpickle(pickle.dumps([1, b"x"]))
         [1, b'x']
@@ -185,7 +185,7 @@ def _get(batch: dict, key: str):
 def read_cifar_batch(path: str | os.PathLike, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one CIFAR batch file: returns (images uint8 N x 3 x 32 x 32, labels int64 N).
 
-    Example:
+    Examples:
         x, y = read_cifar_batch("data/cifar-10-batches-py/test_batch")
         x.shape
         torch.Size([10000, 3, 32, 32])
@@ -231,7 +231,7 @@ def read_cifar_batch(path: str | os.PathLike, num_classes: int = 10) -> tuple[to
 def find_cifar10_folder(root: str | os.PathLike) -> Path | None:
     """Return the folder holding the CIFAR-10 batches (``root`` or ``root/cifar-10-batches-py``), or None.
 
-    Example:
+    Examples:
         >>> find_cifar10_folder("/nonexistent") is None
         True
     """
@@ -248,7 +248,7 @@ def read_cifar10(root: str | os.PathLike, train: bool) -> tuple[torch.Tensor, to
     ``root`` is the extracted ``cifar-10-batches-py`` folder or its parent.
     Returns (images uint8 N x 3 x 32 x 32, labels int64 N).
 
-    Example:
+    Examples:
         x, y = read_cifar10("data", train=True)
         x.shape, int(y.max())
         (torch.Size([50000, 3, 32, 32]), 9)

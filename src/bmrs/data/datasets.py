@@ -18,7 +18,7 @@ the system folders in
 a dataset-named subfolder (e.g. ``fashion-mnist/``) is tried before the folder itself (flat layout;
 note that MNIST and Fashion-MNIST use the same file names, so a flat folder cannot tell them apart).
 
-Example:
+Examples:
     splits = load_dataset("fashion-mnist")
     len(splits.train), len(splits.val), len(splits.test), splits.train[0][0].shape
     (48000, 12000, 10000, torch.Size([1, 32, 32]))
@@ -97,7 +97,7 @@ class DataSplits:
 def default_data_dir() -> Path:
     """Where downloads go when no data_dir is given: ``$BMRS_DATA_DIR``, else ``$XDG_CACHE_HOME/bmrs/data``.
 
-    Example:
+    Examples:
         default_data_dir()
         PosixPath('/home/me/.cache/bmrs/data')
     """
@@ -111,7 +111,7 @@ def default_data_dir() -> Path:
 def dataset_key(name: str) -> str:
     """The dataset's canonical name (``"Fashion-MNIST"`` → ``"fashion-mnist"``); DataError if unknown.
 
-    Example:
+    Examples:
         >>> dataset_key("MNIST")
         'mnist'
     """
@@ -158,7 +158,7 @@ def _search_bases(data_dir: str | os.PathLike | None) -> list[Path]:
 def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """Return the folder the files of dataset ``name`` are read from, or None if none is found.
 
-    Example:
+    Examples:
         find_dataset("fashion-mnist")
         PosixPath('/usr/share/datasets/fashion-mnist')
     """
@@ -305,7 +305,7 @@ def load_dataset(
         DataError: unknown name, files missing (with download=False), corrupt or inconsistent files.
         ConfigError: an out-of-range val_fraction, image_size or train_subset.
 
-    Example:
+    Examples:
         s = load_dataset("fashion-mnist", val_fraction=0.2, split_seed=0)
         s.num_classes, s.in_channels, len(s.val)
         (10, 1, 12000)

@@ -5,7 +5,7 @@ and only then renames it into place (``os.replace``), so the destination is eith
 file, or the complete verified new file, never a partial one. :func:`download_dataset` fetches all
 files of a dataset listed in :data:`SOURCES` and extracts archives safely.
 
-Example:
+Examples:
     from bmrs.data.download import download_dataset
     folder = download_dataset("mnist", "~/data")
 """
@@ -126,7 +126,7 @@ SOURCES: dict[str, Source] = {
 def sha256_of(path: str | os.PathLike) -> str:
     """Return the SHA-256 hex digest of a file, read in chunks.
 
-    Example:
+    Examples:
         sha256_of("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")[:8]
         '8d3605d1'
     """
@@ -165,7 +165,7 @@ def download(
     HTTP error, incomplete body, checksum mismatch) the temporary file is deleted, ``dest`` is left
     as it was, and :class:`~bmrs.errors.DataError` is raised.
 
-    Example:
+    Examples:
         download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "data/cifar.tar.gz",
                      "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")
         PosixPath('data/cifar.tar.gz')
@@ -316,7 +316,7 @@ def download_dataset(
     ``mirror`` replaces the base URLs of :data:`SOURCES` (e.g. a local server). Files already present
     with the right checksum are not fetched again.
 
-    Example:
+    Examples:
         download_dataset("fashion-mnist", "~/data", progress=False)
         PosixPath('/home/me/data/fashion-mnist')
     """

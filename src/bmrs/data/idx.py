@@ -4,7 +4,7 @@ An IDX file is a 4-byte magic number (two zero bytes, a dtype code, the number o
 one big-endian uint32 per dimension, then the values in C order, big-endian. The files are often
 gzip-compressed; :func:`read_idx` detects that from the gzip magic bytes (1f 8b), not from the name.
 
-Example:
+Examples:
     >>> import tempfile, os, torch
     >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte.gz")
     >>> write_idx(path, torch.tensor([3, 1, 4], dtype=torch.uint8))
@@ -116,7 +116,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     Every problem with the file (missing, truncated, corrupt, inconsistent header) raises
     :class:`~bmrs.errors.DataError` with a one-line message saying how to fix it.
 
-    Example:
+    Examples:
         images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
         images.shape, images.dtype
         (torch.Size([10000, 28, 28]), torch.uint8)
@@ -154,7 +154,7 @@ def write_idx(path: str | os.PathLike, array: torch.Tensor | np.ndarray) -> None
     The file is gzip-compressed when ``path`` ends in ``.gz``, and written atomically (a temporary
     file in the same folder, then renamed), so a crash never leaves a half-written file.
 
-    Example:
+    Examples:
         >>> import numpy as np, tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "x-idx2-int")
         >>> write_idx(p, np.arange(6, dtype=np.int32).reshape(2, 3))

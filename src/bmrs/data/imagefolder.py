@@ -9,7 +9,7 @@ Two layouts are understood:
 
 Images are decoded with Pillow and converted to RGB (16-bit grayscale scaled to 8 bits).
 
-Example:
+Examples:
     images, labels, classes = read_image_folder("tiny-imagenet-200/train")
     images.shape, len(classes)
     (torch.Size([100000, 3, 64, 64]), 200)
@@ -103,7 +103,7 @@ def read_image_folder(
             the sorted class names found.
         size: (H, W) to resize every image to; needed when the images differ in size.
 
-    Example:
+    Examples:
         x, y, classes = read_image_folder("tiny-imagenet-200/val",
                                               class_names=train_classes)
     """

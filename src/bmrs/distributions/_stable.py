@@ -12,7 +12,7 @@ where ``anchor`` is the interval end nearest the mean (or the mean itself when i
 parts analytically, as products of exact differences, and only then add the moderate rests.
 Everything here works in float64 and is written so that gradients stay finite in every branch.
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.distributions._stable import interval_parts
     >>> loc, scale = torch.tensor([5.0]).double(), torch.tensor([1e-9]).double()

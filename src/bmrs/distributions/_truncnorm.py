@@ -5,7 +5,7 @@ collapsed far outside [low, high] (see ``_stable`` for how the huge quadratic te
 All functions take broadcastable float64 tensors and are differentiable with finite gradients.
 The KL and E[ln θ] are in ``_truncnorm_kl``, the inverse CDF in ``_truncnorm_icdf``; all are importable from here.
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.distributions import _truncnorm as tn
     >>> x = dict(loc=torch.tensor(0.0).double(), scale=torch.tensor(0.0067).double(),

@@ -1,7 +1,7 @@
 """Float64 inverse CDF of the truncated normal on x = ln θ, with implicit reparameterisation gradients,
 deep in either tail too (see :mod:`bmrs.distributions._truncnorm`).
 
-Example:
+Examples:
     >>> import torch
     >>> t = lambda v: torch.tensor(v, dtype=torch.float64)
     >>> x = icdf_x(t(-10.0), t(1.0), t(-20.0), t(0.0), t(0.5))

@@ -1,7 +1,7 @@
 """Float64 KL divergence of the truncated normal (on x = ln θ) from the log-uniform prior on [low, high], its
 gradients, and E[ln θ], from the same tail and middle pieces (see :mod:`bmrs.distributions._truncnorm`).
 
-Example:
+Examples:
     >>> import torch
     >>> t = lambda v: torch.tensor(v, dtype=torch.float64)
     >>> float(kl_to_uniform(t(0.0), t(0.0067), t(-20.0), t(0.0))) > 0, float(mean_log(t(-10.0), t(1.0), t(-20.0), t(0.0)))
@@ -121,7 +121,7 @@ def kl_to_fixed_uniform(loc: Tensor, scale: Tensor, low: float, high: float) -> 
     On the CPU one fused kernel call (:mod:`bmrs._kernels`) gives the value and gradient; elsewhere
     the reference code does.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bmrs.distributions import _truncnorm as tn
         >>> kl = tn.kl_to_fixed_uniform(torch.zeros(2), torch.full((2,), 0.0067), -20.0, 0.0)
@@ -161,7 +161,7 @@ def kl_to_uniform_with_grad(loc: Tensor, scale: Tensor, low: Tensor, high: Tenso
         σ ∂H/∂σ = 1 + ½tλG + ½[δ(1 − 2tλ − δ) + ρ(t³λ − t'³λ')],   δ = ρ(tλ − t'λ'),
     with − for the lower tail (the interval below the mean) and + for the upper one.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bmrs.distributions import _truncnorm as tn
         >>> f = lambda v: torch.tensor(v, dtype=torch.float64)

@@ -16,7 +16,7 @@ would leave float32) are drawn by the exact float64 inverse CDF (:func:`_truncno
 This PyTorch code is the reference: on the CPU the fused kernels (:mod:`bmrs._kernels`) do the same in
 one call, and a model's noise bank draws all its layers at once (:mod:`bmrs.nn.fused_layers`).
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.distributions.fast_sample import sample_theta
     >>> mu, sigma = torch.zeros(3, requires_grad=True), torch.full((3,), 0.5)

@@ -19,7 +19,7 @@ def kl_truncated_log_normal_log_uniform(q: TruncatedLogNormal, p: TruncatedLogUn
 
     The change of variables cancels, so it is the same in θ and in ln θ.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> q = bmrs.TruncatedLogNormal(torch.tensor(-10.0), torch.tensor(100.0))   # nearly flat
         >>> p = bmrs.TruncatedLogUniform(-20.0, 0.0)

@@ -36,7 +36,7 @@ def support_ends(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     """[e^low, e^high] in float64, widened to the ends as low's and high's own dtype rounds them: so a sample
     clamped to the float32 e^high and the exact float64 e^low both lie inside a float32 distribution's support.
 
-    Example:
+    Examples:
         >>> import torch
         >>> lo, hi = support_ends(torch.tensor(-20.0), torch.tensor(-1.0))
         >>> lo.dtype, bool(hi >= torch.tensor(-1.0).exp().double()), bool(hi >= torch.tensor(-1.0).double().exp())
@@ -52,7 +52,7 @@ class TruncatedLogNormal(Distribution):
     Every quantity is computed in float64 with forms that stay exact for a posterior collapsed far
     outside [low, high], and returned in the dtype of ``loc``.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> q = bmrs.TruncatedLogNormal(torch.tensor([0.0, -30.0]), torch.tensor([0.0067, 0.1]))
         >>> q.mean                                     # E[θ]; the second has collapsed onto e^-20

@@ -27,7 +27,7 @@ def _exact_bounds(low, high):
 class TruncatedLogUniform(Distribution):
     """θ with ln θ ~ Uniform[low, high] (density 1/(θ (high − low)) on [e^low, e^high]).
 
-    Example:
+    Examples:
         >>> import bmrs
         >>> p = bmrs.TruncatedLogUniform(-20.0, 0.0)
         >>> round(float(p.mean), 4), round(float(p.log_mass(-10.0, 0.0).exp()), 2)

@@ -9,7 +9,7 @@ Both run the schedule of :class:`bmrs.integrations.plan.PruningPlan` (the one ``
 README's own-loop recipe follow).  This package imports neither library until one of its modules is
 imported.
 
-Example:
+Examples:
     >>> from bmrs.integrations.plan import PruningPlan
     >>> PruningPlan(prune_every=2, finetune_epochs=1).prunes_after(4, total_epochs=5)
     True

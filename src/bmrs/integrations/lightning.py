@@ -12,7 +12,7 @@ installed).  Two lines go into the LightningModule, since a callback cannot chan
 Forgetting either stops training at its first step with a ``ConfigError`` saying the fix, rather than
 training a network that never prunes.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> import lightning.pytorch as pl

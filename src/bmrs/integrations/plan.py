@@ -7,7 +7,7 @@ noise parameters at their own learning rate (``bmrs.param_groups``), a pruning s
 fine-tuning (by default deterministic: θ fixed at E[θ]·mask, no KL), and ``bmrs.compact`` at the end.
 The callbacks only map their trainer's events onto it.
 
-Example:
+Examples:
     >>> import torch
     >>> plan = PruningPlan(finetune_epochs=1)
     >>> net = plan.prepare(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
@@ -51,7 +51,7 @@ def model_inputs(batch: Any, rows: int = 2) -> Any:
     A tensor is the input; a tuple or list is ``(inputs, targets, …)``, so its first element is; a dict
     is keyword arguments, less the keys in :data:`LABEL_KEYS`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model_inputs((torch.zeros(8, 3), torch.zeros(8))).shape
         torch.Size([2, 3])

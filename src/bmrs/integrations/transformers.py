@@ -10,7 +10,7 @@ rate without weight decay (the scheduler then scales it like every group's).  A 
 the callback stops at its first step with a ``ConfigError`` saying so.  ``shrink`` is not offered here: the
 ``Trainer`` holds the model and optimizer in its training loop, where they cannot be replaced.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from torch import nn
     >>> from transformers import TrainingArguments
@@ -145,7 +145,7 @@ class BMRSTrainerMixin:
     """Put before a ``Trainer`` class: KL term in ``compute_loss``, noise parameters' group in
     ``create_optimizer``; uses the :class:`BMRSCallback` among ``callbacks`` (a default one when none is).
 
-    Example:
+    Examples:
         class MySFTTrainer(BMRSTrainerMixin, SFTTrainer):
             pass
     """

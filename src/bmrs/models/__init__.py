@@ -1,6 +1,6 @@
 """Ready-made networks of the BMRS paper, built with noise layers attached.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.models import build_model
     >>> model = build_model("lenet5", in_channels=1, num_classes=10, image_size=28)
@@ -58,7 +58,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int =
     ``image_size``.  Other keyword arguments go to the builder (e.g. ``hidden=300`` for the MLP,
     ``depth=12`` for the ViT).  Unknown names or options raise :class:`bmrs.errors.ConfigError`.
 
-    Example:
+    Examples:
         >>> import bmrs
         >>> from bmrs.models import build_model
         >>> model = build_model("mlp", in_channels=1, num_classes=10, image_size=32)

@@ -24,7 +24,7 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, no
     16·4·4 for 28×28.  Noise layers come from :func:`bmrs.attach`'s default policy: each conv's sits
     under its ReLU (``"1.bmrs_noise"``) and is applied after the pool, where that is exact and 4× cheaper.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.models import lenet5
         >>> model = lenet5()

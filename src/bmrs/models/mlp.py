@@ -26,7 +26,7 @@ def mlp(
     follows each hidden Linear, none on the head.  ``activation`` is a module class, instantiated
     once per layer.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.models import mlp
         >>> model = mlp(in_dim=784)

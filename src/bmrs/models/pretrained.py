@@ -33,7 +33,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     Unwraps ``{"state_dict": …}`` / ``{"model": …}`` checkpoints and a DataParallel ``module.``
     prefix.  Raises :class:`bmrs.errors.CheckpointError` for a missing, truncated or corrupt file.
 
-    Example:
+    Examples:
         >>> import tempfile, os, torch
         >>> from bmrs.models import read_state_dict
         >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
@@ -97,7 +97,7 @@ def load_pretrained(
     ``strict=False`` skips missing and unexpected keys but never loads a tensor of the wrong shape.
     Raises :class:`bmrs.errors.CheckpointError` for unreadable files and mismatched keys or shapes.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch
         >>> from bmrs.models import resnet18, load_pretrained
         >>> path = os.path.join(tempfile.mkdtemp(), "resnet18.pt")

@@ -139,7 +139,7 @@ class ResNet(nn.Module):
 def batchnorm_names(model: nn.Module) -> list[str]:
     """Names of every BatchNorm module of ``model`` (the noise targets of the ResNets).
 
-    Example:
+    Examples:
         >>> from bmrs.models import resnet18, batchnorm_names
         >>> len(batchnorm_names(resnet18(noise=False)))
         20
@@ -157,7 +157,7 @@ def _build(block, layers, num_classes, in_channels, small_input, noise, builder)
 def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, noise: bool = True) -> ResNet:
     """ResNet-18 (11,689,512 parameters with 1000 classes), noise after each of its 20 BatchNorms.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.models import resnet18
         >>> model = resnet18(num_classes=10, small_input=True)
@@ -172,7 +172,7 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = 
 def resnet50(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, noise: bool = True) -> ResNet:
     """ResNet-50 (25,557,032 parameters with 1000 classes), noise after each of its 53 BatchNorms.
 
-    Example:
+    Examples:
         >>> import bmrs
         >>> from bmrs.models import resnet50
         >>> len(bmrs.noise_layers(resnet50(num_classes=10)))

@@ -121,7 +121,7 @@ class VisionTransformer(nn.Module):
 def vit_noise_targets(model: VisionTransformer) -> list[str]:
     """The modules :func:`vit` gates: the heads of ``blocks.N.attn`` and the hidden units of ``blocks.N.mlp.fc1``.
 
-    Example:
+    Examples:
         >>> from bmrs.models import vit, vit_noise_targets
         >>> vit_noise_targets(vit(depth=1, noise=False))
         ['blocks.0.attn', 'blocks.0.mlp.fc1']
@@ -133,7 +133,7 @@ def vit(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_cla
         depth: int = 6, heads: int = 3, mlp_dim: int = 384, noise: bool = True) -> VisionTransformer:
     """A pre-LN ViT (defaults: ViT-Tiny width, 6 blocks, 4×4 patches of 32×32 images) with 2·depth noise layers.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.models import vit
         >>> model = vit(depth=2)

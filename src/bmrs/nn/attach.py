@@ -30,7 +30,7 @@ Default policy (``targets=None``):
   * a module used in several places (shared weights) gets one noise layer and one hook, which gates its
     output wherever it runs.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> mlp = bmrs.attach(mlp)
@@ -78,7 +78,7 @@ def attach(
     ``nn.Transformer`` layers' default), else 0; pass 1 for a model that is sequence-first throughout.
     Returns the same model, modified in place.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
         ...                           torch.nn.Flatten(), torch.nn.LazyLinear(10))

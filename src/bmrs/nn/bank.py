@@ -1,7 +1,7 @@
 """The noise bank: the registry of a model's noise layers, which draws θ for all of them in one batched
 call per training step (see :class:`_NoiseBank`), and :func:`noise_layers`, the walk that lists them.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
     >>> [name for name, _ in noise_layers(mlp)], len(mlp._bmrs_bank.layers)
@@ -227,7 +227,7 @@ def _bounds_groups(layers: list[MultiplicativeNoise]) -> list[list[Multiplicativ
     noise bank's draw calls this at every training step, right after the previous step's matrix products,
     where each Python object it touches is a cache miss (its Python took 15-60 µs there, a few µs hot).
 
-    Example:
+    Examples:
         >>> from bmrs.nn.noise import MultiplicativeNoise
         >>> a, b = MultiplicativeNoise(3), MultiplicativeNoise(4, high=-1.0)
         >>> [len(g) for g in _bounds_groups([a, a])], [len(g) for g in _bounds_groups([a, b, a])]

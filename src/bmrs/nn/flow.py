@@ -8,7 +8,7 @@ that ``torch.fx`` cannot trace (control flow on tensor values, for one) give Non
 falls back to registration order.  The trace runs on a copy, so a forward that stores what it sees on
 the module leaves the model untouched.
 
-Example:
+Examples:
     >>> import torch
     >>> class HeadFirst(torch.nn.Module):
     ...     def __init__(self):

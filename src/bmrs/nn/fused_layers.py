@@ -8,7 +8,7 @@ from each layer's ``mu`` and ``log_sigma``.  They return None where the kernels 
 tracing, other dtypes, no compiler, an interval deep in a tail): the caller then takes the
 reference path, which ``tests/test_fused_layers.py`` checks them against.
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.nn.fused_layers import sample_layers, kl_layers
     >>> mus = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]

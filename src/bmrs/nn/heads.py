@@ -17,7 +17,7 @@ Recognised layouts (:func:`head_layout`):
   into a :class:`~bmrs.nn.mha.HeadedMultiheadAttention` (same parameters and results, ``out_proj`` called
   as a module), which also removes heads (:meth:`~bmrs.nn.mha.HeadedMultiheadAttention.keep_heads`).
 
-Example:
+Examples:
     >>> from bmrs.models.vit import Attention
     >>> layout = head_layout(Attention(dim=8, heads=2))
     >>> layout.heads, layout.head_dim, [offset for _, offset in layout.projections]
@@ -156,7 +156,7 @@ def transformer_placement(model: nn.Module, chosen: list[tuple]) -> list[tuple]:
     block reads.  ``chosen``: attach's (name, module, features, dim, producer) entries; returned unchanged
     for a model without such attention modules.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.models import vit
         >>> [name for name, _ in bmrs.noise_layers(bmrs.attach(vit(depth=1, noise=False)))]

@@ -4,7 +4,7 @@ A noise layer is registered as a child ``bmrs_noise`` of its host module and app
 the host, or on the pooling that directly follows it (pool(θ·x) = θ·pool(x) for θ ≥ 0: see
 :mod:`bmrs.nn.attach`); an attention module's head gate runs before its output projection.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.nn.hooks import NOISE_ATTR, _apply_noise
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))

@@ -1,6 +1,6 @@
 """The KL term of the training loss: :func:`kl_loss` and its weightings ("mean", "structure-mean", "elbo").
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)))
     >>> kl_loss(m).shape
@@ -31,7 +31,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
     changes with the training-set size.  ``"elbo"``: Σ KL / num_train, the proper evidence lower bound
     per example.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)))
         >>> float(bmrs.kl_loss(m, "elbo", num_train=1000)) > 0

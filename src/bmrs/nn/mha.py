@@ -13,7 +13,7 @@ packed full-size layout, is not taken.
 
 The attention weights returned with ``need_weights=True`` are those of the remaining heads.
 
-Example:
+Examples:
     >>> import torch
     >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
     >>> x = torch.randn(3, 5, 8)

@@ -50,7 +50,7 @@ class MultiplicativeNoise(nn.Module):
     Evaluation: θ is replaced by E[θ]·mask, cached until a parameter or the mask changes.
     Pruned structures (mask 0) output exactly zero in both modes.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> noise = bmrs.MultiplicativeNoise(6)            # 6 channels of an (N, 6, H, W) tensor
         >>> y = noise(torch.randn(2, 6, 4, 4))
@@ -101,7 +101,7 @@ class MultiplicativeNoise(nn.Module):
     def set_bounds(self, low: float, high: float) -> None:
         """Set both bounds of ln θ at once (ConfigError unless finite numbers with low < high).
 
-        Example:
+        Examples:
             >>> noise = MultiplicativeNoise(3)
             >>> noise.set_bounds(-15.0, 0.0); noise.low, noise.high
             (-15.0, 0.0)
@@ -139,7 +139,7 @@ class MultiplicativeNoise(nn.Module):
     def narrowed(self, keep: Tensor) -> "MultiplicativeNoise":
         """A copy holding only the structures at positions ``keep`` (original positions remembered).
 
-        Example:
+        Examples:
             >>> import torch, bmrs
             >>> small = bmrs.MultiplicativeNoise(5).narrowed(torch.tensor([1, 3]))
             >>> small.num_features, small.full_features, small.kept_index.tolist(), small.removed
@@ -200,7 +200,7 @@ class MultiplicativeNoise(nn.Module):
         """(mu, log σ, mask, kept index), read past nn.Module's attribute lookup (a microsecond each):
         the training step and every evaluation read them.
 
-        Example:
+        Examples:
             >>> mu, log_sigma, mask, kept = MultiplicativeNoise(4).tensors()
             >>> mu is not None and kept.tolist() == [0, 1, 2, 3]
             True
@@ -226,7 +226,7 @@ class MultiplicativeNoise(nn.Module):
         """The axis of x that indexes examples: ``batch_dim`` for inputs of three or more dimensions
         (1 for sequence-first (tokens, examples, features) tensors), 0 for (examples, features).
 
-        Example:
+        Examples:
             >>> import torch
             >>> MultiplicativeNoise(4, dim=-1, batch_dim=1).example_axis(torch.zeros(7, 3, 4))
             1
@@ -306,7 +306,7 @@ class MultiplicativeNoise(nn.Module):
         megabytes, and a fresh buffer that size costs more than the multiply).  For a tensor that
         nothing else holds and that needs no gradient; in training it is ``forward``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> noise = MultiplicativeNoise(3).eval()
             >>> x = torch.ones(2, 3)

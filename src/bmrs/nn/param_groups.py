@@ -15,7 +15,7 @@ def noise_learning_rate(lr: float, noise_lr_scale: float = NOISE_LR_SCALE, steps
     """The noise parameters' rate: ``lr × noise_lr_scale``, raised to ``NOISE_TRAVERSE / steps_per_prune``
     (at most ``NOISE_LR_MAX``) when fewer optimizer steps than that separate two pruning steps.
 
-    Example:
+    Examples:
         >>> noise_learning_rate(1e-3), noise_learning_rate(1e-3, steps_per_prune=400), noise_learning_rate(1e-3, steps_per_prune=10)
         (0.01, 0.02, 0.1)
     """
@@ -32,7 +32,7 @@ def param_groups(model: torch.nn.Module, lr: float, noise_lr_scale: float = NOIS
     ``steps_per_prune`` optimizer steps separate two calls of ``prune``), or at ``noise_lr`` when given
     (fine-tuning a pretrained network at a small ``lr``: the noise parameters still need about 1e-2).
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> m = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)))
         >>> opt = torch.optim.Adam(bmrs.param_groups(m, lr=1e-3))

@@ -1,7 +1,7 @@
 """Where ``attach`` puts noise layers: the default policy and explicit targets (see :mod:`bmrs.nn.attach`
 for the policy), each target's width, axis and producer (the Conv/Linear whose structures it gates).
 
-Example:
+Examples:
     >>> import torch
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> [(name, features, producer) for name, _, features, _, producer in default_targets(mlp)]

@@ -11,7 +11,7 @@ distributed shard its rows by their global index, so both draw exactly the θ of
 The mixer is Wellons's "lowbias32" integer hash; ``_kernels/counter_uniforms.h`` is the same stream in
 C++ and ``tests/test_uniforms.py`` checks the two bit for bit and the stream's uniformity and independence.
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.nn.uniforms import counter_uniforms, draw_key
     >>> key = draw_key()

@@ -1,6 +1,6 @@
 """Reading a finished run back: its config and its masked model, rebuilt without pickle.
 
-Example:
+Examples:
     from bmrs.training.artifacts import load_run
     run = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
     run.model, run.config.criterion
@@ -34,7 +34,7 @@ class LoadedRun:
     def compacted(self, fast_layers: bool = False) -> nn.Module:
         """The compacted network that ``bmrs train`` wrote (``model_compact.safetensors``), rebuilt without pickle.
 
-        Example:
+        Examples:
             small = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0").compacted()
         """
         from ..saving import load
@@ -50,7 +50,7 @@ class LoadedRun:
         "before" of compression figures, as ``bmrs train`` reports them.  For a ``--shrink`` run ``model``
         has already lost what it pruned, so measuring against it would report nothing removed.
 
-        Example:
+        Examples:
             run = load_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
             compression_report(run.built_model(), compact(run.model, x), x)
         """

@@ -13,7 +13,7 @@ __all__ = ["baseline_metrics", "comparison_line"]
 def baseline_metrics(folder: str | Path) -> dict:
     """The reference run's metrics.json (ConfigError if the folder holds no finished run).
 
-    Example:
+    Examples:
         baseline = baseline_metrics("runs/plain")
     """
     path = Path(folder) / "metrics.json"
@@ -28,7 +28,7 @@ def baseline_metrics(folder: str | Path) -> dict:
 def comparison_line(metrics: dict, baseline: dict, name: str | Path) -> str:
     """E.g. ``compared with runs/plain: test accuracy 0.8712 vs 0.8890 (-1.78 points), 85.2% of parameters removed``.
 
-    Example:
+    Examples:
         >>> comparison_line({"test_accuracy": 0.87, "parameter_compression_pct": 85.0}, {"test_accuracy": 0.89}, "plain")
         'compared with plain: test accuracy 0.8700 vs 0.8900 (-2.00 points), 85.0% of parameters removed'
     """

@@ -9,7 +9,7 @@ mean.  So N processes compute what one process with the same global batch comput
 order of floating-point sums).  Masks are broadcast from rank 0 after each pruning step, and the
 ranks' parameters and masks are checked to agree exactly; only rank 0 writes files.
 
-Example:
+Examples:
     torchrun --nproc-per-node 2 -m bmrs train --model lenet5 --criterion bmrs-n --device cpu
 """
 

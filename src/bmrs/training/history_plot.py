@@ -12,7 +12,7 @@ __all__ = ["plot_history"]
 def plot_history(history: list[dict], structures: int, path: str | Path, title: str = "") -> bool:
     """Draw a run's per-epoch records into ``path`` (PNG, written atomically); False when matplotlib is missing.
 
-    Example:
+    Examples:
         plot_history(metrics["history"], metrics["structures"], "runs/default/history.png")
     """
     try:

@@ -25,7 +25,7 @@ def batches(dataset: TensorDataset, batch_size: int, generator: torch.Generator 
 
     A last batch smaller than ``min_batch`` joins the one before it (BatchNorm cannot train on one example).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
         >>> data = TensorDataset(torch.zeros(5, 1), torch.zeros(5))
@@ -52,7 +52,7 @@ def divergence_bound(model: nn.Module, dataset: TensorDataset, device="cpu", exa
     A cross-entropy of 1000 ln 10 ≈ 2300 needs logit gaps of thousands on the average example: converging runs
     stay near or below ln C, so they are never flagged, while an exploding one passes it within a few steps.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
         >>> from bmrs.models import mlp
@@ -112,7 +112,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
     ``diverge_above`` (see :func:`divergence_bound`): a batch whose cross-entropy exceeds it stops training with a
     TrainingError.  A network with BatchNorm never trains on a last batch of one example (it joins the one before).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
         >>> from bmrs.models import mlp
@@ -180,7 +180,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1024, device="cpu") -> dict[str, float]:
     """Top-1 and top-5 accuracy (fractions) in eval mode (E[θ]·mask in place of the noise).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
         >>> from bmrs.models import mlp

@@ -10,7 +10,7 @@ cache) does not.  :class:`Adam` therefore bumps the version of every parameter a
 The fused update itself is deterministic and layout-independent: a resumed optimizer continues
 bit for bit.
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.training.optim import make_optimizer
     >>> w = torch.nn.Parameter(torch.ones(3))
