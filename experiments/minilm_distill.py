@@ -18,6 +18,7 @@ import copy
 import json
 import random
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -121,7 +122,11 @@ def run(args) -> dict:
         print(json.dumps(record), flush=True)
     student.eval()
     example = tokenizer(held_out[:8], padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
-    small = bmrs.compact(student, example, fast_layers=False)
+    with warnings.catch_warnings(record=True) as caught:  # pruned structures compaction had to keep, if any
+        warnings.simplefilter("always", bmrs.compaction.CompactionWarning)
+        small = bmrs.compact(student, example, fast_layers=False)
+    stayed = sum(count for w in caught if isinstance(w.message, bmrs.compaction.CompactionWarning)
+                 for count, _ in w.message.stayed.values())
     with torch.no_grad():
         masked_error = float((embed(small, example) - embed(student, example)).abs().max())
     want = embed_all(teacher, tokenizer, held_out, 64, args.max_len)
@@ -137,7 +142,7 @@ def run(args) -> dict:
     result = {
         "settings": vars(args), "sentences": {"train": len(train), "held_out": len(held_out), "corpus": len(texts)},
         "params_before": count_params(teacher), "params_after": count_params(small), "embedding_params": embeddings,
-        "structures_pruned_pct": bmrs.pruning.structure_counts(student).pruned_pct, **counts,
+        "structures_pruned_pct": bmrs.pruning.structure_counts(student).pruned_pct, **counts, "stayed": stayed,
         "cosine_mean": float(cosine.mean()), "cosine_p05": float(cosine.quantile(0.05)),
         "cosine_min": float(cosine.min()), "compacted_vs_masked_max_abs": masked_error,
         "latency_ms": {"original": full_ms, "compacted": small_ms, "speedup": speedup, "batch": 32,
@@ -197,6 +202,11 @@ def markdown(result: dict) -> str:
         f"| CPU latency, batch {lat['batch']} × {lat['tokens']} tokens, {lat['threads']} threads | "
         f"{lat['original']:.1f} ms | {lat['compacted']:.1f} ms (×{lat['speedup']:.2f}) |",
         "",
+        f"Structures pruned: {result['structures_pruned_pct']:.1f}%. Parameters after ÷ before = {after / before:.3f}, "
+        f"against (1 − the pruned share of structures) + the embeddings' share = "
+        f"{1 - result['structures_pruned_pct'] / 100 + emb / before:.3f}: every pruned head and FFN unit is removed "
+        f"({result.get('stayed', 0)} pruned structures stayed).",
+        "",
         f"Held-out sentences ({result['sentences']['held_out']:,}): cosine to the original embeddings "
         f"{result['cosine_mean']:.4f} on average, {result['cosine_p05']:.4f} at the 5th percentile, "
         f"{result['cosine_min']:.4f} at worst. The compacted model computes the masked model's embeddings to "
@@ -205,6 +215,18 @@ def markdown(result: dict) -> str:
         "![MiniLM](minilm.png)",
         "",
     ])
+
+
+def tradeoff(results: list[dict]) -> str:
+    """A table of several runs (e.g. KL weights): compression against fidelity."""
+    rows = ["| KL weight | training sentences | structures pruned | heads kept | FFN units kept | parameters removed "
+            "| cosine, mean | cosine, 5th percentile |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(f"| {r['settings']['kl_weight']} | {r['sentences']['train']:,} | {r['structures_pruned_pct']:.1f}% | "
+                    f"{sum(r['heads_kept'])} / {sum(r['heads_total'])} | {sum(r['ffn_kept']):,} / {sum(r['ffn_total']):,} "
+                    f"| {100 * (1 - r['params_after'] / r['params_before']):.1f}% | {r['cosine_mean']:.4f} | "
+                    f"{r['cosine_p05']:.4f} |")
+    return "\n".join(rows) + "\n"
 
 
 def main() -> None:
@@ -224,7 +246,17 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report-from", nargs="+", metavar="JSON", default=None,
+                        help="only rewrite the page from finished runs' minilm.json (the first is the main run)")
     args = parser.parse_args()
+    if args.report_from:
+        results = [json.loads(Path(p).read_text()) for p in args.report_from]
+        page = markdown(results[0])
+        if len(results) > 1:
+            page += "\nThe KL weight sets how far compression goes (same schedule otherwise):\n\n" + tradeoff(results)
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.output) / "minilm.md").write_text(page)
+        return
     result, cosine = run(args)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
