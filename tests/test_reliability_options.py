@@ -155,3 +155,28 @@ def test_diverged_training_stops_without_a_finished_result(capsys, tmp_path, ext
     code, line = run_cli(capsys, *TINY, *extra, "--output", out)
     assert code == 1 and ("diverged" in line or "loss became" in line), line
     assert "new --output" in line and not (out / "metrics.json").exists()
+
+
+def test_out_of_range_kept_index_in_the_checkpoint_of_a_shrink_run_on_resume(tmp_path):
+    """--resume rebuilds the shrunk network from the checkpoint's kept_index: a damaged one is named, not an
+    IndexError."""
+    import torch
+
+    from bmrs.errors import CheckpointError
+    from bmrs.io import load_checkpoint, read_json, save_checkpoint
+    from bmrs.training.config import TrainConfig
+    from bmrs.training.resume import restore
+    from bmrs.training.run import build_for
+
+    run = tmp_path / "shrunk"
+    assert main([*TINY, "--criterion", "bmrs-n", "--evidence-margin", "50", "--shrink", "--output", str(run)]) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    key = next(k for k in state["model"] if k.endswith("kept_index"))
+    state["model"][key] = state["model"][key] + 1000
+    save_checkpoint(run / "checkpoint.pt", state)
+    metrics = read_json(run / "metrics.json")
+    config = TrainConfig.from_dict(metrics["config"])
+    model = build_for(config, metrics["data"]["in_channels"], metrics["data"]["num_classes"])
+    example = torch.zeros(2, metrics["data"]["in_channels"], config.image_size, config.image_size)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        restore(run / "checkpoint.pt", config, model, example, num_train=100)

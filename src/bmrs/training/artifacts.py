@@ -90,7 +90,7 @@ def load_run(path: str | Path, final: bool = False) -> LoadedRun:
     try:
         if config.shrink:  # the run removed pruned structures as it went: rebuild that network
             from ..compaction.shrink import restore_shrunk
-            _check_kept_index(model, state, path / (CHECKPOINT if final else MASKED_MODEL))
+            check_kept_index(model, state, path / (CHECKPOINT if final else MASKED_MODEL))
             example = torch.zeros(2, metrics["data"]["in_channels"], config.image_size, config.image_size)
             model = restore_shrunk(model, state, example)
         model.load_state_dict(state)
@@ -113,8 +113,9 @@ def _config_of(path: Path, data: dict) -> TrainConfig:
                               "damaged") from None
 
 
-def _check_kept_index(model: nn.Module, state: dict, path: Path) -> None:
-    """Each noise layer's saved ``kept_index``: increasing, distinct integers below the layer's width."""
+def check_kept_index(model: nn.Module, state: dict, path: Path) -> None:
+    """Each noise layer's saved ``kept_index``: increasing, distinct integers below the layer's width (else a
+    CheckpointError naming the file and the field), checked before a shrunk network is rebuilt from it."""
     for name, noise in noise_layers(model):
         key = f"{name + '.' if name else ''}bmrs_noise.kept_index"
         kept = state.get(key)

@@ -37,6 +37,9 @@ def restore(path: Path, config: TrainConfig, model: nn.Module, example, num_trai
                               "use the same options to resume, or another --output")
     try:
         if config.shrink:
+            from .artifacts import check_kept_index
+
+            check_kept_index(model, state["model"], path)
             model = restore_shrunk(model, state["model"], example)
         optimizer = engine_optimizer(model, config, num_train)
         model.load_state_dict(state["model"])
