@@ -26,7 +26,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, WriteError, first_line
 
-__all__ = ["tensor_digest", "atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
+__all__ = ["tensor_digest", "read_safetensors", "atomic_write", "remove_stale_temporaries", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
            "save_state_dict", "load_state_dict_file", "check_writable", "write_bytes",
            "staged_outputs"]
 
@@ -255,26 +255,33 @@ def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     write_bytes(path, data)
 
 
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; CheckpointError if it is missing, unreadable, or its tensors do
+    not match the sha256 recorded when it was written (files of older versions have none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({first_line(err)}); it is truncated "
+                              "or corrupt") from None
+    if "sha256" in metadata and tensor_digest(tensors) != metadata["sha256"]:
+        raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file is "
+                              "damaged (train the run again, or restore the file)")
+    return metadata, tensors
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors (or weights_only torch) state dict; CheckpointError if unreadable or if its tensors do
     not match the sha256 recorded when it was written."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as err:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({first_line(err)}); it is truncated "
-                                  "or corrupt") from None
-        if "sha256" in metadata and tensor_digest(tensors) != metadata["sha256"]:  # (files of older versions have none)
-            raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file is "
-                                  "damaged (train the run again, or restore the file)")
-        return tensors
+        return read_safetensors(path)[1]
     state = load_checkpoint(path)
     return state.get("model", state)
 
