@@ -127,6 +127,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .defaults import CURVE_CRITERIA
+
     parser = _Parser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
     _add_global_options(parser, False)
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "record accuracy against parameter compression.")
     _add_global_options(curve, argparse.SUPPRESS)
     curve.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
-    curve.add_argument("--criteria", default="bmrs-n,bmrs-u,snr,ev,l2,grad",
+    curve.add_argument("--criteria", default=",".join(CURVE_CRITERIA),
                        help="comma-separated criteria (default: %(default)s)")
     curve.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision (default: 8)")
     curve.add_argument("--levels", type=int, default=21, help="pruning fractions from 0 to 1 (paper: 100)")

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..defaults import (
     CRITERION_NAMES, EVIDENCE_MARGIN, FINETUNE, FINETUNE_MODES, KL_REDUCTION, KL_REDUCTIONS, KL_WEIGHT, NOISE_LR_SCALE,
+    RANKING_CRITERIA, THRESHOLD_CRITERIA,
 )
 from ..errors import ConfigError, DataError
 
@@ -214,11 +215,11 @@ class TrainConfig:
         if self.criterion == "none" and (self.amount is not None or self.amount_schedule is not None):
             raise ConfigError("amount and amount_schedule set how much a criterion prunes: criterion 'none' "
                               "never prunes (choose a criterion, or drop them)", field="amount")
-        if self.criterion in ("l2", "grad") and self.amount is None and self.amount_schedule is None:
+        if self.criterion in RANKING_CRITERIA and self.amount is None and self.amount_schedule is None:
             raise ConfigError(f"criterion {self.criterion!r} ranks but has no threshold: pass --amount "
                               "(fraction of structures to prune), e.g. --amount 0.8", field="amount")
-        if self.threshold is not None and self.criterion not in ("snr", "ev"):
-            raise ConfigError("threshold applies only to the snr and ev criteria", field="threshold")
+        if self.threshold is not None and self.criterion not in THRESHOLD_CRITERIA:
+            raise ConfigError(f"threshold applies only to the {' and '.join(THRESHOLD_CRITERIA)} criteria", field="threshold")
         if self.criterion == "bmrs-u":  # its reduced prior must meet the noise's interval (else: after an epoch)
             from ..reduction import precision_prior
             precision_prior(self.p1, self.low, self.high)
