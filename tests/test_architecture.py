@@ -30,12 +30,7 @@ LAYERS = [
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
 # Known breaches, each with the issue that removes it: (importer, imported).
-ALLOWED_UPWARD = {
-    # issue #28: a reproduction job turns its config into `bmrs train` argv and parses it back with the CLI's
-    # parser (ReproJob.train_config); jobs should hold TrainConfigs, and the paper's reproduction move out of
-    # the package.  Owned by the reproduction's split.
-    ("bmrs.experiments.reproduce_runs", "bmrs.cli"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()  # (none now)
 # Files over MAX_LINES being split by their owners: path relative to src/ → the issue.
 ALLOWED_LONG: dict[str, str] = {}  # (none now)
 

@@ -11,7 +11,7 @@ import pytest
 
 import bmrs
 from bmrs.experiments.reproduce_report import CSV_COLUMNS, aggregate, build_report, knee_distances, mantissa_test
-from bmrs.experiments.reproduce_runs import grid_jobs, run_jobs
+from bmrs.experiments.reproduce_runs import METHODS, grid_jobs, run_jobs
 
 
 def test_aggregate_mean_and_sample_std():
@@ -43,7 +43,7 @@ def test_mantissa_test_accepts_log_uniform_and_rejects_uniform():
 
 def test_tiny_grid_runs_and_reports(tmp_path):
     jobs = grid_jobs(tmp_path / "runs", [0], networks=["mlp"], methods=["none", "plain", "bmrs-n", "bmrs-n-published", "l2", "bmrs-u-4"],
-                     epochs=1, finetune_epochs=1, extra=["--train-subset", "300", "--hidden", "16"])
+                     epochs=1, finetune_epochs=1, extra={"train_subset": 300, "hidden": 16})
     order = [j.method for j in jobs]
     assert order.index("bmrs-n-published") < order.index("l2")
     assert run_jobs(jobs, workers=2, log=lambda *_: None) == []
@@ -71,7 +71,7 @@ def test_tiny_grid_runs_and_reports(tmp_path):
     assert json.loads(cache.read_text())["checkpoint"] != before
     # asking for other settings over finished runs is refused, not answered with the old runs
     longer = grid_jobs(tmp_path / "runs", [0], networks=["mlp"], methods=["none", "bmrs-n"], epochs=2,
-                       finetune_epochs=1, extra=["--train-subset", "300", "--hidden", "16"])
+                       finetune_epochs=1, extra={"train_subset": 300, "hidden": 16})
     assert not any(j.done for j in longer)
     with pytest.raises(bmrs.ConfigError, match="other settings \\(epochs\\)"):
         run_jobs(longer, workers=1, log=lambda *_: None)
@@ -115,3 +115,48 @@ def test_a_metrics_file_that_is_not_an_object_is_a_checkpoint_error(tmp_path):
     (job.folder / "metrics.json").write_text("[1]")
     with pytest.raises(bmrs.CheckpointError, match="holds a JSON list"):
         job.changed_settings()
+
+
+def test_jobs_hold_configs_whose_commands_parse_back_to_them(tmp_path):
+    from bmrs.cli import build_parser, train_config
+    jobs = [j for j in grid_jobs(tmp_path, [0, 4]) if j.depends_on is None]
+    assert {j.method for j in jobs} == set(METHODS) - {"l2"}
+    for job in jobs:
+        config = job.train_config()
+        assert (config.seed, config.threads) == (job.seed, 1)
+        command = job.command()
+        assert command[-3:] == ["--output", str(job.folder), "--resume"]
+        assert train_config(build_parser().parse_args(command[4:-3])) == config, job.method
+
+
+def test_a_run_made_before_the_jobs_held_configs_is_still_the_same_job(tmp_path):
+    # the config of docs/results/runs/goal/lenet5/bmrs-n-published-elbo-detft/seed0 (made from argv, before the
+    # KL weight, the evidence margin and the noise rate were settings: the paper's values, as the recipe's)
+    saved = {"dataset": "fashion-mnist", "model": "lenet5", "criterion": "bmrs-n-published", "p1": 8.0,
+             "threshold": None, "amount": None, "amount_schedule": None, "epochs": 50, "finetune_epochs": 10,
+             "prune_every": 1, "batch_size": 32, "lr": 0.0014, "seed": 0, "kl_reduction": "elbo",
+             "finetune": "deterministic", "shrink": False, "granularity": "structure", "low": -20.0, "high": 0.0,
+             "noise": True, "hidden": 150, "layers": 1, "image_size": 32, "val_fraction": 0.2, "train_subset": None,
+             "data_dir": None, "download": False, "device": "auto", "threads": 1, "compile": False, "extra": {}}
+    (job,) = grid_jobs(tmp_path, [0], networks=["lenet5"], methods=["bmrs-n-published-elbo-detft"])
+    job.folder.mkdir(parents=True)
+    (job.folder / "metrics.json").write_text(json.dumps({"config": saved}))
+    assert job.done and job.changed_settings() == []
+    (job.folder / "metrics.json").write_text(json.dumps({"config": {**saved, "epochs": 40, "kl_weight": 2.0}}))
+    assert job.changed_settings() == ["epochs", "kl_weight"]
+
+
+def test_l2_takes_its_schedule_from_the_run_it_follows(tmp_path):
+    jobs = grid_jobs(tmp_path, [0], networks=["mlp"], methods=["bmrs-n-published", "l2"], epochs=3,
+                     finetune_epochs=1)
+    leader, l2 = jobs
+    assert l2.depends_on == leader.folder
+    leader.folder.mkdir(parents=True)
+    history = [{"epoch": e, "pruned": True, "structures_pruned": c} for e, c in enumerate([5, 0, 7])]
+    (leader.folder / "metrics.json").write_text(json.dumps({"history": [*history, {"epoch": 3}]}))
+    assert l2.train_config().amount_schedule == [5, 0, 7]
+    assert l2.command()[l2.command().index("--amount-schedule") + 1] == "5,0,7"
+    history[1]["structures_pruned"] = -1
+    (leader.folder / "metrics.json").write_text(json.dumps({"history": history}))
+    with pytest.raises(bmrs.CheckpointError, match="pruning step 2"):
+        l2.train_config()

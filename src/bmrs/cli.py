@@ -24,86 +24,17 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .defaults import (
-        CRITERION_NAMES, EVIDENCE_MARGIN, FINETUNE, FINETUNE_MODES, KL_REDUCTION, KL_REDUCTIONS, KL_WEIGHT,
-        NOISE_LR_SCALE,
-    )
+    """TrainConfig's options (bmrs.training.options makes them from its fields), and where the run goes."""
+    from .training.options import GROUPS, add_train_arguments
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="fashion-mnist",
-                   help="mnist, fashion-mnist, cifar10 or tinyimagenet (default: %(default)s)")
-    g.add_argument("--data-dir", default=None,
-                   help="folder holding the dataset (else $BMRS_DATA_DIR, then system locations)")
-    g.add_argument("--download", action="store_true", help="download the dataset if it is not found")
-    g.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="train on the first N examples of the training split only (quick runs)")
-    g.add_argument("--image-size", type=int, default=32, help="images are resized to this side (default: 32)")
-    g = p.add_argument_group("network and pruning")
-    g.add_argument("--model", default="lenet5", help="mlp, lenet5, resnet18, resnet50 or vit (default: %(default)s)")
-    g.add_argument("--hidden", type=int, default=150, help="MLP hidden width (default: 150)")
-    g.add_argument("--layers", type=int, default=1,
-                   help="extra MLP hidden blocks after the first (default: 1, i.e. in→150→150→10)")
-    g.add_argument("--criterion", default="bmrs-n", choices=CRITERION_NAMES,
-                   help="pruning criterion; 'none' trains without pruning (default: %(default)s)")
-    g.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision in bits, 0 < p1 < 23 (default: 8)")
-    g.add_argument("--evidence-margin", type=float, default=EVIDENCE_MARGIN, metavar="NATS",
-                   help="bmrs-n and bmrs-u prune where ΔF >= -NATS (evidence for keeping a structure worth less "
-                        "than NATS is a tie, which goes to the smaller model; Kass-Raftery's 'not worth a bare "
-                        "mention' is 1) or where E[θ] < 2^-23; 0 is the exact rule ΔF >= 0 (default: %(default)g)")
-    g.add_argument("--threshold", type=float, default=None, help="threshold of snr (1.0) or ev (0.1)")
-    g.add_argument("--amount", type=float, default=None,
-                   help="fraction of structures to prune (needed by l2 and grad; for snr, ev and bmrs it "
-                        "replaces their own rule by ranking)")
-    g.add_argument("--amount-schedule", type=_int_list, default=None, metavar="K1,K2,...",
-                   help="structure counts to prune at each pruning step, instead of --amount (e.g. l2 "
-                        "matching a BMRS_N run)")
-    g.add_argument("--granularity", default="structure", choices=("structure", "element"),
-                   help="one noise sample per example and structure, or per element (default: structure)")
-    g.add_argument("--no-noise", action="store_true", help="train the plain network (criterion none only)")
-    g.add_argument("--low", type=float, default=-20.0, help="lower bound of ln θ (default: -20)")
-    g.add_argument("--high", type=float, default=0.0, help="upper bound of ln θ (default: 0)")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=5, help="epochs with pruning after every --prune-every (default: 5)")
-    g.add_argument("--finetune-epochs", type=int, default=2, help="epochs without pruning afterwards (default: 2)")
-    g.add_argument("--prune-every", type=int, default=1, help="prune every P epochs (default: 1)")
-    g.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
-    g.add_argument("--lr", type=float, default=1.4e-3, help="Adam learning rate (default: 1.4e-3)")
-    g.add_argument("--kl", dest="kl_reduction", default=KL_REDUCTION, choices=KL_REDUCTIONS,
-                   help="KL weighting: the mean over all structures, the paper's layer mean, or the evidence lower "
-                        "bound ΣKL/N (default: %(default)s)")
-    g.add_argument("--noise-lr-scale", type=float, default=NOISE_LR_SCALE, metavar="X",
-                   help="the noise parameters (μ, log σ) train at X times --lr: they span tens where weights span "
-                        "~1, and at X = 1 a posterior needs ~6,000 steps to become prior-like (default: %(default)g)")
-    g.add_argument("--kl-weight", type=float, default=KL_WEIGHT,
-                   help="multiply the KL term by this (e.g. --kl elbo --kl-weight 100: between the ELBO and the "
-                        "paper's weighting) (default: %(default)g)")
-    g.add_argument("--finetune", default=FINETUNE, choices=FINETUNE_MODES,
-                   help="fine-tuning keeps the noise and KL (noisy, the paper's) or trains the pruned network "
-                        "with θ fixed at E[θ]·mask and no KL (deterministic) (default: %(default)s)")
-    g.add_argument("--shrink", action="store_true",
-                   help="remove pruned structures after every pruning step, so later epochs run faster "
-                        "(same results as masking them)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g = p.add_argument_group("running")
-    g.add_argument("--output", default=None, help="run folder (default: runs/DATASET-MODEL-CRITERION-sSEED)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    g.add_argument("--compare-to", default=None, metavar="DIR",
-                   help="a finished run (e.g. the plain network: --criterion none --no-noise) whose test accuracy "
-                        "and parameters the result is compared with at the end")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train (default: auto)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the noise kernels (~10-20 s once; pays off for long runs)")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("counts must be non-negative")
-    return values
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    running = groups["running"]
+    running.add_argument("--output", default=None, help="run folder (default: runs/DATASET-MODEL-CRITERION-sSEED)")
+    running.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    running.add_argument("--compare-to", default=None, metavar="DIR",
+                         help="a finished run (e.g. the plain network: --criterion none --no-noise) whose test "
+                              "accuracy and parameters the result is compared with at the end")
+    add_train_arguments(p, groups)
 
 
 def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
@@ -127,6 +58,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .defaults import CURVE_CRITERIA
+    from .training.options import int_list
+
     parser = _Parser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
     _add_global_options(parser, False)
@@ -143,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "record accuracy against parameter compression.")
     _add_global_options(curve, argparse.SUPPRESS)
     curve.add_argument("--run", required=True, help="a finished run folder (from bmrs train)")
-    curve.add_argument("--criteria", default="bmrs-n,bmrs-u,snr,ev,l2,grad",
+    curve.add_argument("--criteria", default=",".join(CURVE_CRITERIA),
                        help="comma-separated criteria (default: %(default)s)")
     curve.add_argument("--p1", type=float, default=8.0, help="BMRS_U precision (default: 8)")
     curve.add_argument("--levels", type=int, default=21, help="pruning fractions from 0 to 1 (paper: 100)")
@@ -168,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "then write the results table, CSV, plots and summary.")
     _add_global_options(rep, argparse.SUPPRESS)
     rep.add_argument("dataset", choices=("fashion-mnist",), help="the dataset to reproduce (fashion-mnist)")
-    rep.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    rep.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
     rep.add_argument("--workers", type=int, default=2, help="runs at once, one thread each (default: 2)")
     rep.add_argument("--epochs", type=int, default=50, help="epochs with pruning (paper: 50)")
     rep.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (paper: 10)")
@@ -187,16 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 def train_config(args):
     """The TrainConfig that ``bmrs train`` builds from its parsed arguments."""
     from .training import TrainConfig
+    from .training.options import config_settings
 
-    return TrainConfig(
-        dataset=args.dataset, model=args.model, criterion=args.criterion, p1=args.p1, threshold=args.threshold,
-        amount=args.amount, amount_schedule=args.amount_schedule, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, kl_reduction=args.kl_reduction, kl_weight=args.kl_weight,
-        evidence_margin=args.evidence_margin, noise_lr_scale=args.noise_lr_scale, finetune=args.finetune, shrink=args.shrink,
-        granularity=args.granularity, low=args.low, high=args.high, noise=not args.no_noise, hidden=args.hidden, layers=args.layers,
-        image_size=args.image_size, train_subset=args.train_subset, data_dir=args.data_dir,
-        download=args.download, device=args.device, threads=args.threads, compile=args.compile,
-    )
+    return TrainConfig(**config_settings(args))
 
 
 def _train(args) -> int:
@@ -279,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         field = getattr(err, "field", None)  # a setting given on this command line: name its option
-        option = {"kl_reduction": "kl", "noise": "no-noise"}.get(field, (field or "").replace("_", "-"))
-        prefix = f"--{option}: " if field and hasattr(args, field) else ""
+        prefix = f"{_option_name(field)}: " if field and hasattr(args, field) else ""
         print(f"bmrs: error: {prefix}{err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
@@ -300,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _option_name(field: str) -> str:
+    """The option that sets ``field`` (a TrainConfig field's own, else --FIELD-NAME)."""
+    from .training.options import option_name
+
+    return option_name(field)
 
 
 def _interrupt(signum, frame):

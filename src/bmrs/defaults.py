@@ -51,6 +51,8 @@ CRITERION_NAMES = ("none", *CRITERION_RULES)
 #: the criteria that take a threshold, and those that need an amount (ranking only)
 THRESHOLD_CRITERIA = tuple(name for name, rule in CRITERION_RULES.items() if rule == "threshold")
 RANKING_CRITERIA = tuple(name for name, rule in CRITERION_RULES.items() if rule == "ranking")
+#: the criteria ``bmrs curve`` sweeps (bmrs-n-published differs from bmrs-n by a constant only)
+CURVE_CRITERIA = tuple(name for name in CRITERION_RULES if name != "bmrs-n-published")
 # Fine-tuning epochs keep the noise and KL ("noisy", the paper's), or train the weights of the pruned
 # network with θ fixed at E[θ]·mask and no KL ("deterministic", the default).
 FINETUNE_MODES = ("noisy", "deterministic")

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..criteria import Gradient, get_criterion
+from ..defaults import CURVE_CRITERIA
 from ..errors import ConfigError
 from ..io import FolderLock, atomic_write, check_writable, remove_stale_temporaries, staged_outputs, write_json
 from ..pruning import prune, structure_counts
@@ -121,10 +122,9 @@ def run_curve(run_dir, criteria: list[str], output, *, levels: int = 21, finetun
     """Sweep every criterion on a finished run; write curve.json, curve.csv and curve.png in ``output``."""
     from ..data import load_dataset
 
-    valid = ("bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad")
-    unknown = [c for c in criteria if c not in valid]
+    unknown = [c for c in criteria if c not in CURVE_CRITERIA]
     if unknown or not criteria:
-        raise ConfigError(f"unknown criteria {unknown}; choose from {', '.join(valid)}")
+        raise ConfigError(f"unknown criteria {unknown}; choose from {', '.join(CURVE_CRITERIA)}")
     check_int("levels", levels)
     check_int("finetune_epochs", finetune_epochs)
     run = load_run(run_dir)

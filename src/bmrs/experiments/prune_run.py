@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..defaults import EVIDENCE_MARGIN
+from ..defaults import CRITERION_RULES, EVIDENCE_MARGIN
 from ..errors import CheckpointError, ConfigError, ModelError, first_line
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when the command line is built
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not when the command
 __all__ = ["prune_checkpoint", "load_factory", "parse_shape", "add_prune_command", "run_prune", "PRUNE_CRITERIA"]
 
 #: criteria that need no data (Gradient does: it is left to the Python API)
-PRUNE_CRITERIA = ("bmrs-n", "bmrs-u", "snr", "ev", "l2", "bmrs-n-published")
+PRUNE_CRITERIA = tuple(name for name in CRITERION_RULES if name != "grad")
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:

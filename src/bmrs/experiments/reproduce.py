@@ -21,7 +21,7 @@ def reproduce(args, log=print, progress: bool = True) -> int:
         raise ConfigError("no seeds given; pass e.g. --seeds 0,1,2", field="seeds")
     for seed in args.seeds:
         check_int("seeds", seed, 0, 2**63 - 1)
-    extra = [] if args.train_subset is None else ["--train-subset", str(args.train_subset)]
+    extra = {} if args.train_subset is None else {"train_subset": args.train_subset}
     jobs = grid_jobs(args.runs, args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs, extra=extra)
     # the settings of each method are checked here, before any run starts (a 0 subset ran on all the data);
     # the jobs that follow another run's schedule cannot build their command before it has finished

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..compaction import compact, compression_report
 from ..criteria import BMRSU
+from ..defaults import CURVE_CRITERIA
 from ..io import atomic_write, read_json, write_json
 from ..nn.attach import noise_layers
 from ..pruning import prune
@@ -27,7 +28,6 @@ from .curve import plot_curves, sweep
 
 __all__ = ["knee_distances", "mantissa_test", "CURVE_CRITERIA"]
 
-CURVE_CRITERIA = ["bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad"]
 
 
 def _plt():

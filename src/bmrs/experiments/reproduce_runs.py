@@ -24,38 +24,44 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError
 from ..io import read_json
+from ..training.config import TrainConfig, comparable_settings
+from ..training.options import train_argv
 
 __all__ = ["NETWORKS", "METHODS", "EXTRA_METHODS", "GOAL_REFERENCES", "Job", "grid_jobs", "run_jobs", "PAPER", "PAPER_STD"]
 
+# Each network, recipe and method is a set of TrainConfig settings; a job's config is them together, later ones
+# winning (network, recipe, method, schedule, the grid's extra settings, then the seed and one thread).
 NETWORKS = {
-    "mlp": ["--model", "mlp", "--hidden", "150", "--layers", "1", "--batch-size", "128", "--lr", "1.5e-3"],
-    "lenet5": ["--model", "lenet5", "--batch-size", "32", "--lr", "1.4e-3"],
+    "mlp": {"model": "mlp", "hidden": 150, "layers": 1, "batch_size": 128, "lr": 1.5e-3},
+    "lenet5": {"model": "lenet5", "batch_size": 32, "lr": 1.4e-3},
 }
 # The paper's training recipe (its KL weight, noisy fine-tuning, noise parameters at the network's rate, the
 # exact ΔF >= 0); every method but ``bmrs-n`` runs with it.  ``bmrs-n`` is ``bmrs train``'s defaults.
-PAPER_RECIPE = ["--kl", "mean", "--kl-weight", "1", "--finetune", "noisy", "--noise-lr-scale", "1", "--evidence-margin", "0"]
+PAPER_RECIPE = {"kl_reduction": "mean", "kl_weight": 1.0, "finetune": "noisy", "noise_lr_scale": 1.0,
+                "evidence_margin": 0.0}
 METHODS = {
-    "none": ["--criterion", "none"],
-    "l2": ["--criterion", "l2"],
-    "ev": ["--criterion", "ev"],
-    "snr": ["--criterion", "snr"],
-    "bmrs-n": ["--criterion", "bmrs-n"],
-    "bmrs-u-8": ["--criterion", "bmrs-u", "--p1", "8"],
-    "bmrs-u-4": ["--criterion", "bmrs-u", "--p1", "4"],
-    "plain": ["--criterion", "none", "--no-noise"],  # no noise layers: the training-time baseline
+    "none": {"criterion": "none"},
+    "l2": {"criterion": "l2"},
+    "ev": {"criterion": "ev"},
+    "snr": {"criterion": "snr"},
+    "bmrs-n": {"criterion": "bmrs-n"},
+    "bmrs-u-8": {"criterion": "bmrs-u", "p1": 8.0},
+    "bmrs-u-4": {"criterion": "bmrs-u", "p1": 4.0},
+    "plain": {"criterion": "none", "noise": False},  # no noise layers: the training-time baseline
     # beyond the paper: bmrs train's defaults (stated rule, noise rate, KL weight, deterministic fine-tuning);
     # the exact rule with the paper's recipe; what explains the paper's BMRS_N numbers; the ELBO weighting
-    "bmrs-n-exact": ["--criterion", "bmrs-n"],
-    "bmrs-n-published": ["--criterion", "bmrs-n-published"],
-    "bmrs-n-elbo": ["--criterion", "bmrs-n", "--kl", "elbo"],
+    "bmrs-n-exact": {"criterion": "bmrs-n"},
+    "bmrs-n-published": {"criterion": "bmrs-n-published"},
+    "bmrs-n-elbo": {"criterion": "bmrs-n", "kl_reduction": "elbo"},
     # towards the goal (BMRS_N ≥ 85% compression within 2 points): fine-tune the pruned network with
-    # θ fixed at E[θ] and no KL, with the KL weighted as 100 × the evidence lower bound's (between the ELBO
-    # and the paper's layer mean, which weighs a structure's KL 160-2000 times the ELBO's here), with the
+    # θ fixed at E[θ] and no KL, with the KL weighted as 100 × the evidence lower bound's (between the ELBO and
+    # the paper's layer mean, which weighs a structure's KL 160-2000 times the ELBO's here), with the
     # paper's weighting and with the ELBO itself
-    "bmrs-n-published-elbo100-detft": ["--criterion", "bmrs-n-published", "--kl", "elbo", "--kl-weight", "100",
-                                       "--finetune", "deterministic"],
-    "bmrs-n-published-detft": ["--criterion", "bmrs-n-published", "--finetune", "deterministic"],
-    "bmrs-n-published-elbo-detft": ["--criterion", "bmrs-n-published", "--kl", "elbo", "--finetune", "deterministic"],
+    "bmrs-n-published-elbo100-detft": {"criterion": "bmrs-n-published", "kl_reduction": "elbo", "kl_weight": 100.0,
+                                       "finetune": "deterministic"},
+    "bmrs-n-published-detft": {"criterion": "bmrs-n-published", "finetune": "deterministic"},
+    "bmrs-n-published-elbo-detft": {"criterion": "bmrs-n-published", "kl_reduction": "elbo",
+                                    "finetune": "deterministic"},
 }
 EXTRA_METHODS = ("bmrs-n-exact", "bmrs-n-published", "bmrs-n-elbo", "bmrs-n-published-elbo100-detft", "bmrs-n-published-detft",
                  "bmrs-n-published-elbo-detft")
@@ -92,11 +98,20 @@ PAPER_STD = {
 
 @dataclass
 class Job:
+    """One run of the grid: its TrainConfig's settings (keyword arguments) and its folder.  A job that follows
+    another run (``depends_on``: L2 after BMRS_N) gets its ``amount_schedule`` from that run once it has finished.
+
+    Example:
+        >>> job = Job("mlp", "none", 0, Path("runs/mlp/none/seed0"), {"model": "mlp", "criterion": "none"})
+        >>> job.train_config().criterion, job.command()[5:]
+        ('none', ['--model', 'mlp', '--criterion', 'none', '--output', 'runs/mlp/none/seed0', '--resume'])
+    """
+
     network: str
     method: str
     seed: int
     folder: Path
-    args: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
     depends_on: Path | None = None
 
     @property
@@ -115,36 +130,37 @@ class Job:
             return []
         if self.depends_on is not None and not (self.depends_on / "metrics.json").exists():
             return ["amount_schedule"]
-        from ..training.config import comparable_settings
-
         wanted = comparable_settings(self.train_config().to_dict())
         saved = _metrics(self.folder).get("config")
         have = comparable_settings(saved if isinstance(saved, dict) else {})
         return sorted(k for k in wanted if have.get(k) != wanted[k])
 
-    def train_config(self):
-        """The TrainConfig that this job's ``bmrs train`` command builds (ConfigError if its settings are bad)."""
-        from ..cli import build_parser, train_config
-
-        return train_config(build_parser().parse_args(self.command()[3:]))
+    def train_config(self) -> TrainConfig:
+        """This job's TrainConfig (ConfigError if its settings are bad; CheckpointError if the run it follows
+        has no usable history)."""
+        settings = dict(self.settings)
+        if self.depends_on is not None:  # L2 matches BMRS_N's structure count at every pruning step
+            settings["amount_schedule"] = _structure_counts(self.depends_on)
+        return TrainConfig(**settings)
 
     def command(self) -> list[str]:
-        args = list(self.args)
-        if self.depends_on is not None:  # L2 matches BMRS_N's structure count at every pruning step
-            history = _metrics(self.depends_on).get("history")
-            if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-                raise CheckpointError(f"{self.depends_on / 'metrics.json'}: no epoch history to match; delete the "
-                                      "run and rerun")
-            counts = [h.get("structures_pruned") for h in history if "pruned" in h]
-            bad = next((i for i, c in enumerate(counts) if isinstance(c, bool) or not isinstance(c, int) or c < 0),
-                       None)
-            if bad is not None:
-                raise CheckpointError(f"{self.depends_on / 'metrics.json'}: field history[…].structures_pruned of "
-                                      f"pruning step {bad + 1} must be a count >= 0, got {counts[bad]!r}; the file "
-                                      "is damaged: delete the run and rerun")
-            args += ["--amount-schedule", ",".join(str(c) for c in counts)]
-        return [sys.executable, "-m", "bmrs", "--no-progress", "train", *args, "--seed", str(self.seed),
-                "--threads", "1", "--output", str(self.folder), "--resume"]
+        """The ``bmrs train`` command that runs (or resumes) this job in ``folder``."""
+        return [sys.executable, "-m", "bmrs", "--no-progress", "train", *train_argv(self.train_config()),
+                "--output", str(self.folder), "--resume"]
+
+
+def _structure_counts(folder: Path) -> list[int]:
+    """The structures pruned at each pruning step of the finished run in ``folder``."""
+    history = _metrics(folder).get("history")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{folder / 'metrics.json'}: no epoch history to match; delete the run and rerun")
+    counts = [h.get("structures_pruned") for h in history if "pruned" in h]
+    bad = next((i for i, c in enumerate(counts) if isinstance(c, bool) or not isinstance(c, int) or c < 0), None)
+    if bad is not None:
+        raise CheckpointError(f"{folder / 'metrics.json'}: field history[…].structures_pruned of pruning step "
+                              f"{bad + 1} must be a count >= 0, got {counts[bad]!r}; the file is damaged: delete "
+                              "the run and rerun")
+    return counts
 
 
 def _metrics(folder: Path) -> dict:
@@ -157,8 +173,9 @@ def _metrics(folder: Path) -> dict:
 
 
 def grid_jobs(root: str | Path, seeds: list[int], networks=None, methods=None, epochs: int = 50,
-              finetune_epochs: int = 10, extra: list[str] | None = None) -> list[Job]:
-    """Every (network, method, seed) job; BMRS_N jobs first so that L2 can follow them."""
+              finetune_epochs: int = 10, extra: dict | None = None) -> list[Job]:
+    """Every (network, method, seed) job; BMRS_N jobs first so that L2 can follow them.  ``extra``: TrainConfig
+    settings of every job (e.g. ``{"train_subset": 300}``)."""
     root = Path(root)
     networks = networks or list(NETWORKS)
     methods = methods or list(METHODS)
@@ -170,18 +187,18 @@ def grid_jobs(root: str | Path, seeds: list[int], networks=None, methods=None, e
         for network in sorted(networks, key=lambda n: n != "mlp"):  # the fast network first
             for method in order:
                 folder = root / network / method / f"seed{seed}"
-                recipe = [] if method == "bmrs-n" else PAPER_RECIPE
-                args = [*NETWORKS[network], *recipe, *METHODS[method], "--epochs", str(epochs),
-                        "--finetune-epochs", str(finetune_epochs), *(extra or [])]
+                recipe = {} if method == "bmrs-n" else PAPER_RECIPE
+                settings = {**NETWORKS[network], **recipe, **METHODS[method], "epochs": epochs,
+                            "finetune_epochs": finetune_epochs, **(extra or {}), "seed": seed, "threads": 1}
                 dep = root / network / L2_MATCHES / f"seed{seed}" if method == "l2" else None
-                jobs.append(Job(network, method, seed, folder, args, dep))
+                jobs.append(Job(network, method, seed, folder, settings, dep))
     return jobs
 
 
 def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0, progress: bool = True) -> list[Job]:
     """Run unfinished jobs, ``workers`` at a time; returns the jobs that failed.  Refuses (ConfigError)
     when a job's folder holds a finished run made with other settings, before starting any."""
-    changed = [j.changed_settings() for j in jobs]  # (each reads the run's metrics and parses its command)
+    changed = [j.changed_settings() for j in jobs]  # (each reads the run's metrics)
     pending = [j for j, c in zip(jobs, changed) if not j.finished or c]  # the jobs not done
     to_run = {j.folder for j in pending}
     # (an L2 job whose BMRS_N run is still to run has no schedule to compare yet)

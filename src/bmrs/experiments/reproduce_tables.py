@@ -23,7 +23,6 @@ __all__ = ["TABLE_METHODS", "CSV_METHODS", "CSV_COLUMNS", "aggregate", "agreemen
 TABLE_METHODS = ["none", "l2", "ev", "snr", "bmrs-n", "bmrs-u-8", "bmrs-u-4"]
 # the CSV also holds the unpruned network without noise layers, the exact rule and the public code's rule
 CSV_METHODS = TABLE_METHODS + ["bmrs-n-exact", "bmrs-n-published", "plain"]
-CURVE_CRITERIA = ["bmrs-n", "bmrs-u", "snr", "ev", "l2", "grad"]
 CSV_COLUMNS = ["network", "method", "seeds", "compression_mean", "compression_std", "accuracy_mean",
                "accuracy_std", "paper_compression", "paper_accuracy"]
 

@@ -9,12 +9,14 @@ from typing import Any
 
 from ..defaults import (
     CRITERION_NAMES, EVIDENCE_MARGIN, FINETUNE, FINETUNE_MODES, KL_REDUCTION, KL_REDUCTIONS, KL_WEIGHT, NOISE_LR_SCALE,
+    RANKING_CRITERIA, THRESHOLD_CRITERIA,
 )
 from ..errors import ConfigError, DataError
 
 __all__ = ["TrainConfig", "comparable_settings", "CRITERION_NAMES", "KL_REDUCTION", "KL_WEIGHT", "FINETUNE_MODES", "LEGACY_DEFAULTS"]
 
 DEVICES = ("auto", "cpu", "cuda")
+GRANULARITIES = ("structure", "element")
 # What a run made before a setting existed did: a config read back from such a run takes these
 # (not today's defaults) for the keys it lacks.
 LEGACY_DEFAULTS = {"evidence_margin": 0.0, "noise_lr_scale": 1.0, "kl_reduction": "mean", "kl_weight": 1.0,
@@ -71,6 +73,12 @@ def _positive_float(name: str, value) -> None:
     check_float(name, value)
 
 
+def _option(default, group: str, help: str, **argparse_options):
+    """A TrainConfig field that is also a ``bmrs train`` option in ``group`` of its help (``option``: its name when it is
+    not --FIELD-NAME; ``choices``, ``metavar``: as for argparse)."""
+    return field(default=default, metadata={"group": group, "help": help, **argparse_options})
+
+
 @dataclass
 class TrainConfig:
     """A run: data, network, criterion and schedule.  ``validate()`` is called on construction.
@@ -91,39 +99,63 @@ class TrainConfig:
         bmrs.errors.ConfigError: batch_size must be an integer in [1, 1048576], got 0
     """
 
-    dataset: str = "fashion-mnist"
-    model: str = "lenet5"
-    criterion: str = "bmrs-n"
-    p1: float = 8.0
-    threshold: float | None = None
-    amount: float | None = None
-    amount_schedule: list[int] | None = None
-    epochs: int = 5
-    finetune_epochs: int = 2
-    prune_every: int = 1
-    batch_size: int = 32
-    lr: float = 1.4e-3
-    seed: int = 0
-    kl_reduction: str = KL_REDUCTION
-    kl_weight: float = KL_WEIGHT
-    evidence_margin: float = EVIDENCE_MARGIN
-    noise_lr_scale: float = NOISE_LR_SCALE
-    finetune: str = FINETUNE
-    shrink: bool = False
-    granularity: str = "structure"
-    low: float = -20.0
-    high: float = 0.0
-    noise: bool = True
-    hidden: int = 150
-    layers: int = 1
-    image_size: int = 32
+    # A field with a ``group`` in its metadata is also a ``bmrs train`` option (bmrs.training.options builds them:
+    # --NAME, or ``option``; its type from the annotation, its help, choices and metavar from here).
+    dataset: str = _option("fashion-mnist", "data", "mnist, fashion-mnist, cifar10 or tinyimagenet (default: %(default)s)")
+    model: str = _option("lenet5", "network and pruning", "mlp, lenet5, resnet18, resnet50 or vit (default: %(default)s)")
+    criterion: str = _option("bmrs-n", "network and pruning", "pruning criterion; 'none' trains without pruning "
+                             "(default: %(default)s)", choices=CRITERION_NAMES)
+    p1: float = _option(8.0, "network and pruning", "BMRS_U precision in bits, 0 < p1 < 23 (default: %(default)g)")
+    threshold: float | None = _option(None, "network and pruning", "threshold of snr (1.0) or ev (0.1)")
+    amount: float | None = _option(None, "network and pruning", "fraction of structures to prune (needed by l2 and "
+                                   "grad; for snr, ev and bmrs it replaces their own rule by ranking)")
+    amount_schedule: list[int] | None = _option(
+        None, "network and pruning", "structure counts to prune at each pruning step, instead of --amount (e.g. l2 "
+        "matching a BMRS_N run)", metavar="K1,K2,...")
+    epochs: int = _option(5, "schedule", "epochs with pruning after every --prune-every (default: %(default)s)")
+    finetune_epochs: int = _option(2, "schedule", "epochs without pruning afterwards (default: %(default)s)")
+    prune_every: int = _option(1, "schedule", "prune every P epochs (default: %(default)s)")
+    batch_size: int = _option(32, "schedule", "mini-batch size (default: %(default)s)")
+    lr: float = _option(1.4e-3, "schedule", "Adam learning rate (default: %(default)g)")
+    seed: int = _option(0, "schedule", "random seed (default: %(default)s)")
+    kl_reduction: str = _option(KL_REDUCTION, "schedule", "KL weighting: the mean over all structures, the paper's "
+                                "layer mean, or the evidence lower bound ΣKL/N (default: %(default)s)",
+                                option="--kl", choices=KL_REDUCTIONS)
+    kl_weight: float = _option(KL_WEIGHT, "schedule", "multiply the KL term by this (e.g. --kl elbo --kl-weight 100: "
+                               "between the ELBO and the paper's weighting) (default: %(default)g)")
+    evidence_margin: float = _option(
+        EVIDENCE_MARGIN, "network and pruning", "bmrs-n and bmrs-u prune where ΔF >= -NATS (evidence for keeping a "
+        "structure worth less than NATS is a tie, which goes to the smaller model; Kass-Raftery's 'not worth a bare "
+        "mention' is 1) or where E[θ] < 2^-23; 0 is the exact rule ΔF >= 0 (default: %(default)g)", metavar="NATS")
+    noise_lr_scale: float = _option(
+        NOISE_LR_SCALE, "schedule", "the noise parameters (μ, log σ) train at X times --lr: they span tens where "
+        "weights span ~1, and at X = 1 a posterior needs ~6,000 steps to become prior-like (default: %(default)g)",
+        metavar="X")
+    finetune: str = _option(FINETUNE, "schedule", "fine-tuning keeps the noise and KL (noisy, the paper's) or trains "
+                            "the pruned network with θ fixed at E[θ]·mask and no KL (deterministic) "
+                            "(default: %(default)s)", choices=FINETUNE_MODES)
+    shrink: bool = _option(False, "schedule", "remove pruned structures after every pruning step, so later epochs "
+                           "run faster (same results as masking them)")
+    granularity: str = _option("structure", "network and pruning", "one noise sample per example and structure, or "
+                               "per element (default: %(default)s)", choices=GRANULARITIES)
+    low: float = _option(-20.0, "network and pruning", "lower bound of ln θ (default: %(default)g)")
+    high: float = _option(0.0, "network and pruning", "upper bound of ln θ (default: %(default)g)")
+    noise: bool = _option(True, "network and pruning", "train the plain network (criterion none only)",
+                          option="--no-noise")
+    hidden: int = _option(150, "network and pruning", "MLP hidden width (default: %(default)s)")
+    layers: int = _option(1, "network and pruning", "extra MLP hidden blocks after the first (default: %(default)s, "
+                          "i.e. in→150→150→10)")
+    image_size: int = _option(32, "data", "images are resized to this side (default: %(default)s)")
     val_fraction: float = 0.2
-    train_subset: int | None = None
-    data_dir: str | None = None
-    download: bool = False
-    device: str = "auto"
-    threads: int | None = None
-    compile: bool = False
+    train_subset: int | None = _option(None, "data", "train on the first N examples of the training split only "
+                                       "(quick runs)", metavar="N")
+    data_dir: str | None = _option(None, "data", "folder holding the dataset (else $BMRS_DATA_DIR, then system "
+                                   "locations)")
+    download: bool = _option(False, "data", "download the dataset if it is not found")
+    device: str = _option("auto", "running", "where to train (default: %(default)s)", choices=DEVICES)
+    threads: int | None = _option(None, "running", "CPU threads for torch (default: torch's choice)")
+    compile: bool = _option(False, "running", "torch.compile the noise kernels (~10-20 s once; pays off for long "
+                            "runs)")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -186,7 +218,7 @@ class TrainConfig:
             raise ConfigError("shrink removes pruned structures: it needs the noise layers (drop --no-noise)", field="shrink")
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}", field="finetune")
-        if self.granularity not in ("structure", "element"):
+        if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be 'structure' or 'element', got {self.granularity!r}", field="granularity")
         for name in ("low", "high"):
             value = getattr(self, name)
@@ -214,11 +246,11 @@ class TrainConfig:
         if self.criterion == "none" and (self.amount is not None or self.amount_schedule is not None):
             raise ConfigError("amount and amount_schedule set how much a criterion prunes: criterion 'none' "
                               "never prunes (choose a criterion, or drop them)", field="amount")
-        if self.criterion in ("l2", "grad") and self.amount is None and self.amount_schedule is None:
+        if self.criterion in RANKING_CRITERIA and self.amount is None and self.amount_schedule is None:
             raise ConfigError(f"criterion {self.criterion!r} ranks but has no threshold: pass --amount "
                               "(fraction of structures to prune), e.g. --amount 0.8", field="amount")
-        if self.threshold is not None and self.criterion not in ("snr", "ev"):
-            raise ConfigError("threshold applies only to the snr and ev criteria", field="threshold")
+        if self.threshold is not None and self.criterion not in THRESHOLD_CRITERIA:
+            raise ConfigError(f"threshold applies only to the {' and '.join(THRESHOLD_CRITERIA)} criteria", field="threshold")
         if self.criterion == "bmrs-u":  # its reduced prior must meet the noise's interval (else: after an epoch)
             from ..reduction import precision_prior
             precision_prior(self.p1, self.low, self.high)

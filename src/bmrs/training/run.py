@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..criteria import Criterion, Gradient, get_criterion
+from ..defaults import THRESHOLD_CRITERIA
 from ..errors import ConfigError, TrainingError
 from ..io import (
     FolderLock, check_writable, remove_stale_temporaries, save_checkpoint, save_state_dict, write_json,
@@ -87,7 +88,7 @@ def _criterion(config: TrainConfig) -> Criterion | None:
         return get_criterion("bmrs-u", p1=config.p1, margin=config.evidence_margin)
     if config.criterion == "bmrs-n":
         return get_criterion("bmrs-n", margin=config.evidence_margin)
-    if config.criterion in ("snr", "ev") and config.threshold is not None:
+    if config.criterion in THRESHOLD_CRITERIA and config.threshold is not None:
         return get_criterion(config.criterion, threshold=config.threshold)
     return get_criterion(config.criterion)
 
