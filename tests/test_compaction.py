@@ -238,12 +238,16 @@ class Transformer(nn.Module):
 
 def transformer_case(gen: torch.Generator, mha: bool = False) -> Case:
     model = bmrs.attach(Transformer(mha), targets=["block.mlp.0", "block.attn" if mha else "block.attn.proj"])
-    assert all(noise.dim == -1 for _, noise in bmrs.noise_layers(model))
+    # (naming nn.MultiheadAttention gates its heads: one θ per head, dim −2)
+    assert all(noise.dim == (-2 if mha and name == "block.attn" else -1) for name, noise in bmrs.noise_layers(model))
     randomize(model, gen)
     hidden = kept(model, "block.mlp.0")
+    heads = kept(model, "block.attn") if mha else None
 
     def check(small):
         assert small.block.mlp[0].out_features == hidden and small.block.mlp[2].in_features == hidden
+        if mha:
+            assert small.block.attn.num_heads == heads and small.block.attn.out_proj.in_features == heads * 8
         assert small.block.ln1.normalized_shape == (16,) and small.block.ln2.normalized_shape == (16,)
 
     x = torch.randn(4, 6, 10, generator=gen)
