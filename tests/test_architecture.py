@@ -20,7 +20,7 @@ LAYERS = [
     {"reduction"},
     {"nn"},
     {"criteria"},
-    {"pruning", "compaction"},
+    {"pruning", "compaction", "inference"},
     {"data", "models", "saving"},  # (bmrs.load builds a saved network from its builder: saving uses models)
     {"training"},
     {"experiments"},

@@ -31,7 +31,7 @@ _EXPORTS = {
     "compact": "bmrs.compaction", "count": "bmrs.compaction", "export": "bmrs.compaction.export",
     "save": "bmrs.saving", "load": "bmrs.saving",
 }
-_SUBMODULES = ("criteria", "compaction", "pruning", "models", "training", "data", "nn", "distributions",
+_SUBMODULES = ("criteria", "compaction", "inference", "pruning", "models", "training", "data", "nn", "distributions",
                "reduction", "saving", "defaults", "errors", "io", "experiments", "integrations", "extras",
                "_compile", "_kernels")
 

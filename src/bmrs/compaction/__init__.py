@@ -16,7 +16,8 @@ from .count import compression_report, count
 from .export import export
 from .fast_layers import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, use_fast_layers
 from .fold import fold_noise
+from .planning import CompactionPlan, apply, plan
 from .shrink import restore_shrunk, shrink
 
-__all__ = ["compact", "CompactionWarning", "IncompleteCompactionWarning", "count", "export", "compression_report", "fold_noise", "shrink", "restore_shrunk", "use_fast_layers",
+__all__ = ["compact", "plan", "apply", "CompactionPlan", "CompactionWarning", "IncompleteCompactionWarning", "count", "export", "compression_report", "fold_noise", "shrink", "restore_shrunk", "use_fast_layers",
            "NarrowConv2d", "TiledMaxPool2d", "AlignedLinear", "FastTanh"]

@@ -14,7 +14,8 @@ provably leaves the function unchanged:
 
 Channels that stay are already exactly zero where the mask says so.  A layer is never emptied: if every
 channel of a group could go, one (all-zero) channel is kept.  The result is checked against the noisy
-model on the example inputs.
+model on the example inputs.  What is removed is recorded as a plan (:func:`bmrs.compaction.plan`);
+which channels can go is worked out in :mod:`bmrs.compaction.removal`.
 
 Example:
     >>> import torch, bmrs
@@ -28,40 +29,15 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-from collections import defaultdict
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .fast_layers import use_fast_layers
-from .fold import (
-    OPTYPE, REL_TOL, Folded, IncompleteCompactionWarning, Trace, fold, op_name, reference_mismatch,
-    restore_requires_grad,
-)
+from .fold import IncompleteCompactionWarning
+from .planning import CompactionWarning, announce, build
 
 __all__ = ["compact", "CompactionWarning", "IncompleteCompactionWarning"]
-
-# Reaching one of these keeps the channel (torch-pruning would change what they compute).
-_BLOCKING_TYPES = frozenset({
-    OPTYPE.LN, OPTYPE.GN, OPTYPE.IN, OPTYPE.MHA, OPTYPE.EMBED, OPTYPE.LSTM, OPTYPE.PARAMETER,
-    OPTYPE.CUSTOMIZED, OPTYPE.OUTPUT, OPTYPE.EXPAND, OPTYPE.UNBIND,
-})
-_PASS_TYPES = frozenset({OPTYPE.RESHAPE, OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.SLICE})
-# Channel-wise autograd ops with op(0) = 0 (a zero channel stays zero through them).
-_ZERO_PRESERVING_OPS = frozenset({
-    "Add", "Sub", "Mul", "Neg", "Clone", "Relu", "LeakyRelu", "Gelu", "Tanh", "Elu", "Silu", "Mish",
-    "Hardtanh", "Hardswish", "Abs", "Mean", "Sum", "Squeeze", "Unsqueeze", "MaxPool1DWithIndices",
-    "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
-    "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
-})
-# Channel-wise ops that map 0 to something else: a channel may pass them, but is not zero after them.
-_CHANNELWISE_OPS = frozenset({
-    "Sigmoid", "Softplus", "Hardsigmoid", "Exp", "Div", "Pow", "Sqrt", "Rsqrt", "Log", "LogSigmoid",
-    "Sin", "Cos", "Erf",
-})
 
 
 def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> nn.Module:
@@ -72,8 +48,11 @@ def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> 
     used to trace the model.  Returns a new ``nn.Module`` in eval mode without noise layers, masked
     channels physically removed where that is exact; ``model`` is not modified.  With ``fast_layers``
     (the default) the narrow convolutions and tiling max-pools left are swapped for their faster CPU
-    inference forms (:func:`bmrs.compaction.use_fast_layers`; same parameters and outputs).  Raises
-    :class:`bmrs.errors.ModelError` if the model has no noise layers.
+    inference forms (:func:`bmrs.compaction.use_fast_layers`; same parameters and outputs).  The same as
+    ``apply(plan(model, example_inputs), model)`` (:mod:`bmrs.compaction.planning`), without tracing
+    twice.  Raises :class:`bmrs.errors.ModelError` if the model has no noise layers or torch-pruning
+    fails on it (naming the noise layer; ``fold_noise`` folds without removing channels).  If removing
+    channels would change the outputs, warns (IncompleteCompactionWarning) and keeps every channel.
 
     Example:
         >>> import torch, bmrs
@@ -89,228 +68,8 @@ def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> 
         >>> bool(torch.allclose(small(x), cnn.eval()(x), atol=1e-5))
         True
     """
-    leaves = example_inputs.values() if isinstance(example_inputs, dict) else \
-        example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if any(torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
-        raise ConfigError("compact: the example input holds NaN or infinite values; pass finite example inputs "
-                          "(e.g. a batch of real data)")
-    folded = fold(model, example_inputs, caller="compact")
-    stayed = {}
-    try:
-        stayed = _remove_masked_channels(folded)
-        mismatch = reference_mismatch(folded)
-        problem = None if mismatch <= REL_TOL else f"changed the outputs (relative error {mismatch:.2e})"
-    except Exception as err:  # torch-pruning could not handle this graph
-        problem = f"failed ({type(err).__name__}: {err})"
-    if problem is not None:  # never trade exactness for size: fall back to the folded model
-        warnings.warn(f"compact: removing channels {problem}; returning the folded model with every "
-                      "channel kept", IncompleteCompactionWarning, stacklevel=2)
-        folded = fold(model, example_inputs, caller="compact")
-    else:
-        _warn_stayed(stayed)
-    restore_requires_grad(folded)
+    the_plan, small = build(model, example_inputs, "compact")  # the plan, and its working copy compacted by it
+    announce(the_plan, stacklevel=3)
     if fast_layers:
-        use_fast_layers(folded.model)
-    return folded.model.eval()
-
-
-def _remove_masked_channels(folded: Folded) -> dict[str, tuple[int, str]]:
-    """Prune, noise layer by noise layer, every masked channel whose removal is exact.
-
-    Returns {noise layer: (pruned structures that stay, why)} for the layers where some stay."""
-    trace = folded.trace
-    records = [rec for rec in folded.records if rec.carrier is not None]
-    # original channel number of each current position of every gated node (pruning shifts positions)
-    kept = {rec.carrier: list(range(rec.theta.numel())) for rec in records}
-    masked = {rec.name: set((rec.theta == 0).nonzero().flatten().tolist()) for rec in records}
-    for rec in records:
-        if rec.carrier.type in _BLOCKING_TYPES:
-            continue
-        positions = [pos for pos, orig in enumerate(kept[rec.carrier]) if orig in masked[rec.name]]
-        if positions:
-            _prune(trace, rec.carrier, positions, kept)
-    stayed = {}
-    for rec in records:
-        left = len(masked[rec.name] & set(kept[rec.carrier]))
-        if left:
-            why = (f"they are read by a {rec.carrier.type.name}" if rec.carrier.type in _BLOCKING_TYPES else
-                   "their channels also reach a residual sum an unpruned layer writes, a normalisation over "
-                   "channels or the model's output, or removing them would empty a layer")
-            stayed[rec.name or "<root>"] = (left, why)
-    return stayed
-
-
-class CompactionWarning(UserWarning):
-    """Pruned structures that compaction kept (computing zeros), with where and why; ``stayed`` holds
-    {noise layer: (count, reason)}."""
-
-    def __init__(self, message: str, stayed: dict[str, tuple[int, str]]):
-        super().__init__(message)
-        self.stayed = stayed
-
-
-def _warn_stayed(stayed: dict[str, tuple[int, str]]) -> None:
-    if not stayed:
-        return
-    total = sum(count for count, _ in stayed.values())
-    by_reason: dict[str, list[str]] = {}
-    for name, (count, why) in stayed.items():
-        by_reason.setdefault(why, []).append(f"{name} {count}")
-    parts = "; ".join(f"{', '.join(places)} ({why})" for why, places in by_reason.items())
-    warnings.warn(CompactionWarning(f"compact: {total} pruned structures stay in the model, computing zeros: "
-                                    f"{parts}", stayed), stacklevel=3)
-
-
-def _prune(trace: Trace, node, positions: list[int], kept: dict) -> None:
-    graph = trace.graph
-    pruning_fn = graph.get_pruner_of_module(node.module).prune_out_channels
-    group = graph.get_pruning_group(node.module, pruning_fn, positions)
-    removable = sorted(_removable_roots(trace, group))
-    while removable:
-        group = graph.get_pruning_group(node.module, pruning_fn, removable)
-        if graph.check_pruning_group(group):
-            break
-        removable = removable[:-1]  # some layer would be left empty: keep one (all-zero) channel
-    if not removable:
-        return
-    group.prune(record_history=False)
-    for item in group:
-        target = item.dep.target
-        if target in kept and graph.is_out_channel_pruning_fn(item.dep.handler):
-            drop = set(item.idxs)
-            kept[target] = [orig for pos, orig in enumerate(kept[target]) if pos not in drop]
-
-
-# -- when is removing a channel exact? ------------------------------------------------------------
-def _removable_roots(trace: Trace, group) -> set[int]:
-    """Root channels of the group whose removal leaves every reader of the channel unchanged."""
-    graph = trace.graph
-    produced: dict = defaultdict(lambda: defaultdict(list))  # node → root → output positions
-    consumed: dict = defaultdict(lambda: defaultdict(list))  # Conv/Linear node → root → input columns
-    for item in group:
-        table = produced if graph.is_out_channel_pruning_fn(item.dep.handler) else consumed
-        for idx, root in zip(item.idxs, item.root_idxs):
-            table[item.dep.target][root].append(idx)
-    zeros = _ZeroAnalysis(trace, produced)
-    roots = {root for table in (produced, consumed) for per in table.values() for root in per}
-    return {root for root in roots if _root_removable(trace, zeros, produced, consumed, root)}
-
-
-def _root_removable(trace: Trace, zeros: "_ZeroAnalysis", produced: dict, consumed: dict, root: int) -> bool:
-    writers = [node for node, per in produced.items() if root in per and node.grad_fn not in trace.owner]
-    readers = [node for node, per in consumed.items() if root in per and node.grad_fn not in trace.owner]
-    if any(node.grad_fn in trace.output_fns for node in writers):
-        return False  # the channel is part of the model's output
-    if any(_blocks(trace, node) for node in writers + readers):
-        return False
-    return all(_reader_ignores(trace, zeros, node, per[root], root)
-               for node, per in consumed.items() if root in per)
-
-
-def _blocks(trace: Trace, node) -> bool:
-    """Whether this node makes a channel through it unremovable."""
-    if node.type in _BLOCKING_TYPES:
-        return True
-    if trace.is_module_node(node) and trace.calls[node.module].calls != 1:
-        return True
-    if node.type == OPTYPE.CONV and node.module.groups > 1:
-        return True  # torch-pruning does not map input channels of grouped convolutions correctly
-    if node.type == OPTYPE.ELEMENTWISE:
-        return op_name(node.grad_fn) not in _ZERO_PRESERVING_OPS | _CHANNELWISE_OPS
-    return False
-
-
-def _reader_ignores(trace: Trace, zeros: "_ZeroAnalysis", node, columns: list[int], root: int) -> bool:
-    """A Conv/Linear ignores input channel ``root``: its columns are zero or it reads exact zeros."""
-    if node.type not in (OPTYPE.CONV, OPTYPE.LINEAR) or not trace.is_module_node(node):
-        return False
-    if zeros.channels_zero(node.module, columns, "in"):
-        return True
-    source = trace.input_node(node.module)
-    return source is not None and zeros.is_zero(source, root)
-
-
-@torch.no_grad()
-def nonzero_channels(layer: nn.Module, side: str) -> torch.Tensor:
-    """One flag per output (weights or bias) or input channel of a Conv/Linear: has a non-zero weight."""
-    weight = layer.weight != 0  # NaN counts as non-zero
-    if isinstance(layer, nn.Linear):
-        flags = weight.any(dim=1) if side == "out" else weight.any(dim=0)
-    elif (side == "out") != layer.transposed:  # the channel is weight dim 0
-        flags = weight.flatten(1).any(dim=1)
-    else:  # the channel is weight dim 1 within each group
-        groups, rows, cols = layer.groups, weight.shape[0], weight.shape[1]
-        flags = weight.reshape(groups, rows // groups, cols, -1).any(dim=3).any(dim=1).flatten()
-    if side == "out" and layer.bias is not None:
-        flags = flags | (layer.bias != 0)
-    return flags
-
-
-def _bias_zero(layer: nn.Module, idxs: list[int]) -> bool:
-    return layer.bias is None or not torch.count_nonzero(layer.bias.detach()[idxs])
-
-
-def _norm_zero(norm: nn.Module, idxs: list[int]) -> bool:
-    """γ = β = 0: the BatchNorm outputs exact zeros on these channels whatever its input."""
-    if norm.weight is None or norm.bias is None:
-        return False
-    return not torch.count_nonzero(norm.weight.detach()[idxs]) and not torch.count_nonzero(norm.bias.detach()[idxs])
-
-
-class _ZeroAnalysis:
-    """Is a node's output exactly zero on the channel of a given root, for every input?"""
-
-    def __init__(self, trace: Trace, produced: dict):
-        self.trace, self.produced, self.memo, self.flags = trace, produced, {}, {}
-
-    def channels_zero(self, layer: nn.Module, idxs: list[int], side: str) -> bool:
-        """Whether these channels of a Conv/Linear have all-zero weights (and bias, for outputs)."""
-        key = (layer, side)
-        if key not in self.flags:
-            self.flags[key] = nonzero_channels(layer, side)
-        return not bool(self.flags[key][idxs].any())
-
-    def is_zero(self, node, root: int) -> bool:
-        key = (node, root)
-        if key not in self.memo:
-            self.memo[key] = False  # a cycle is never proof of zero
-            self.memo[key] = self._compute(node, root)
-        return self.memo[key]
-
-    def _compute(self, node, root: int) -> bool:
-        idxs = self.produced.get(node, {}).get(root)
-        if idxs is None or node.grad_fn in self.trace.owner:
-            return False
-        kind, module = node.type, node.module
-        if kind in (OPTYPE.CONV, OPTYPE.LINEAR):
-            return self.trace.is_module_node(node) and self.channels_zero(module, idxs, "out")
-        if kind == OPTYPE.DEPTHWISE_CONV:
-            if self.channels_zero(module, idxs, "out"):
-                return True
-            return _bias_zero(module, idxs) and self._inputs_zero(node, root, True)
-        if kind == OPTYPE.BN:
-            return _norm_zero(module, idxs)
-        if kind == OPTYPE.PRELU:
-            return self._inputs_zero(node, root, True)
-        if kind in _PASS_TYPES:
-            return self._inputs_zero(node, root, False)
-        if kind == OPTYPE.ELEMENTWISE and op_name(node.grad_fn) in _ZERO_PRESERVING_OPS:
-            return self._inputs_zero(node, root, True, any_zero=op_name(node.grad_fn) == "Mul")
-        return False
-
-    def _inputs_zero(self, node, root: int, every: bool, any_zero: bool = False) -> bool:
-        """All inputs carrying the channel are zero on it (``every``: and every input carries it;
-        ``any_zero``: one zero factor suffices, for products)."""
-        if self.trace.is_module_node(node):
-            fns = list(self.trace.calls[node.module].in_fns)
-        else:
-            fns = [fn for fn, _ in node.grad_fn.next_functions]
-        inputs = [self.trace.node_of.get(fn) if fn is not None else None for fn in fns]
-        if not inputs or any(inp is None for inp in inputs):
-            return False  # an input without history (model input, constant) or a parameter
-        carrying = [inp for inp in inputs if root in self.produced.get(inp, {})]
-        if not carrying or (every and len(carrying) != len(inputs)):
-            return False
-        if any_zero:
-            return any(self.is_zero(inp, root) for inp in carrying)
-        return all(self.is_zero(inp, root) for inp in carrying)
+        use_fast_layers(small)
+    return small

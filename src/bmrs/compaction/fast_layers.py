@@ -300,7 +300,8 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
     :class:`AlignedLinear` (and each ``nn.Tanh`` a
     :class:`FastTanh`), sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
     change (see the module docstring); training calls are unaffected.  :func:`bmrs.compaction.compact`
-    applies this to what it returns.
+    applies this to what it returns (with ``fast_layers=True``); :func:`bmrs.inference.optimize` is the
+    explicit step.
 
     Example:
         >>> import torch

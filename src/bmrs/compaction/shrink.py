@@ -10,9 +10,10 @@ denominators, so training goes on as it would have on the masked network, only c
 floating-point summation order).  Criteria that read the posteriors (BMRS, E[θ], SNR) decide the same
 either way; L2 norms differ, since weights that read removed inputs are no longer part of them.
 
-How the positions are found: a float64 copy of the network has every parameter and buffer replaced by
-its own flat element index (1 + i·2⁻⁴⁰, exact), its noise by θ = mask, and is compacted; what survives
-in each tensor names the original elements that stay.
+Which structures go is :func:`bmrs.compaction.plan`'s answer: its kept indices cut every tensor of the
+noisy model and each optimizer state tensor shaped like one.  Nothing is shrunk when the plan keeps
+every channel (a noise layer the inputs never reach, or removal would change the outputs) or would
+remove a structure its noise layer does not mask.
 
 Example:
     >>> import torch, bmrs
@@ -35,17 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..nn.attach import NOISE_ATTR, install_noise, noise_layers
-from .compact import compact
-from .fold import IncompleteCompactionWarning, map_floating
+from ..nn.attach import NOISE_ATTR, detach_noise, install_noise, noise_layers
+from .fold import IncompleteCompactionWarning
+from .planning import build
+from .surgery import keep_indices, take
 
 __all__ = ["shrink", "restore_shrunk"]
-
-_CODE_SCALE = 2.0 ** -40  # 1 + i·2⁻⁴⁰ is exact in float64 for i < 2⁴⁰
-
-
-def _is_noise(name: str) -> bool:
-    return NOISE_ATTR in name.split(".")
 
 
 def _noise_prefix(name: str) -> str:
@@ -57,66 +53,22 @@ def _tensors_of(model: nn.Module) -> list[tuple[str, Tensor]]:
     return list(model.named_parameters()) + list(model.named_buffers())
 
 
-def _kept_elements(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, dict[str, Tensor]] | None:
-    """The compacted index-coded copy and, per parameter/buffer name, the flat original indices kept.
-
-    None when some kept element's origin cannot be told (see ``_complete``): then nothing is shrunk.
-    """
-    coded = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for name, tensor in _tensors_of(coded):
-            if not _is_noise(name) and tensor.is_floating_point():
-                tensor.copy_(1.0 + torch.arange(tensor.numel(), dtype=torch.float64).reshape(tensor.shape)
-                             * _CODE_SCALE)
-        for _, noise in noise_layers(coded):
-            theta = noise.mask.clone()
-            if not bool(theta.any()):  # compact keeps one channel of an emptied layer: keep it coded
-                theta[-1] = 1.0
-            noise.expected_theta = theta.clone  # fold θ = mask: codes pass unchanged or become 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        small = compact(coded, map_floating(example_inputs, Tensor.double), fast_layers=False)
-    if any(issubclass(w.category, IncompleteCompactionWarning) for w in caught):
-        return None  # compaction fell back to keeping channels it could not work out: nothing to shrink safely
-    kept, partial = {}, {}
-    for name, tensor in _tensors_of(small):
-        if tensor.is_floating_point():
-            codes = torch.round((tensor.detach().reshape(-1) - 1.0) / _CODE_SCALE).long()
-            if bool((codes >= 0).all()):
-                kept[name] = codes
-            else:
-                partial[name] = (codes, tensor.shape)
-    originals = dict(_tensors_of(model))
-    for name, (codes, shape) in partial.items():
-        complete = _complete(codes, originals[name].shape, shape, name, kept)
-        if complete is None:
-            return None
-        kept[name] = complete
-    return small, kept
+def _kept_elements(model: nn.Module, example_inputs: Any) -> dict[str, list] | None:
+    """{tensor name: per axis the indices kept} from the model's compaction plan; None when the plan
+    keeps every channel or names a tensor the noisy model does not have (nothing is shrunk then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteCompactionWarning)  # shrink says so by shrinking nothing
+        the_plan = build(model, example_inputs, "shrink")[0]
+    if the_plan.incomplete is not None or the_plan.unreached:
+        return None
+    names = {name for name, _ in _tensors_of(model)}
+    if any(name not in names for name in the_plan.kept):
+        return None  # folding gave a norm affine parameters it did not have: no place for them here
+    return the_plan.kept
 
 
-def _complete(codes: Tensor, old_shape, new_shape, name: str, kept: dict[str, Tensor]) -> Tensor | None:
-    """Origins of a tensor some of whose kept elements were zeroed (masked channels compact kept).
-
-    Removing channels keeps a product of per-axis index sets, so each axis' set is read off the valid
-    codes; an axis left short borrows the set of a same-sized 1-d sibling (a BatchNorm's running
-    statistics, which folding never scales).  None if that does not determine it.
-    """
-    valid = codes[codes >= 0]
-    coords = torch.stack(torch.unravel_index(valid, tuple(old_shape))) if valid.numel() else None
-    axes = []
-    for axis, size in enumerate(new_shape):
-        found = torch.unique(coords[axis]) if coords is not None else torch.empty(0, dtype=torch.long)
-        if found.numel() != size and len(new_shape) == 1:
-            owner = name.rsplit(".", 1)[0]
-            siblings = [v for k, v in kept.items() if k.rsplit(".", 1)[0] == owner and v.numel() == size]
-            found = siblings[0] if siblings else found
-        if found.numel() != size:
-            return None
-        axes.append(found)
-    grid = torch.meshgrid(*axes, indexing="ij")
-    strides = torch.tensor(old_shape).flip(0).cumprod(0).flip(0).tolist()[1:] + [1]
-    return sum(g.reshape(-1) * stride for g, stride in zip(grid, strides))
+def _out_axis(layer: nn.Module) -> int:
+    return 1 if getattr(layer, "transposed", False) else 0
 
 
 @torch.no_grad()
@@ -134,34 +86,26 @@ def shrink(model: nn.Module, example_inputs: Any,
         return model, optimizer
     if any(noise.producer is None for _, noise in layers):
         return model, optimizer  # a layer not tied to one Conv/Linear: its kept structures are unknown
-    found = _kept_elements(model, example_inputs)
-    if found is None:
+    kept = _kept_elements(model, example_inputs)
+    if not kept:
         return model, optimizer
-    small, kept = found
-    originals = dict(_tensors_of(model))
-    changed = False
-    for name, tensor in _tensors_of(small):
-        source = originals[name]
-        if name in kept:
-            changed |= kept[name].numel() != source.numel()
-            value = source.detach().reshape(-1)[kept[name].to(source.device)].reshape(tensor.shape)
-        else:
-            value = source.detach()
-        tensor.data = value.clone().to(source.dtype)
-        if isinstance(tensor, nn.Parameter):
-            tensor.requires_grad_(source.requires_grad)
-    if not changed:
-        return model, optimizer
-    device = next(model.parameters()).device
-    small = small.to(device)
+    small = copy.deepcopy(model)
+    detach_noise(small)
+    keep_indices(small, kept)
     narrowed = []
     for name, noise in layers:
         producer = small.get_submodule(noise.producer)
-        rows = kept[f"{noise.producer}.weight"] // (originals[f"{noise.producer}.weight"][0].numel())
-        keep = torch.unique_consecutive(rows).to(noise.mask.device)
-        narrowed.append((small.get_submodule(name), noise.narrowed(keep)))
-        if producer.weight.shape[0] != keep.numel():
+        axes = kept.get(f"{noise.producer}.weight")
+        axis = _out_axis(producer)
+        keep = (torch.arange(noise.num_features) if axes is None or axes[axis] is None else axes[axis])
+        keep = keep.to(noise.mask.device)
+        if producer.weight.shape[axis] != keep.numel():
             raise ModelError(f"shrink: could not map the structures of noise layer {name!r}")
+        dropped = torch.ones_like(noise.mask, dtype=torch.bool)
+        dropped[keep] = False
+        if bool(noise.mask[dropped].any()):
+            return model, optimizer  # the plan removes an unmasked (all-zero) structure: keep training it
+        narrowed.append((small.get_submodule(name), noise.narrowed(keep)))
     install_noise(small, narrowed)
     small.train(model.training)
     return small, (None if optimizer is None else _sliced_optimizer(optimizer, model, small, kept, layers))
@@ -197,7 +141,7 @@ def _slice_like(value, old: Tensor, new: Tensor, name: str, kept, noise_rows):
     if not isinstance(value, Tensor) or value.shape != old.shape or old.shape == new.shape:
         return value.clone() if isinstance(value, Tensor) else value
     if name in kept:
-        return value.reshape(-1)[kept[name].to(value.device)].reshape(new.shape).clone()
+        return take(value, kept[name]).clone()
     return value[noise_rows[name.rsplit(".", 1)[0]].to(value.device)].clone()
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["channel_multiplier", "scale_out", "scale_in", "scale_affine"]
+from ..errors import ModelError
+
+__all__ = ["channel_multiplier", "scale_out", "scale_in", "scale_affine", "take", "keep_indices"]
 
 
 def channel_multiplier(layer: nn.Module, values: Tensor, side: str) -> Tensor:
@@ -70,3 +72,49 @@ def _mark_affine(norm: nn.Module) -> None:
         norm.elementwise_affine = True
     else:
         norm.affine = True
+
+
+def take(tensor: Tensor, axes) -> Tensor:
+    """``tensor`` cut to the given indices along each axis (None: the whole axis)."""
+    for axis, index in enumerate(axes):
+        if index is not None:
+            tensor = tensor.index_select(axis, index.to(tensor.device))
+    return tensor
+
+
+@torch.no_grad()
+def keep_indices(model: nn.Module, kept: dict) -> None:
+    """Cut ``model``'s tensors in place to ``kept`` ({tensor name: per axis the indices kept, or None})
+    and update the sizes their modules record (Linear, Conv, BatchNorm, PReLU)."""
+    by_module: dict[str, dict] = {}
+    for name, axes in kept.items():
+        prefix, _, attr = name.rpartition(".")
+        by_module.setdefault(prefix, {})[attr] = axes
+    for prefix, attrs in by_module.items():
+        module = model.get_submodule(prefix)
+        for attr, axes in attrs.items():
+            old = getattr(module, attr)
+            value = take(old.detach(), axes).clone()
+            setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter) else value)
+        _update_sizes(module, prefix)
+
+
+def _update_sizes(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        rows, cols = module.weight.shape[:2]
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:  # depthwise
+            module.groups = rows
+        if module.transposed:
+            module.in_channels, module.out_channels = rows, cols * module.groups
+        else:
+            module.out_channels, module.in_channels = rows, cols * module.groups
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+    else:
+        raise ModelError(f"cannot narrow {name or '<root>'!r} ({type(module).__name__}): only Linear, Conv, "
+                         "BatchNorm and PReLU layers have their channels removed; please report it")

@@ -108,6 +108,7 @@ class Trace:
 
     def __init__(self, model: nn.Module, example_inputs: Any):
         self.calls: dict[nn.Module, ModuleCall] = {}
+        self.names = {module: name for name, module in model.named_modules()}
         self.output_fns: set = set()  # grad_fns of the model's output tensors
         handles = []
         for module in model.modules():
@@ -167,7 +168,7 @@ class Trace:
     def label(self, node) -> str:
         """A readable name for a graph node: the module's class and name, or the autograd op."""
         if self.is_module_node(node):
-            return f"{type(node.module).__name__} {self.graph._module2name.get(node.module, '')!r}"
+            return f"{type(node.module).__name__} {self.names.get(node.module, '')!r}"
         return f"the {op_name(node.grad_fn) or type(node.module).__name__} operation"
 
     def input_node(self, module: nn.Module):
