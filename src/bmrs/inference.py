@@ -7,7 +7,7 @@ with the same parameters, state dict and outputs; under autograd, on other devic
 ONNX export they run the torch layer's code.  (``compact(..., fast_layers=True)``, its default today,
 does the same before returning.)
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> net = bmrs.attach(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
     ...                                       torch.nn.Flatten(), torch.nn.Linear(16, 2)))
@@ -41,7 +41,7 @@ def optimize(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHANNEL_PRO
     for a model that is not an ``nn.Module`` or still has noise layers (compact it first), and
     :class:`bmrs.errors.ConfigError` for a negative ``max_channel_product``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = optimize(torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Tanh()))
         >>> [type(m).__name__ for m in net]

@@ -1,6 +1,6 @@
 """Physical compaction: fold trained noise into the weights, remove pruned structures, count the savings.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.compaction import compact, compression_report
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))

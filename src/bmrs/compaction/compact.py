@@ -17,7 +17,7 @@ channel of a group could go, one (all-zero) channel is kept.  The result is chec
 model on the example inputs.  What is removed is recorded as a plan (:func:`bmrs.compaction.plan`);
 which channels can go is worked out in :mod:`bmrs.compaction.removal`.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.compaction import compact
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
@@ -54,7 +54,7 @@ def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> 
     fails on it (naming the noise layer; ``fold_noise`` folds without removing channels).  If removing
     channels would change the outputs, warns (IncompleteCompactionWarning) and keeps every channel.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.compaction import compact
         >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),

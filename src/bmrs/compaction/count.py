@@ -5,7 +5,7 @@ the batch size): multiply-accumulates of Conv/Linear/MultiheadAttention modules 
 element for activation, normalisation and pooling modules.  Operations written as plain functions
 (``torch.matmul``, ``F.relu`` …) are not counted, and noise layers count zero.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.compaction import count
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -44,7 +44,7 @@ def count_params(model: nn.Module) -> int:
 def count(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """``{"params", "macs", "flops"}`` of ``model`` on ``example_inputs``; flops = 2·macs, per example.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bmrs.compaction import count
         >>> count(torch.nn.Linear(10, 5), torch.randn(1, 10))
@@ -104,7 +104,7 @@ def compression_report(before_model: nn.Module, after_model: nn.Module, example_
     ``parameter_compression_pct`` = 100·(1 − params_after / params_before), likewise
     ``flops_removed_pct`` for FLOPs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from bmrs.compaction import compression_report
         >>> x = torch.randn(1, 10)

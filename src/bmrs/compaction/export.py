@@ -5,7 +5,7 @@ to 1e−5 (relative to their largest magnitude), or :class:`bmrs.errors.ModelErr
 differs.  The fast inference layers take PyTorch's own path while being traced, so the exported
 graph holds only standard operators.  ONNX needs the ``export`` extra (onnx, onnxscript, onnxruntime).
 
-Example:
+Examples:
     small = bmrs.compact(model, x)
     export(small, x, "small.pt2")        # torch.export.load("small.pt2").module()(x)
     export(small, x, "small.onnx")       # onnxruntime.InferenceSession("small.onnx")
@@ -83,7 +83,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
     """Write ``model`` to ``path`` as .pt2 or .onnx (``format``, else the file's suffix); returns the largest
     relative difference of the reloaded export's outputs from the model's (≤ 1e−5, else ModelError).
 
-    Example:
+    Examples:
         err = export(small, torch.randn(1, 1, 32, 32), "lenet5-small.onnx")
     """
     path = Path(path)

@@ -23,7 +23,7 @@ torch layer otherwise — under autograd, ``torch.compile``, tracing and ONNX ex
 and dtypes — so outputs are those of the torch layer (to float32 rounding for the convolution, the
 linear layer and within a few ulps for tanh, bit for bit for the pooling).
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.compaction import use_fast_layers
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
@@ -74,7 +74,7 @@ class NarrowConv2d(nn.Conv2d):
     Takes the fast path for stride 1, dilation 1, one group, zero (or no) padding and a 4-D float32
     CPU input when no gradient is needed; any other call is ``nn.Conv2d.forward``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> conv = NarrowConv2d.from_conv(torch.nn.Conv2d(1, 2, 5, padding=2))
         >>> x = torch.randn(3, 1, 28, 28)
@@ -129,7 +129,7 @@ class TiledMaxPool2d(nn.MaxPool2d):
     does).  NaN propagates as in ``max_pool2d``.  Any other configuration, or a call that needs
     gradients, is ``nn.MaxPool2d.forward``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> pool = TiledMaxPool2d(2)
         >>> x = torch.randn(2, 3, 7, 8)
@@ -172,7 +172,7 @@ def aligned_width(out_features: int) -> int:
     itself.  Measured at batch 256 over widths 1-80 (MKL on AVX-512): padding those widths cut the time
     by 10-60%, where padding a multiple of 8, or 1-2 past a multiple of 16, cost up to 20% more.
 
-    Example:
+    Examples:
         >>> [aligned_width(n) for n in (10, 29, 32, 40, 45, 49, 150)]
         [16, 32, 32, 40, 48, 49, 160]
     """
@@ -206,7 +206,7 @@ class AlignedLinear(nn.Linear):
     devices and dtypes, fewer rows) is ``nn.Linear.forward``.  Outputs are the ``nn.Linear``'s to float32
     rounding (the product may sum in another order).
 
-    Example:
+    Examples:
         >>> import torch
         >>> layer = AlignedLinear.from_linear(torch.nn.Linear(128, 29))
         >>> x = torch.randn(40, 128)
@@ -275,7 +275,7 @@ class FastTanh(nn.Tanh):
     within 3.5 ulps, tested to 4; torch's own is within 1).  Any other call (a gradient needed, tracing,
     compiling, other devices and dtypes, no compiled kernels) is ``nn.Tanh.forward``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(4, 5)
         >>> with torch.no_grad():
@@ -303,7 +303,7 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
     applies this to what it returns (with ``fast_layers=True``); :func:`bmrs.inference.optimize` is the
     explicit step.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.MaxPool2d(3, stride=2))
         >>> use_fast_layers(net)     # too many channels; overlapping windows

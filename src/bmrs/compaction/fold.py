@@ -18,7 +18,7 @@ The consumers and producers are found with torch-pruning's dependency graph, bui
 model once on ``example_inputs``.  The result is checked against the noisy model on those inputs and
 on random inputs of the same shapes.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.compaction import fold_noise
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
@@ -367,7 +367,7 @@ def fold_noise(model: nn.Module, example_inputs: Any) -> nn.Module:
     ``model`` itself is left unchanged.  Raises :class:`bmrs.errors.ModelError` if the model has no noise
     layers or a noise layer sits where it cannot be folded exactly.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.compaction import fold_noise
         >>> cnn = bmrs.attach(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),

@@ -54,7 +54,7 @@ def fold_head_gates(model: nn.Module) -> dict[str, tuple[int, int]]:
     Returns {attention module name: (heads before, heads after)}.  A module keeps at least one head
     (all zero when every head was pruned), as compaction never empties a layer.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.models.vit import Attention
         >>> attn = bmrs.attach(torch.nn.Sequential(Attention(dim=8, heads=2)), targets=["0"])

@@ -6,7 +6,7 @@ kept indices along each axis that shrinks, the folded per-structure scales E[θ]
 why.  :func:`apply` performs a plan on the model; ``compact`` is plan + apply; ``shrink`` cuts the
 noisy model (and the optimizer's state) to the plan's kept indices.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.compaction import apply, plan
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))
@@ -65,7 +65,7 @@ def plan(model: nn.Module, example_inputs: Any) -> CompactionPlan:
 
     ``model`` is not modified.  Raises :class:`bmrs.errors.ModelError` as ``compact`` does.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
         >>> bmrs.noise_layers(mlp)[0][1].mask[2:] = 0
@@ -116,7 +116,7 @@ def apply(plan: CompactionPlan, model: nn.Module) -> nn.Module:
     Raises :class:`bmrs.errors.ModelError` if ``model``'s noise (masks, posteriors) is not the one the
     plan was made for, or the result does not compute what ``model`` computes.
 
-    Example:
+    Examples:
         >>> import torch, bmrs
         >>> from bmrs.compaction import compact
         >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))

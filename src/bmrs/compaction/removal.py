@@ -5,7 +5,7 @@ A channel is removed only when removing it provably leaves the function unchange
 :mod:`bmrs.compaction.compact`).  Every removal is recorded per tensor: the original indices kept along
 each axis that shrank.
 
-Example:
+Examples:
     >>> import torch
     >>> layer = torch.nn.Linear(3, 2)
     >>> with torch.no_grad():

@@ -15,7 +15,7 @@ noisy model and each optimizer state tensor shaped like one.  Nothing is shrunk 
 every channel (a noise layer the inputs never reach, or removal would change the outputs) or would
 remove a structure its noise layer does not mask.
 
-Example:
+Examples:
     >>> import torch, bmrs
     >>> from bmrs.compaction import shrink
     >>> mlp = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)))

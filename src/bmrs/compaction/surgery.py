@@ -1,6 +1,6 @@
 """Weight surgery: scaling the output or input channels of a Conv/Linear, or a norm's affine output.
 
-Example:
+Examples:
     >>> import torch
     >>> layer = torch.nn.Linear(2, 3)
     >>> before = layer.weight.detach().clone()

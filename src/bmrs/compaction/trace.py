@@ -1,7 +1,7 @@
 """Tracing a model for compaction: torch-pruning's dependency graph plus how each module was called
 (:class:`Trace`, used by folding and by ``compact``), and helpers on example inputs and outputs.
 
-Example:
+Examples:
     >>> import torch
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> trace = Trace(mlp, torch.randn(2, 4))
@@ -30,7 +30,7 @@ OPTYPE = tp.ops.OPTYPE
 def plain_inputs(inputs: Any) -> Any:
     """Example inputs as torch-pruning takes them: any mapping (a tokenizer's ``BatchEncoding``) as a dict.
 
-    Example:
+    Examples:
         >>> from collections import UserDict
         >>> type(plain_inputs(UserDict(input_ids=1))).__name__
         'dict'

@@ -22,7 +22,7 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     """Compact the run's best model; write it with ``bmrs.save`` (``model_compact.safetensors``, reloaded by
     ``bmrs.load``) and ``compact_report.json``.
 
-    Example:
+    Examples:
         report = compact_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
         report["latency_speedup_b256"]
     """

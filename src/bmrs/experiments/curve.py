@@ -5,7 +5,7 @@ increasing fractions (masks only grow, so optional fine-tuning at one level carr
 and the test accuracy and the compacted network's parameter compression are recorded.  For
 BMRS_N and BMRS_U the point where ΔF ≥ 0 stops is recorded too: the threshold-free answer.
 
-Example:
+Examples:
     from bmrs.experiments.curve import run_curve
     result = run_curve("runs/fmnist-mlp-none-s0", ["bmrs-n", "l2"], "out", levels=11)
 """

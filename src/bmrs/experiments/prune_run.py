@@ -6,7 +6,7 @@ weights-only torch file (a ``{"state_dict": …}`` or ``{"model": …}`` wrapper
 with noise layers (trained after ``bmrs.attach``) is pruned by any criterion; a plain network only by
 weight magnitude (``--criterion l2 --amount F``), with θ = 1 so that compaction changes nothing else.
 
-Example:
+Examples:
     report = prune_checkpoint("mypkg.nets:small_cnn", "trained.safetensors", input_shape=(3, 32, 32))
     report["params_after"], report["output"]
 """
@@ -38,7 +38,7 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     """The callable named by ``"pkg.module:factory"`` (the current folder is searched first, as ``python -m``
     does); ConfigError naming what is wrong.
 
-    Example:
+    Examples:
         >>> load_factory("bmrs.models:lenet5").__name__
         'lenet5'
     """
@@ -65,7 +65,7 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"3,32,32"`` → ``(3, 32, 32)``: one example's input shape, without the batch axis.
 
-    Example:
+    Examples:
         >>> parse_shape("1, 32, 32")
         (1, 32, 32)
     """

@@ -3,7 +3,7 @@ histograms, ΔF after exact BMRS_N, the p₁ sweep and the mantissa test.
 
 Each function reads finished runs (``runs``) and writes its figure (and data) into ``out``.
 
-Example:
+Examples:
     from bmrs.experiments.reproduce_figures import mantissa_test
     mantissa_test(values)["p_value"]
 """

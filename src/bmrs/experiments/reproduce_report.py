@@ -51,7 +51,7 @@ def build_report(jobs: list[Job], runs: Path, report: Path, levels: int = 21, lo
 def check_not_fewer(report: Path, finished: int, jobs: int, runs: Path, force: bool = False) -> None:
     """ConfigError if ``report`` was built from more finished runs than ``finished`` (and not ``force``).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> check_not_fewer(Path(tempfile.mkdtemp()), 0, 78, Path("runs"))  # no report yet: nothing to lose
     """

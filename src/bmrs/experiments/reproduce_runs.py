@@ -6,7 +6,7 @@ can be continued across days.  L2 prunes, at every epoch, as many structures as 
 (the public code's ΔF, ``bmrs-n-published``) did in the run with the same network and seed, as in
 the paper; it waits for that run.
 
-Example:
+Examples:
     jobs = grid_jobs("runs/reproduce", seeds=[0, 1, 2])
     run_jobs(jobs, workers=2)
 """
@@ -101,7 +101,7 @@ class Job:
     """One run of the grid: its TrainConfig's settings (keyword arguments) and its folder.  A job that follows
     another run (``depends_on``: L2 after BMRS_N) gets its ``amount_schedule`` from that run once it has finished.
 
-    Example:
+    Examples:
         >>> job = Job("mlp", "none", 0, Path("runs/mlp/none/seed0"), {"model": "mlp", "criterion": "none"})
         >>> job.train_config().criterion, job.command()[5:]
         ('none', ['--model', 'mlp', '--criterion', 'none', '--output', 'runs/mlp/none/seed0', '--resume'])

@@ -1,7 +1,7 @@
 """The Fashion-MNIST report's tables: mean ± std over seeds beside the paper, agreement, the compression goal,
 exploratory runs, the cost of the noise layers and the schedule, as Markdown and CSV.
 
-Example:
+Examples:
     from bmrs.experiments.reproduce_tables import aggregate
     aggregate([{"network": "mlp", "method": "none", "compression": 0.0, "accuracy": 88.0}])
 """

@@ -1,6 +1,6 @@
 """Wall-clock latency: median over repeats after warm-up, and two functions timed side by side.
 
-Example:
+Examples:
     >>> import torch
     >>> from bmrs.experiments.timing import median_latency, alternating_times
     >>> seconds = median_latency(torch.nn.Linear(8, 8), torch.randn(4, 8), repeats=5)

@@ -3,7 +3,7 @@
 ``TrainConfig`` and ``bmrs train``'s options (``training.options``) import no torch; the engine's names load
 their modules on first use (PEP 562), so that ``bmrs --help`` builds its options from ``TrainConfig`` fast.
 
-Example:
+Examples:
     >>> from bmrs.training import TrainConfig, train
     >>> train.__module__
     'bmrs.training.run'

@@ -34,7 +34,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     """``value`` if it is an integer in [low, high] (default: ``LIMITS[name]``), else a ConfigError naming ``name``
     (its ``field``).  The one range check of every integer option and every integer read back from a run.
 
-    Example:
+    Examples:
         >>> check_int("hidden", 150)
         150
         >>> check_int("hidden", 10**16)
@@ -53,7 +53,7 @@ def check_float(name: str, value, low: float = 0.0, high: float = math.inf, *, l
     """``value`` if it is a finite number in (low, high] (``low_open=False``: [low, high]), else a ConfigError
     naming ``name``.
 
-    Example:
+    Examples:
         >>> check_float("lr", 1e-3)
         0.001
         >>> check_float("lr", float("nan"))
@@ -89,7 +89,7 @@ class TrainConfig:
     every pruning step (``bmrs.compaction.shrink``), so that later epochs cost less.  The checkpoint with the best
     validation accuracy after the last pruning step is the one tested.
 
-    Example:
+    Examples:
         >>> from bmrs.training import TrainConfig
         >>> TrainConfig(model="mlp", criterion="bmrs-u", p1=4, epochs=2, finetune_epochs=1).total_epochs
         3
@@ -277,7 +277,7 @@ def comparable_settings(config: dict) -> dict:
     """The settings a resumed or re-reported run must share (a config dict from a checkpoint or metrics.json);
     a key that an older run lacks takes what runs did before it existed (LEGACY_DEFAULTS), else its default.
 
-    Example:
+    Examples:
         >>> comparable_settings({"lr": 0.1})["kl_weight"], "threads" in comparable_settings({})
         (1.0, False)
     """

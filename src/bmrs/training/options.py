@@ -2,7 +2,7 @@
 help are stated once, on the field (its metadata); the command line and the reproduction's jobs read them here.
 Torch-free, so that ``bmrs --help`` stays fast.
 
-Example:
+Examples:
     >>> import argparse
     >>> parser = argparse.ArgumentParser()
     >>> _ = add_train_arguments(parser)
@@ -31,7 +31,7 @@ GROUPS = ("data", "network and pruning", "schedule", "running")
 def int_list(text: str) -> list[int]:
     """``"3,0,2"`` → ``[3, 0, 2]``: non-negative integers, comma-separated (an argparse ``type``).
 
-    Example:
+    Examples:
         >>> int_list("3, 0,2")
         [3, 0, 2]
     """
@@ -57,7 +57,7 @@ def _option_fields() -> list[dataclasses.Field]:
 def option_name(field: str) -> str:
     """The ``bmrs train`` option that sets TrainConfig's ``field`` (``--FIELD-NAME`` unless it says otherwise).
 
-    Example:
+    Examples:
         >>> option_name("batch_size"), option_name("kl_reduction"), option_name("noise")
         ('--batch-size', '--kl', '--no-noise')
     """

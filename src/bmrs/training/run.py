@@ -4,7 +4,7 @@ Every epoch ends with an atomic checkpoint; ``resume=True`` continues a killed r
 same result as an uninterrupted one (each epoch reseeds from (seed, epoch), so a partly finished
 epoch is simply redone).
 
-Example:
+Examples:
     from bmrs.training import TrainConfig, train
     cfg = TrainConfig(model="mlp", criterion="bmrs-n", epochs=1, finetune_epochs=1, train_subset=512)
     metrics = train(cfg, "runs/example")
@@ -141,7 +141,7 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
     Returns the metrics dictionary (also written to ``output/metrics.json``); under torchrun, rank 0
     returns it and the other ranks return an empty dict.
 
-    Example:
+    Examples:
         config = TrainConfig(model="mlp", criterion="bmrs-u", p1=4, epochs=50, finetune_epochs=10)
         metrics = train(config, "runs/mlp-bmrs-u-4", resume=True)
         print(metrics["test_accuracy"], metrics["parameter_compression_pct"])
