@@ -141,6 +141,7 @@ def run(args) -> dict:
     counts = structure_summary(student)
     result = {
         "settings": vars(args), "sentences": {"train": len(train), "held_out": len(held_out), "corpus": len(texts)},
+        "hidden_size": teacher.config.hidden_size, "head_dim": teacher.config.hidden_size // teacher.config.num_attention_heads,
         "params_before": count_params(teacher), "params_after": count_params(small), "embedding_params": embeddings,
         "structures_pruned_pct": bmrs.pruning.structure_counts(student).pruned_pct, **counts, "stayed": stayed,
         "cosine_mean": float(cosine.mean()), "cosine_p05": float(cosine.quantile(0.05)),
@@ -181,6 +182,9 @@ def markdown(result: dict) -> str:
     heads, heads_total = sum(result["heads_kept"]), sum(result["heads_total"])
     units, units_total = sum(result["ffn_kept"]), sum(result["ffn_total"])
     before, after, emb = result["params_before"], result["params_after"], result["embedding_params"]
+    width, head_dim = result.get("hidden_size", 384), result.get("head_dim", 32)
+    head, unit = 4 * width * head_dim + 3 * head_dim, 2 * width + 1  # q, k, v rows (+ biases), o columns; fc rows + fc2 columns
+    pruned_params = (heads_total - heads) * head + (units_total - units) * unit
     return "\n".join([
         "# all-MiniLM-L6-v2 pruned by BMRS_N",
         "",
@@ -202,9 +206,12 @@ def markdown(result: dict) -> str:
         f"| CPU latency, batch {lat['batch']} × {lat['tokens']} tokens, {lat['threads']} threads | "
         f"{lat['original']:.1f} ms | {lat['compacted']:.1f} ms (×{lat['speedup']:.2f}) |",
         "",
-        f"Structures pruned: {result['structures_pruned_pct']:.1f}%. Parameters after ÷ before = {after / before:.3f}, "
-        f"against (1 − the pruned share of structures) + the embeddings' share = "
-        f"{1 - result['structures_pruned_pct'] / 100 + emb / before:.3f}: every pruned head and FFN unit is removed "
+        f"Structures pruned: {result['structures_pruned_pct']:.1f}% ({heads_total - heads} heads, {units_total - units:,} "
+        f"FFN units). A head holds {head:,} parameters (its query, key and value rows and output columns) and an FFN "
+        f"unit {unit:,}, so counting structures alike says little about parameters: (1 − the pruned share of "
+        f"structures) + the embeddings' share = {1 - result['structures_pruned_pct'] / 100 + emb / before:.3f}, "
+        f"while parameters after ÷ before = {after / before:.3f} = 1 − (the pruned structures' parameters ÷ all) = "
+        f"{1 - pruned_params / before:.3f}: every pruned structure's parameters are removed, and nothing else "
         f"({result.get('stayed', 0)} pruned structures stayed).",
         "",
         f"Held-out sentences ({result['sentences']['held_out']:,}): cosine to the original embeddings "
