@@ -244,12 +244,12 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
 def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as safetensors (no pickle), atomically, with optional string ``metadata`` and the
-    tensors' sha256 (``metadata["sha256"]``, which :func:`load_state_dict_file` checks)."""
+    tensors' sha256 (``metadata["sha256"]``, set here; :func:`read_safetensors` checks it)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     metadata = dict(metadata or {})
-    metadata.setdefault("sha256", tensor_digest(tensors))
+    metadata["sha256"] = tensor_digest(tensors)
     data = save(tensors, metadata)  # bytes: safetensors' own save_file leaves a temporary of its own when killed
 
     write_bytes(path, data)

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, ModelError, first_line
-from .io import tensor_digest
 
 __all__ = ["save", "load", "read_description"]
 
@@ -66,12 +65,10 @@ def save(model: nn.Module, path: str | Path, builder: dict | None = None) -> Non
         raise ConfigError(f"save expects an nn.Module, got {type(model).__name__}")
     if builder is not None and (not isinstance(builder, dict) or not isinstance(builder.get("name"), str)):
         raise ConfigError("builder must be a dict with the built-in model's 'name' and its keyword arguments")
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     modules = {name: {"type": f"{type(m).__module__}.{type(m).__qualname__}", "sizes": _size_attributes(m)}
                for name, m in model.named_modules()}
-    metadata = {"format": FORMAT, "modules": json.dumps(modules), "sha256": tensor_digest(state),
-                "builder": json.dumps(builder)}
-    save_state_dict(path, state, metadata)
+    metadata = {"format": FORMAT, "modules": json.dumps(modules), "builder": json.dumps(builder)}
+    save_state_dict(path, model.state_dict(), metadata)  # (adds the weights' sha256)
 
 
 def read_description(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -72,14 +72,14 @@ def fold_head_gates(model: nn.Module) -> dict[str, tuple[int, int]]:
         scale = theta.repeat_interleave(layout.head_dim)
         layout.out.weight.mul_(scale)
         keep = [h for h in range(layout.heads) if float(theta[h]) != 0.0] or [0]
-        if len(keep) < layout.heads and layout.keep_heads is not None:
-            layout.keep_heads(keep)
-        elif len(keep) < layout.heads:
-            for linear, rows in _rows(layout, keep).values():
-                _keep_rows(linear, rows)
-            for module, attr, factor in layout.counters:
-                setattr(module, attr, len(keep) * factor)
         if len(keep) < layout.heads:
+            if layout.keep_heads is not None:  # a module that removes its own query/key/value rows
+                layout.keep_heads(keep)
+            else:
+                for linear, rows in _rows(layout, keep).values():
+                    _keep_rows(linear, rows)
+                for module, attr, factor in layout.counters:
+                    setattr(module, attr, len(keep) * factor)
             _keep_columns(layout.out, [h * layout.head_dim + i for h in keep for i in range(layout.head_dim)])
         _remove_gate(host, layout.out)
         make_plain(host)  # an nn.MultiheadAttention that kept every head is one again
