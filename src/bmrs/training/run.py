@@ -17,6 +17,7 @@ import os
 import warnings
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -150,8 +151,43 @@ def train(config: TrainConfig, output: str | Path, *, resume: bool = False, prog
         return _train(config, output, resume, progress, log, data)
 
 
+@dataclass
+class _Run:
+    """What a run works with between epochs: explicit state that ``_train``'s steps hand to each other."""
+
+    config: TrainConfig
+    output: Path
+    device: torch.device
+    dist: object  # a DistContext
+    log: Callable[[str], None]
+    progress: bool
+    data: object  # a bmrs.data Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: nn.Module  # the model, or its DDP wrapper
+    example: torch.Tensor  # two training inputs: traces the network when shrinking it
+    diverge_above: float  # from the untrained network (the same on resume)
+    criterion: Criterion | None
+    start: int = 1  # the first epoch to train
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0, "state": None})
+    masked_after_shrink: int = 0  # masked structures that a shrink left in place (it may keep some)
+
+
 def _train(config: TrainConfig, output: str | Path, resume: bool, progress: bool, log: Callable[[str], None],
            data) -> dict:
+    run = _prepare(config, Path(output), progress, log, data)
+    _start_or_resume(run, resume)
+    for epoch in range(run.start, config.total_epochs + 1):
+        _run_epoch(run, epoch)
+    run.dist.barrier()
+    if not run.dist.is_main:
+        return {}
+    return finish(config, run.output, run.model, run.best, run.history, run.data, run.device, run.log)
+
+
+def _prepare(config: TrainConfig, output: Path, progress: bool, log: Callable[[str], None], data) -> _Run:
+    """Device, processes, data, network, optimizer and criterion of a run (before any checkpoint is read)."""
     from ..data import load_dataset
 
     device = resolve_device(config.device)
@@ -161,9 +197,6 @@ def _train(config: TrainConfig, output: str | Path, resume: bool, progress: bool
     if dist.is_main:
         check_writable(output)
         remove_stale_temporaries(output)  # half-written files of a process killed mid-write
-    output = Path(output)
-    if not dist.is_main:
-        log = _silent
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.compile:
@@ -177,85 +210,93 @@ def _train(config: TrainConfig, output: str | Path, resume: bool, progress: bool
         from .. import _kernels
         _kernels.get()  # build (or load) the fused kernels now, with a message, not inside the first step
     model = build_for(config, data.in_channels, data.num_classes).to(device)
-    diverge_above = divergence_bound(model, data.train, device)  # from the untrained network (same on resume)
-    example = data.train.tensors[0][:2].to(device)  # traces the network when shrinking it
-    optimizer = engine_optimizer(model, config, len(data.train))
-    criterion = _criterion(config)
-    prune_epochs = _prune_epochs(config)
-    eligible_from = prune_epochs[-1] if prune_epochs else 1
+    return _Run(config=config, output=output, device=device, dist=dist, log=log if dist.is_main else _silent,
+                progress=progress and dist.is_main, data=data, model=model,
+                optimizer=engine_optimizer(model, config, len(data.train)), forward=model,
+                example=data.train.tensors[0][:2].to(device),
+                diverge_above=divergence_bound(model, data.train, device), criterion=_criterion(config))
 
-    ckpt_path = output / CHECKPOINT
-    start, history = 1, []
-    best = {"val_accuracy": -1.0, "epoch": 0, "state": None}
-    if (output / METRICS).exists() and not ckpt_path.exists():
-        raise ConfigError(f"{output} holds a finished run (metrics.json) without its checkpoint; choose another "
+
+def _start_or_resume(run: _Run, resume: bool) -> None:
+    """Continue from the run folder's checkpoint (``resume``), or check that there is none to overwrite."""
+    ckpt_path = run.output / CHECKPOINT
+    if (run.output / METRICS).exists() and not ckpt_path.exists():
+        raise ConfigError(f"{run.output} holds a finished run (metrics.json) without its checkpoint; choose another "
                           "--output, or delete metrics.json to train there again")
     if resume and ckpt_path.exists():
-        state, model, optimizer = restore(ckpt_path, config, model, example, len(data.train))
-        resume_threads(state.get("threads"), config.threads, log)
-        start, history = state["epoch"] + 1, state["history"]
-        best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
-                "state": state["best_state"]}
-        log(f"resuming {output} after epoch {state['epoch']}")
+        state, run.model, run.optimizer = restore(ckpt_path, run.config, run.model, run.example, len(run.data.train))
+        resume_threads(state.get("threads"), run.config.threads, run.log)
+        run.start, run.history = state["epoch"] + 1, state["history"]
+        run.best = {"val_accuracy": state["best_val_accuracy"], "epoch": state["best_epoch"],
+                    "state": state["best_state"]}
+        run.log(f"resuming {run.output} after epoch {state['epoch']}")
     elif ckpt_path.exists() and not resume:
-        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
-    dist.barrier()  # no rank may see a checkpoint that rank 0 writes before all have looked
-    forward = dist.wrap(model, device)
-    masked_after_shrink = 0  # masked structures that a shrink left in place (it may keep some)
+        raise ConfigError(f"{run.output} already holds a run; pass --resume to continue it or choose another --output")
+    run.dist.barrier()  # no rank may see a checkpoint that rank 0 writes before all have looked
+    run.forward = run.dist.wrap(run.model, run.device)
 
-    for epoch in range(start, config.total_epochs + 1):
-        frozen = config.finetune == "deterministic" and epoch > config.epochs
-        if frozen and dist.active and any(p.requires_grad for _, n in noise_layers(model) for p in n.parameters()):
-            # DDP expects a gradient for every parameter that requires one: the frozen noise gets none
-            for _, noise in noise_layers(model):
-                noise.requires_grad_(False)
-            forward = dist.wrap(model, device)
-        torch.manual_seed(epoch_seed(config.seed, epoch))
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-        t0 = time.perf_counter()
-        try:
-            stats = train_epoch(model, optimizer, data.train, batch_size=config.batch_size, generator=generator,
-                                kl_reduction=config.kl_reduction, kl_weight=config.kl_weight, device=device,
-                                progress=progress and dist.is_main, desc=f"epoch {epoch}/{config.total_epochs}",
-                                dist=dist, forward=forward, freeze_noise=frozen, diverge_above=diverge_above)
-        except TrainingError as err:
-            kept = (f"{output / CHECKPOINT} keeps epoch {epoch - 1}" if ckpt_path.exists() else "nothing was saved")
-            raise TrainingError(f"{err}; {kept}: start again with other settings in a new --output (or delete "
-                                f"{output})") from None
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
-        if epoch in prune_epochs:
-            t1 = time.perf_counter()
-            record.update(_prune_step(model, criterion, config, prune_epochs.index(epoch), data, device))
-            dist.broadcast_masks(model)
-            # shrink when masks changed since the last shrink (read after the broadcast: same on every rank)
-            if config.shrink and _masked_in_place(model) > masked_after_shrink:
-                model, optimizer = shrink(model, example, optimizer)
-                forward = dist.wrap(model, device)
-                masked_after_shrink = _masked_in_place(model)
-            record["prune_seconds"] = time.perf_counter() - t1
-        dist.check_agreement(model, f"epoch {epoch}")
-        val = evaluate(model, data.val, device=device)
-        record["val_accuracy"] = val["accuracy"]
-        record["structures_pruned"] = structure_counts(model).pruned if noise_layers(model) else 0
-        history.append(record)
-        if epoch >= eligible_from and val["accuracy"] > best["val_accuracy"]:
-            best = {"val_accuracy": val["accuracy"], "epoch": epoch,
+
+def _run_epoch(run: _Run, epoch: int) -> None:
+    """Train one epoch, prune (and shrink) when it is a pruning epoch, validate, keep the best, checkpoint."""
+    config, model = run.config, run.model
+    frozen = config.finetune == "deterministic" and epoch > config.epochs
+    if frozen and run.dist.active and any(p.requires_grad for _, n in noise_layers(model) for p in n.parameters()):
+        # DDP expects a gradient for every parameter that requires one: the frozen noise gets none
+        for _, noise in noise_layers(model):
+            noise.requires_grad_(False)
+        run.forward = run.dist.wrap(model, run.device)
+    torch.manual_seed(epoch_seed(config.seed, epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+    t0 = time.perf_counter()
+    try:
+        stats = train_epoch(model, run.optimizer, run.data.train, batch_size=config.batch_size, generator=generator,
+                            kl_reduction=config.kl_reduction, kl_weight=config.kl_weight, device=run.device,
+                            progress=run.progress, desc=f"epoch {epoch}/{config.total_epochs}", dist=run.dist,
+                            forward=run.forward, freeze_noise=frozen, diverge_above=run.diverge_above)
+    except TrainingError as err:
+        kept = (f"{run.output / CHECKPOINT} keeps epoch {epoch - 1}" if (run.output / CHECKPOINT).exists()
+                else "nothing was saved")
+        raise TrainingError(f"{err}; {kept}: start again with other settings in a new --output (or delete "
+                            f"{run.output})") from None
+    seconds = time.perf_counter() - t0
+    record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
+    prune_epochs = _prune_epochs(config)
+    if epoch in prune_epochs:
+        t1 = time.perf_counter()
+        record.update(_prune_step(model, run.criterion, config, prune_epochs.index(epoch), run.data, run.device))
+        run.dist.broadcast_masks(model)
+        # shrink when masks changed since the last shrink (read after the broadcast: same on every rank)
+        if config.shrink and _masked_in_place(model) > run.masked_after_shrink:
+            run.model, run.optimizer = shrink(model, run.example, run.optimizer)
+            run.forward = run.dist.wrap(run.model, run.device)
+            run.masked_after_shrink = _masked_in_place(run.model)
+        record["prune_seconds"] = time.perf_counter() - t1
+    _validate_and_checkpoint(run, epoch, record, stats, seconds)
+
+
+def _validate_and_checkpoint(run: _Run, epoch: int, record: dict, stats: dict, seconds: float) -> None:
+    """Validate the epoch's network, keep it if it is the best eligible one, write the checkpoint, log a line."""
+    config, model = run.config, run.model
+    run.dist.check_agreement(model, f"epoch {epoch}")
+    val = evaluate(model, run.data.val, device=run.device)
+    record["val_accuracy"] = val["accuracy"]
+    record["structures_pruned"] = structure_counts(model).pruned if noise_layers(model) else 0
+    run.history.append(record)
+    prune_epochs = _prune_epochs(config)
+    eligible_from = prune_epochs[-1] if prune_epochs else 1
+    if epoch >= eligible_from and val["accuracy"] > run.best["val_accuracy"]:
+        run.best = {"val_accuracy": val["accuracy"], "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        if dist.is_main:
-            save_checkpoint(ckpt_path, {
-                "config": config.to_dict(), "epoch": epoch, "history": history,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
-                "threads": torch.get_num_threads(),  # CPU kernels sum in thread-dependent order: resume alike
-            })
-        log(f"epoch {epoch:>3}/{config.total_epochs}  loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}"
+    if run.dist.is_main:
+        save_checkpoint(run.output / CHECKPOINT, {
+            "config": config.to_dict(), "epoch": epoch, "history": run.history,
+            "model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "best_val_accuracy": run.best["val_accuracy"], "best_epoch": run.best["epoch"],
+            "best_state": run.best["state"],
+            "threads": torch.get_num_threads(),  # CPU kernels sum in thread-dependent order: resume alike
+        })
+    run.log(f"epoch {epoch:>3}/{config.total_epochs}  loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}"
             f"  val acc {val['accuracy']:.4f}  pruned {record['structures_pruned']}  ({seconds:.1f}s)")
-
-    dist.barrier()
-    if not dist.is_main:
-        return {}
-    return finish(config, output, model, best, history, data, device, log)
 
 
 def _silent(_message: str) -> None:
