@@ -24,7 +24,7 @@ import torch
 import bmrs
 from bmrs.io import write_json
 from bmrs.nn.attach import noise_layers
-from bmrs.nn.fused_layers import sample_layers
+from bmrs.nn.fused_draw import sample_layers
 from bmrs.training.optim import make_optimizer
 
 from benchmarks.step_ratio import build_model

@@ -124,7 +124,7 @@ def run(args) -> dict:
     example = tokenizer(held_out[:8], padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
     with warnings.catch_warnings(record=True) as caught:  # pruned structures compaction had to keep, if any
         warnings.simplefilter("always", bmrs.compaction.CompactionWarning)
-        small = bmrs.compact(student, example, fast_layers=False)
+        small = bmrs.compact(student, example)
     stayed = sum(count for w in caught if isinstance(w.message, bmrs.compaction.CompactionWarning)
                  for count, _ in w.message.stayed.values())
     with torch.no_grad():

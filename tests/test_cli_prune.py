@@ -124,6 +124,69 @@ def test_a_plain_checkpoint_is_pruned_by_weight_magnitude_only(folder, fashion, 
     assert small[1].out_features + small[3].out_features == 64  # half of the 128 structures
 
 
+def _lightning_checkpoint(folder, noisy_state):
+    """A checkpoint written by a real Lightning Trainer whose LightningModule holds the user's model as ``self.net``
+    (and a loss module with a buffer of its own); SGD at lr 0, so the weights are ``noisy_state``'s."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = bmrs.attach(_mlp())
+            self.net.load_state_dict(noisy_state)
+            self.loss = nn.CrossEntropyLoss(weight=torch.ones(10))
+
+        def training_step(self, batch, batch_idx):
+            return self.loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,)))
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=str(folder))
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
+    trainer.save_checkpoint(folder / "last.ckpt")
+    return folder / "last.ckpt"
+
+
+def test_a_lightning_checkpoint_with_its_key_prefix_is_pruned_as_the_bare_state_dict(folder, noisy_state, capsys):
+    checkpoint = _lightning_checkpoint(folder, noisy_state)
+    assert "net.0.weight" not in torch.load(checkpoint, weights_only=True)["state_dict"]  # (net.1: after Flatten)
+    save_file(noisy_state, str(folder / "bare.safetensors"))
+    common = ["--model", "usernets:mlp", "--input-shape", "1,32,32", "--criterion", "bmrs-n"]
+    code, _, err = _run(capsys, *common, "--checkpoint", "bare.safetensors")
+    assert code == 0, err
+    code, out, err = _run(capsys, *common, "--checkpoint", "last.ckpt", "--key-prefix", "net.")
+    assert code == 0, err
+    want, got = bmrs.load("bare-pruned.safetensors", _mlp), bmrs.load("last-pruned.safetensors", _mlp)
+    assert [t.shape for t in got.state_dict().values()] == [t.shape for t in want.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    # without the prefix: one line naming keys on both sides, and the prefix to pass
+    code, _, err = _run(capsys, *common, "--checkpoint", "last.ckpt", "--output", "none.safetensors")
+    assert code == 1 and err.startswith("bmrs: error: ") and err.count("\n") == 1, err
+    assert "missing '1.bias'" in err and "unexpected " in err and "'loss.weight'" in err
+    assert "pass --key-prefix net." in err and not (folder / "none.safetensors").exists()
+
+
+@pytest.mark.parametrize("prefix, message", [
+    ("model.", "--key-prefix 'model.': no key of "),               # no key starts with it
+    ("net", "usernets:mlp builds (missing '1.bias'"),  # '.1.bias' left
+    ("net", "unexpected '.1.bias'"),
+    ("net", "pass --key-prefix net."),
+    ("net.1.", "pass the factory that built the trained model, or --key-prefix"),
+])
+def test_a_wrong_key_prefix_is_one_line_naming_keys(folder, noisy_state, capsys, prefix, message):
+    wrapped = {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.6.0",  # as Lightning lays it out
+               "state_dict": {f"net.{key}": value for key, value in noisy_state.items()}, "optimizer_states": [],
+               "lr_schedulers": [], "callbacks": {}, "loops": {}}
+    torch.save(wrapped, folder / "wrapped.ckpt")
+    code, _, err = _run(capsys, "--model", "usernets:mlp", "--input-shape", "1,32,32", "--checkpoint", "wrapped.ckpt",
+                        "--key-prefix", prefix, "--criterion", "l2", "--amount", "0.5")
+    assert code == 1 and err.startswith("bmrs: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (folder / "wrapped-pruned.safetensors").exists()
+
+
 @pytest.mark.parametrize("argv, code, message", [
     (["--model", "usernets"], 2, "expected MODULE:FACTORY"),
     (["--model", "no_such_module_here:mlp"], 2, "cannot import no_such_module_here"),

@@ -15,7 +15,7 @@ from torch import nn
 import bmrs
 from bmrs import _kernels
 from bmrs.compaction import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
-from bmrs.compaction.fast_layers import aligned_width
+from bmrs.inference.layers import aligned_width
 
 needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason="no C++ compiler: the fallback is tested below")
 
@@ -212,6 +212,24 @@ def test_use_fast_layers_swaps_narrow_convs_and_tiling_pools_in_place():
         use_fast_layers(model, max_channel_product=-1)
 
 
+def test_counting_fast_layers_leaves_torch_prunings_counter_table_as_it_was():
+    from torch_pruning.utils import op_counter
+
+    model = lenet().eval()
+    use_fast_layers(model)
+    x = torch.randn(2, 1, 28, 28)
+    theirs = {nn.Identity: op_counter.MODULES_MAPPING[nn.ReLU]}  # a table someone else set
+    op_counter.CUSTOM_MODULES_MAPPING = theirs
+    try:
+        assert count(model, x)["macs"] > 0
+        assert op_counter.CUSTOM_MODULES_MAPPING is theirs
+        with pytest.raises(RuntimeError):  # a count that fails puts the table back too
+            count(model, torch.randn(2, 3, 28, 28))
+        assert op_counter.CUSTOM_MODULES_MAPPING is theirs
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
+
+
 def test_fast_layers_trace_and_script_through_the_torch_layers():
     model = lenet().eval()
     use_fast_layers(model)
@@ -223,14 +241,15 @@ def test_fast_layers_trace_and_script_through_the_torch_layers():
     assert "aten::_convolution" in nodes and "aten::max_pool2d" in nodes
 
 
-def test_compact_returns_fast_layers_unless_asked_not_to():
+def test_compact_returns_plain_layers_unless_asked_for_fast_ones():
     torch.manual_seed(7)
     model = bmrs.attach(nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                       nn.Linear(6 * 12 * 12, 10)))
     bmrs.noise_layers(model)[0][1].mask[2:] = 0
     x = torch.randn(3, 1, 28, 28)
-    small = compact(model, x)
-    plain = compact(model, x, fast_layers=False)
+    small = compact(model, x, fast_layers=True)
+    plain = compact(model, x)
+    assert all(type(m).__module__.startswith("torch.") for m in plain.modules())
     assert type(small[0]) is NarrowConv2d and small[0].out_channels == 2
     assert type(small[2]) is TiledMaxPool2d
     assert type(plain[0]) is nn.Conv2d and type(plain[2]) is nn.MaxPool2d

@@ -14,11 +14,12 @@ from test_compaction import make
 def test_optimize_after_compact_is_compact_with_fast_layers(family):
     case = make(family)
     model = case.model.eval()
-    plain = bmrs.compact(model, case.x, fast_layers=False)
-    fast = bmrs.compact(model, case.x)
+    plain = bmrs.compact(model, case.x)
+    assert not any(type(m).__module__.startswith("bmrs.") for m in plain.modules())  # plain torch layers
+    fast = bmrs.compact(model, case.x, fast_layers=True)
     assert bmrs.inference.optimize(plain) is plain
     assert [type(m) for m in plain.modules()] == [type(m) for m in fast.modules()]
-    assert any(type(m).__module__ == "bmrs.compaction.fast_layers" for m in plain.modules())
+    assert any(type(m).__module__ == "bmrs.inference.layers" for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(case.x_other), fast(case.x_other))
 

@@ -128,7 +128,7 @@ def test_compacted_encoder_reloads_in_a_fresh_process_and_exports(tmp_path, fres
                                  nn.Linear(16 * 5, 3))
     """))
     model, x, want = _pruned_encoder()
-    small = bmrs.compact(model, x, fast_layers=False)
+    small = bmrs.compact(model, x)
     path = tmp_path / "encoder.safetensors"
     bmrs.save(small, path)
     with torch.no_grad():

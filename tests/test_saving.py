@@ -43,13 +43,23 @@ def test_own_model_with_its_factory_and_fast_layers(tmp_path):
     torch.manual_seed(1)
     model = _pruned(bmrs.attach(_conv_net()), 0.6).eval()
     x = torch.randn(64, 3, 8, 8)
-    small = bmrs.compact(model, x)
+    plain = bmrs.compact(model, x)
+    bmrs.save(plain, tmp_path / "plain-layers.safetensors")
+    small = bmrs.inference.optimize(bmrs.compact(model, x))
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in _conv_net().parameters())
     with torch.no_grad():
         want = small(x)  # runs the fast inference layers (padded buffers) once before saving
     bmrs.save(small, tmp_path / "own.safetensors")
-    for again in (bmrs.load(tmp_path / "own.safetensors", _conv_net),
-                  bmrs.load(tmp_path / "own.safetensors", _conv_net(), fast_layers=True)):
+    # an optimized model is saved as the plain one: the same sizes, types and weights
+    fast_file, plain_file = bmrs.saving.read_description(tmp_path / "own.safetensors"), \
+        bmrs.saving.read_description(tmp_path / "plain-layers.safetensors")
+    assert fast_file[0] == plain_file[0] and "bmrs.inference" not in fast_file[0]["modules"]
+    assert all(torch.equal(fast_file[1][k], plain_file[1][k]) for k in plain_file[1])
+    loaded, fast = (bmrs.load(tmp_path / "own.safetensors", _conv_net),
+                    bmrs.load(tmp_path / "own.safetensors", _conv_net(), fast_layers=True))
+    assert not any(type(m).__module__.startswith("bmrs.") for m in loaded.modules())
+    assert [type(m) for m in fast.modules()] == [type(m) for m in small.modules()]
+    for again in (loaded, fast):
         with torch.no_grad():
             torch.testing.assert_close(again(x), want, rtol=1e-6, atol=1e-6)
     # safetensors' own save_model works on the compacted model after inference

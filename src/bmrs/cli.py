@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "against it to 1e-5; needs no bmrs to run (repeatable)")
     compact.add_argument("--batch-size", type=int, default=256, help="batch size for the latency measurement")
     compact.add_argument("--data-dir", default=None, help="dataset folder, as for train")
+    compact.add_argument("--optimize", action="store_true",
+                         help="measure the latency with the fast CPU inference layers (bmrs.inference.optimize); "
+                              "the model file is the same either way")
     rep = sub.add_parser("reproduce", help="the paper's Fashion-MNIST table, figures and open questions",
                          description="Run every method × network × seed (resumable, skipping finished runs), "
                                      "then write the results table, CSV, plots and summary.")
@@ -157,7 +160,8 @@ def _curve(args) -> int:
 def _compact(args) -> int:
     from .experiments.compact_run import compact_run
 
-    compact_run(args.run, args.output, batch_size=args.batch_size, data_dir=args.data_dir, exports=args.export)
+    compact_run(args.run, args.output, batch_size=args.batch_size, data_dir=args.data_dir, exports=args.export,
+                optimize=args.optimize)
     return 0
 
 

@@ -49,12 +49,24 @@ def _size_attributes(module: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _recorded_type(module: nn.Module) -> str:
+    """The module's class as the file records it: a fast inference layer (:mod:`bmrs.inference.layers`) as the
+    torch layer it stands for, so that a model saved after :func:`bmrs.inference.optimize` is the plain one."""
+    from .inference import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d
+
+    cls = type(module)
+    if cls in (AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d):
+        cls = cls.__bases__[0]
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def save(model: nn.Module, path: str | Path, builder: dict | None = None) -> None:
     """Write ``model``'s weights and sizes to ``path`` (safetensors; atomic).
 
     ``builder``: how to build the original network without your code, e.g. ``{"name": "lenet5",
     "in_channels": 1, "num_classes": 10, "image_size": 32}`` for :func:`bmrs.models.build_model`; then
-    :func:`load` needs only the path.
+    :func:`load` needs only the path.  A model with fast inference layers (:func:`bmrs.inference.optimize`) is
+    written as the plain one (the same weights; :func:`load` returns plain torch layers unless asked).
 
     Examples:
         bmrs.save(small, "lenet5-pruned.safetensors", builder={"name": "lenet5"})
@@ -65,8 +77,7 @@ def save(model: nn.Module, path: str | Path, builder: dict | None = None) -> Non
         raise ConfigError(f"save expects an nn.Module, got {type(model).__name__}")
     if builder is not None and (not isinstance(builder, dict) or not isinstance(builder.get("name"), str)):
         raise ConfigError("builder must be a dict with the built-in model's 'name' and its keyword arguments")
-    modules = {name: {"type": f"{type(m).__module__}.{type(m).__qualname__}", "sizes": _size_attributes(m)}
-               for name, m in model.named_modules()}
+    modules = {name: {"type": _recorded_type(m), "sizes": _size_attributes(m)} for name, m in model.named_modules()}
     metadata = {"format": FORMAT, "modules": json.dumps(modules), "builder": json.dumps(builder)}
     save_state_dict(path, model.state_dict(), metadata)  # (adds the weights' sha256)
 
@@ -140,8 +151,8 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module] | None = N
     """The model saved at ``path``, rebuilt without pickle, in eval mode.
 
     ``model``: the original (unpruned) network, or a function or class that builds it; not needed when the
-    file names a built-in builder.  ``fast_layers=True`` swaps in the fast CPU inference layers
-    (:func:`bmrs.compaction.use_fast_layers`).
+    file names a built-in builder.  The network is made of plain torch layers; ``fast_layers=True`` is the same
+    as calling :func:`bmrs.inference.optimize` on it (fast CPU inference layers).
 
     Examples:
         small = bmrs.load("lenet5-pruned.safetensors")             # saved with a builder
@@ -157,6 +168,6 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module] | None = N
         raise ModelError(f"{path}: the saved weights do not fit the network given ({first_line(err, 160)}); pass "
                          "the network the saved model was compacted from") from None
     if fast_layers:
-        from .compaction import use_fast_layers
-        use_fast_layers(network)
+        from .inference import optimize
+        optimize(network)
     return network.eval()

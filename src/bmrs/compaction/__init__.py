@@ -14,10 +14,10 @@ Examples:
 from .compact import CompactionWarning, IncompleteCompactionWarning, compact
 from .count import compression_report, count
 from .export import export
-from .fast_layers import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, use_fast_layers
 from .fold import fold_noise
 from .planning import CompactionPlan, apply, plan
 from .shrink import restore_shrunk, shrink
+from ..inference import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, use_fast_layers  # (their old home)
 
 __all__ = ["compact", "plan", "apply", "CompactionPlan", "CompactionWarning", "IncompleteCompactionWarning", "count", "export", "compression_report", "fold_noise", "shrink", "restore_shrunk", "use_fast_layers",
            "NarrowConv2d", "TiledMaxPool2d", "AlignedLinear", "FastTanh"]

@@ -33,22 +33,22 @@ from typing import Any
 
 from torch import nn
 
-from .fast_layers import use_fast_layers
+from ..inference import optimize
 from .fold import IncompleteCompactionWarning
 from .planning import CompactionWarning, announce, build
 
 __all__ = ["compact", "CompactionWarning", "IncompleteCompactionWarning"]
 
 
-def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> nn.Module:
+def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = False) -> nn.Module:
     """A smaller plain copy of ``model`` computing what ``model`` computes in eval mode.
 
     ``model`` carries trained noise layers (``bmrs.attach``) whose masks mark pruned structures;
     ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of keyword arguments) are
     used to trace the model.  Returns a new ``nn.Module`` in eval mode without noise layers, masked
-    channels physically removed where that is exact; ``model`` is not modified.  With ``fast_layers``
-    (the default) the narrow convolutions and tiling max-pools left are swapped for their faster CPU
-    inference forms (:func:`bmrs.compaction.use_fast_layers`; same parameters and outputs).  The same as
+    channels physically removed where that is exact, built from plain torch layers; ``model`` is not
+    modified.  ``fast_layers=True`` is the same as calling :func:`bmrs.inference.optimize` on the result
+    (faster CPU inference forms of the narrow layers left; same parameters and outputs).  The same as
     ``apply(plan(model, example_inputs), model)`` (:mod:`bmrs.compaction.planning`), without tracing
     twice.  Raises :class:`bmrs.errors.ModelError` if the model has no noise layers or torch-pruning
     fails on it (naming the noise layer; ``fold_noise`` folds without removing channels).  If removing
@@ -70,6 +70,4 @@ def compact(model: nn.Module, example_inputs: Any, fast_layers: bool = True) -> 
     """
     the_plan, small = build(model, example_inputs, "compact")  # the plan, and its working copy compacted by it
     announce(the_plan, stacklevel=3)
-    if fast_layers:
-        use_fast_layers(small)
-    return small
+    return optimize(small) if fast_layers else small

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from typing import Any
 
 import torch
@@ -52,9 +53,8 @@ def count(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"count: expected an nn.Module, got {type(model).__name__}")
-    _count_subclasses_as_bases(model)
     example_inputs = plain_inputs(example_inputs)
-    with contextlib.redirect_stdout(io.StringIO()):  # its note that keyword inputs count as one example
+    with _custom_counters(model), contextlib.redirect_stdout(io.StringIO()):  # (its note on keyword inputs)
         ops, _ = tp.utils.count_ops_and_params(model, example_inputs)
     if isinstance(example_inputs, dict):  # torch-pruning divides by the batch only for positional inputs
         first = next((t for t in example_inputs.values() if isinstance(t, torch.Tensor) and t.dim()), None)
@@ -78,10 +78,18 @@ def _headed_attention_macs(module: HeadedMultiheadAttention, inputs, output) -> 
     module.__flops__ += int((projections + attention + out) * batch)
 
 
-def _count_subclasses_as_bases(model: nn.Module) -> None:
-    """Count a subclass of a torch layer (e.g. :class:`~bmrs.compaction.NarrowConv2d`) as that layer.
+_COUNTING = threading.Lock()  # torch-pruning's table of custom counters is one per process
 
-    torch-pruning's counter looks modules up by exact type; its custom mapping is reset after each count.
+
+@contextlib.contextmanager
+def _custom_counters(model: nn.Module):
+    """Within the block, torch-pruning's counter counts a subclass of a torch layer (e.g.
+    :class:`~bmrs.inference.NarrowConv2d`) as that layer, and a :class:`~bmrs.nn.mha.HeadedMultiheadAttention`
+    by :func:`_headed_attention_macs`; the table it had before is restored after.
+
+    torch-pruning 1.6 looks modules up by exact type and has no argument for custom counters:
+    ``count_ops_and_params`` reads the module-level ``op_counter.CUSTOM_MODULES_MAPPING`` (and empties it
+    when it returns).  That table is set here for one count, under a lock, and put back even if counting fails.
     """
     known = op_counter.MODULES_MAPPING
     custom = {HeadedMultiheadAttention: _headed_attention_macs}
@@ -91,7 +99,13 @@ def _count_subclasses_as_bases(model: nn.Module) -> None:
             base = next((b for b in kind.__mro__[1:] if b in known), None)
             if base is not None:
                 custom[kind] = known[base]
-    op_counter.CUSTOM_MODULES_MAPPING = custom
+    with _COUNTING:
+        before = op_counter.CUSTOM_MODULES_MAPPING
+        op_counter.CUSTOM_MODULES_MAPPING = custom
+        try:
+            yield
+        finally:
+            op_counter.CUSTOM_MODULES_MAPPING = before
 
 
 def _removed_pct(before: float, after: float) -> float:

@@ -2,7 +2,8 @@
 
 Each export is loaded back and run on the example inputs; it must give the in-memory model's outputs
 to 1e−5 (relative to their largest magnitude), or :class:`bmrs.errors.ModelError` says by how much it
-differs.  The fast inference layers take PyTorch's own path while being traced, so the exported
+differs.  A file that cannot be written (disk full, quota, read-only or unwritable folder) is a
+:class:`bmrs.errors.WriteError`; the file is written atomically, so a previous one stays as it was.  The fast inference layers take PyTorch's own path while being traced, so the exported
 graph holds only standard operators.  ONNX needs the ``export`` extra (onnx, onnxscript, onnxruntime).
 
 Examples:
@@ -13,6 +14,7 @@ Examples:
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 import tempfile
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError, first_line
+from ..errors import ConfigError, ModelError, WriteError, first_line
 from ..io import TEMP_SUFFIX
 
 __all__ = ["export", "EXPORT_FORMATS", "EXPORT_TOLERANCE"]
@@ -60,10 +62,31 @@ def _batch_dynamic(args: tuple) -> tuple:
     return tuple({0: torch.export.Dim.AUTO} if t.dim() else {} for t in args)
 
 
+def _write_file(path: str, data: bytes) -> None:
+    """``data`` into the (temporary) file ``path``, on disk before it is renamed."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _export_pt2(model: nn.Module, args: tuple, tmp: str) -> torch.Tensor:
     program = torch.export.export(model, args, dynamic_shapes=_batch_dynamic(args))
-    torch.export.save(program, tmp)
+    buffer = io.BytesIO()  # (torch's own writer reports a full disk as "unexpected pos": written here instead)
+    torch.export.save(program, buffer)
+    _write_file(tmp, buffer.getbuffer())
     return _first_tensor(torch.export.load(tmp).module()(*args))
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError (a full disk, a quota, a read-only folder) that ``err`` is or was raised from, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _export_onnx(model: nn.Module, args: tuple, tmp: str) -> torch.Tensor:
@@ -81,7 +104,8 @@ def _export_onnx(model: nn.Module, args: tuple, tmp: str) -> torch.Tensor:
 
 def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str | None = None) -> float:
     """Write ``model`` to ``path`` as .pt2 or .onnx (``format``, else the file's suffix); returns the largest
-    relative difference of the reloaded export's outputs from the model's (≤ 1e−5, else ModelError).
+    relative difference of the reloaded export's outputs from the model's (≤ 1e−5, else ModelError).  A
+    file that cannot be written raises :class:`bmrs.errors.WriteError` (a previous ``path`` is kept).
 
     Examples:
         err = export(small, torch.randn(1, 1, 32, 32), "lenet5-small.onnx")
@@ -95,20 +119,34 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
     model = model.eval()
     with torch.no_grad():
         want = _first_tensor(model(*args)).detach().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_SUFFIX}.{format}", dir=path.parent)  # loaders read the suffix
-    os.close(fd)
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"cannot write {path}: {folder} is a file, not a folder")
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a folder; name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_SUFFIX}.{format}",  # loaders read
+                                   dir=path.parent)                                          # the suffix
+        os.close(fd)
+    except OSError as err:
+        raise WriteError.of(path, err) from None
     try:
         try:
             got = (_export_pt2 if format == "pt2" else _export_onnx)(model, args, tmp)
         except (ConfigError, ModelError):
             raise
         except Exception as err:
+            if (cause := _os_error(err)) is not None:
+                raise WriteError.of(path, cause) from None
             raise ModelError(f"export to {format} failed: {first_line(err, 200)}") from None
         error = _relative_error(got.detach().cpu(), want)
         if not error <= EXPORT_TOLERANCE:
             raise ModelError(f"the {format} export differs from the model by {error:.2e} (relative); not written")
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise WriteError.of(path, err) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -14,7 +14,7 @@ standard deviations contributes nothing measurable, so its A terms are not forme
 whose whole interval lies more than ``FAST_TAIL`` standard deviations into a tail (their tail masses
 would leave float32) are drawn by the exact float64 inverse CDF (:func:`_truncnorm.icdf_x`).
 This PyTorch code is the reference: on the CPU the fused kernels (:mod:`bmrs._kernels`) do the same in
-one call, and a model's noise bank draws all its layers at once (:mod:`bmrs.nn.fused_layers`).
+one call, and a model's noise bank draws all its layers at once (:mod:`bmrs.nn.fused_draw`).
 
 Examples:
     >>> import torch

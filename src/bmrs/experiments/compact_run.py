@@ -18,9 +18,12 @@ __all__ = ["compact_run"]
 
 
 def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_size: int = 256,
-                data_dir: str | None = None, log=print, exports: tuple[str, ...] | list[str] = ()) -> dict:
+                data_dir: str | None = None, log=print, exports: tuple[str, ...] | list[str] = (),
+                optimize: bool = False) -> dict:
     """Compact the run's best model; write it with ``bmrs.save`` (``model_compact.safetensors``, reloaded by
-    ``bmrs.load``) and ``compact_report.json``.
+    ``bmrs.load``) and ``compact_report.json``.  The latency is measured on the compacted model as
+    ``bmrs.compact`` returns it (plain torch layers), or with ``optimize`` after
+    :func:`bmrs.inference.optimize` (fast CPU inference layers; the file written is the same either way).
 
     Examples:
         report = compact_run("runs/fashion-mnist-lenet5-bmrs-n-s0")
@@ -38,7 +41,7 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     size = run.config.image_size
     in_channels = run.metrics["data"]["in_channels"]
     example = torch.randn(2, in_channels, size, size)
-    compacted = compact(run.model, example)
+    compacted = compact(run.model, example, fast_layers=optimize)
     # against the network as built: a --shrink run's model has already lost what it pruned
     masked = run.built_model() if run.config.shrink else run.model
     report = compression_report(masked, compacted, example)
@@ -53,6 +56,7 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
         report[f"latency_compact_b{batch}_ms"] = compact_ms
         report[f"latency_speedup_b{batch}"] = plain_ms / compact_ms  # (the two medians reported)
     report["threads"] = torch.get_num_threads()
+    report["optimized"] = bool(optimize)
     output = Path(output) if output else Path(run_dir) / COMPACT_MODEL
     builder = builder_for(run.config, in_channels, run.metrics["data"]["num_classes"])
     with FolderLock(output.parent, "compact"):
@@ -63,7 +67,7 @@ def compact_run(run_dir: str | Path, output: str | Path | None = None, batch_siz
     for batch in sorted({1, batch_size}):
         log(f"latency batch {batch}: {report[f'latency_plain_b{batch}_ms']:.3f} ms at full size without noise "
             f"layers -> {report[f'latency_compact_b{batch}_ms']:.3f} ms compacted "
-            f"(x{report[f'latency_speedup_b{batch}']:.2f})")
+            f"(x{report[f'latency_speedup_b{batch}']:.2f}{', fast inference layers' if optimize else ''})")
     log(f"compacted model: {output} (bmrs.load reads it back)")
     for fmt in dict.fromkeys(exports):
         done = report[f"export_{fmt}"]

@@ -2,7 +2,9 @@
 
 The model comes from ``--model pkg.module:factory`` (a function or class building it, imported from the
 current folder or the installed packages); the checkpoint is a state dict in safetensors or a
-weights-only torch file (a ``{"state_dict": …}`` or ``{"model": …}`` wrapper is unwrapped).  A checkpoint
+weights-only torch file (a ``{"state_dict": …}`` or ``{"model": …}`` wrapper is unwrapped, so a PyTorch
+Lightning checkpoint is read as it is; ``--key-prefix net.`` then strips the LightningModule's attribute
+name from its keys, and keys without the prefix, e.g. a loss module's, are left out).  A checkpoint
 with noise layers (trained after ``bmrs.attach``) is pruned by any criterion; a plain network only by
 weight magnitude (``--criterion l2 --amount F``), with θ = 1 so that compaction changes nothing else.
 
@@ -90,20 +92,59 @@ def _build(factory, spec: str) -> nn.Module:
     return model
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, key_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict (unwrapped from a Lightning-style ``{"state_dict": …}``), with ``key_prefix``
+    stripped from the keys that start with it and the others left out."""
     import torch
 
     from ..io import load_state_dict_file
 
     state = load_state_dict_file(path)  # safetensors, or torch.load(weights_only=True)
-    if isinstance(state.get("state_dict"), dict):
+    if isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint, or another such wrapper
         state = state["state_dict"]
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: not a state dict (names → tensors), nor one wrapped as state_dict or model")
+    if key_prefix:
+        kept = {key[len(key_prefix):]: value for key, value in state.items() if key.startswith(key_prefix)}
+        if not kept:
+            raise CheckpointError(f"--key-prefix {key_prefix!r}: no key of {path} starts with it (its keys look like "
+                                  f"{_some(state)})")
+        state = kept
     return state
 
 
-def _load(model: nn.Module, state: dict, path: Path, spec: str) -> None:
+def _some(keys, most: int = 3) -> str:
+    """A few of ``keys``, quoted, and how many more."""
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _suggested_prefix(keys, own: set[str]) -> str:
+    """The shortest leading ``a.`` or ``a.b.`` … of ``keys`` whose stripping gives every key of ``own`` ('' if
+    none does): what ``--key-prefix`` should be."""
+    first = min(own)
+    candidates = {key[: -len(first)] for key in keys if key.endswith(f".{first}")}
+    for prefix in sorted(candidates, key=len):
+        if own <= {key[len(prefix):] for key in keys if key.startswith(prefix)}:
+            return prefix
+    return ""
+
+
+def _load(model: nn.Module, state: dict, path: Path, spec: str, key_prefix: str | None = None) -> None:
+    """Load ``state`` strictly; CheckpointError naming a few missing and unexpected keys (and the ``--key-prefix``
+    that would make them match, counted from the checkpoint's own keys before ``key_prefix`` was stripped)."""
+    own = set(model.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        parts = [f"missing {_some(missing)}"] if missing else []
+        parts += [f"unexpected {_some(unexpected)}"] if unexpected else []
+        prefix = _suggested_prefix(unexpected, own) if own else ""
+        prefix = f"{key_prefix or ''}{prefix}" if prefix else ""
+        hint = (f"the model's keys are there after {prefix!r}: pass --key-prefix {prefix}" if prefix
+                else "pass the factory that built the trained model, or --key-prefix to strip a wrapper's name")
+        raise CheckpointError(f"{path}: its keys do not match the model that {spec} builds ({'; '.join(parts)}); "
+                              f"{hint}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -114,8 +155,11 @@ def _load(model: nn.Module, state: dict, path: Path, spec: str) -> None:
 
 def prune_checkpoint(model_spec: str, checkpoint: str | Path, input_shape: tuple[int, ...],
                      criterion: str = "bmrs-n", output: str | Path | None = None, amount: float | None = None,
-                     p1: float = 8.0, margin: float = EVIDENCE_MARGIN, log=print) -> dict:
+                     p1: float = 8.0, margin: float = EVIDENCE_MARGIN, log=print, key_prefix: str | None = None) -> dict:
     """Prune and compact a trained model; write it with ``bmrs.save`` (``bmrs.load(output, factory)`` reads it).
+
+    ``key_prefix``: stripped from the checkpoint's keys (e.g. ``"net."`` for a Lightning checkpoint whose
+    LightningModule holds the model as ``self.net``); keys without it are left out.
 
     Returns the compression report (``compression_report``'s keys, ``pruned``, ``structures``, ``output``).
     """
@@ -144,19 +188,19 @@ def prune_checkpoint(model_spec: str, checkpoint: str | Path, input_shape: tuple
     options = {"bmrs-u": {"p1": p1, "margin": margin}, "bmrs-n": {"margin": margin}}.get(criterion, {})
     rule = get_criterion(criterion, **options)
     factory = load_factory(model_spec)
-    state = _read_weights(checkpoint)
+    state = _read_weights(checkpoint, key_prefix)
     model = _build(factory, model_spec)
     noisy = any(".bmrs_noise." in f".{key}" for key in state)
     if noisy:
         if not noise_layers(model):
             attach(model)  # as the model was trained: bmrs.attach(factory())
-        _load(model, state, checkpoint, model_spec)
+        _load(model, state, checkpoint, model_spec, key_prefix)
     else:
         if criterion != "l2":
             raise ConfigError(f"--criterion {criterion} reads the posteriors of noise layers, and {checkpoint} holds a "
                               "network trained without them; prune it by weight magnitude (--criterion l2 --amount "
                               "F) or train it after bmrs.attach")
-        _load(model, state, checkpoint, model_spec)
+        _load(model, state, checkpoint, model_spec, key_prefix)
         attach(model)
         with torch.no_grad():  # θ = 1 (E[θ] rounds to 1 in float32): the network's function is kept
             for _, noise in noise_layers(model):
@@ -201,10 +245,14 @@ def add_prune_command(sub, add_global_options) -> None:
                    help="bmrs-n and bmrs-u prune where ΔF >= -NATS (default: %(default)g)")
     p.add_argument("--output", default=None,
                    help="compacted model file (default: CHECKPOINT's name with -pruned.safetensors)")
+    p.add_argument("--key-prefix", default=None, metavar="PREFIX",
+                   help="strip PREFIX from the checkpoint's keys and leave out the keys without it, e.g. net. for a "
+                        "Lightning checkpoint of a LightningModule holding the model as self.net")
 
 
 def run_prune(args) -> int:
     """``bmrs prune``'s action on its parsed arguments."""
     prune_checkpoint(args.model, args.checkpoint, parse_shape(args.input_shape), criterion=args.criterion,
-                     output=args.output, amount=args.amount, p1=args.p1, margin=args.evidence_margin)
+                     output=args.output, amount=args.amount, p1=args.p1, margin=args.evidence_margin,
+                     key_prefix=args.key_prefix)
     return 0

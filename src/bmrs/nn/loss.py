@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..defaults import KL_REDUCTIONS
 from ..errors import ConfigError, ModelError
 from .bank import _bounds_groups, _concat_posteriors, _mean_weights, _NoiseBank, noise_modules
-from .fused_layers import kl_layers
+from .fused_draw import kl_layers
 from .noise import MultiplicativeNoise
 
 __all__ = ["kl_loss", "KL_REDUCTIONS"]

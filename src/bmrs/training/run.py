@@ -322,7 +322,7 @@ def finish(config, output: Path, model: nn.Module, best: dict, history: list, da
         counts = structure_counts(model)
         with warnings.catch_warnings(record=True) as caught:  # said as a note line, not a Python warning
             warnings.simplefilter("always", CompactionWarning)
-            compacted = compact(model, example)
+            compacted = compact(model, example, fast_layers=True)  # (evaluated below: fast CPU inference)
         for warning in caught:
             if issubclass(warning.category, CompactionWarning):
                 log(f"note: {warning.message}")

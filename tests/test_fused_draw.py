@@ -1,4 +1,4 @@
-"""bmrs.nn.fused_layers (all noise layers in one kernel call) against the reference path: the
+"""bmrs.nn.fused_draw (all noise layers in one kernel call) against the reference path: the
 per-layer PyTorch code with the kernels off, in float64 (to rounding) and float32."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import bmrs
 from bmrs.distributions.fast_sample import sample_theta
-from bmrs.nn.fused_layers import kl_layers, sample_layers
+from bmrs.nn.fused_draw import kl_layers, sample_layers
 from bmrs.nn.noise import sigma_of
 from bmrs.nn.uniforms import draw_key, reference_uniforms
 

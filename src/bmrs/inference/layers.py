@@ -25,7 +25,7 @@ linear layer and within a few ulps for tanh, bit for bit for the pooling).
 
 Examples:
     >>> import torch
-    >>> from bmrs.compaction import use_fast_layers
+    >>> from bmrs.inference.layers import use_fast_layers
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
     >>> use_fast_layers(net)
     2
@@ -299,9 +299,9 @@ def use_fast_layers(model: nn.Module, max_channel_product: int = MAX_DIRECT_CHAN
     ``nn.Linear`` whose width :func:`aligned_width` pads, with fewer than 16 outputs or at least 64 inputs, an
     :class:`AlignedLinear` (and each ``nn.Tanh`` a
     :class:`FastTanh`), sharing parameters (hooks registered on the old modules are not carried over).  Outputs do not
-    change (see the module docstring); training calls are unaffected.  :func:`bmrs.compaction.compact`
-    applies this to what it returns (with ``fast_layers=True``); :func:`bmrs.inference.optimize` is the
-    explicit step.
+    change (see the module docstring); training calls are unaffected.  :func:`bmrs.inference.optimize` is
+    the public step (it also checks that the model has been compacted); ``bmrs.compact(...,
+    fast_layers=True)`` calls it on what it returns.
 
     Examples:
         >>> import torch
