@@ -236,7 +236,7 @@ struct SampleLayersNode : public torch::autograd::Function<SampleLayersNode> {
 
 }  // namespace
 
-// The fused draw for the noise bank (bmrs/nn/fused_layers.py): sample_layers as one autograd node,
+// The fused draw for the noise bank (bmrs/nn/fused_draw.py): sample_layers as one autograd node,
 // returning θ of every layer, the layers' KL (n,), its sum weighted by `coefs` and the spent flag; or
 // nothing when the kernels cannot serve these tensors (not all on the CPU in one float32/float64 dtype,
 // or an interval more than fast_tail σ into a tail, which the reference code draws exactly).  An empty
@@ -246,7 +246,7 @@ namespace {
 
 // torch.randint(0, 2**32, (4,)) from the default CPU generator (bmrs.nn.uniforms.draw_key), without the
 // operator: for a range of 2³² PyTorch takes each value as random64() mod 2³², in order, under the
-// generator's lock (ATen's uniform_int_from_to_distribution); tests/test_fused_layers.py checks the two agree.
+// generator's lock (ATen's uniform_int_from_to_distribution); tests/test_fused_draw.py checks the two agree.
 std::vector<int64_t> draw_key_words() {
   auto generator = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(generator.mutex());

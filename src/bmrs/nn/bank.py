@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..distributions.fast_sample import sample_theta
 from ..errors import ModelError
-from .fused_layers import sample_layers
+from .fused_draw import sample_layers
 from .hooks import NOISE_ATTR
 from .noise import MultiplicativeNoise, draw_uniforms, sigma_of
 from .uniforms import draw_key
@@ -31,7 +31,7 @@ from .uniforms import draw_key
 __all__ = ["noise_layers", "check_registry", "shard_rows"]
 
 class _KLStash:
-    """The KL a fused draw formed beside θ (:func:`fused_layers.sample_layers`), per layer and as the paper's
+    """The KL a fused draw formed beside θ (:func:`fused_draw.sample_layers`), per layer and as the paper's
     mean over all of them, for ``kl_loss`` to reuse while the layers' parameters and the grad mode are
     unchanged and no backward pass has spent its graph (the node sets ``spent``)."""
 
