@@ -168,14 +168,15 @@ def test_l2_takes_its_schedule_from_the_run_it_follows(tmp_path):
         l2.train_config()
 
 
-def test_python_m_paper_runs_from_the_checkout_and_checks_its_options():
+def test_python_m_paper_runs_from_the_checkout_and_checks_its_options(tmp_path):
     # (what `bmrs reproduce … --levels 1` answered before the reproduction left the installed package)
-    done = subprocess.run([sys.executable, "-m", "paper", "fashion-mnist", "--levels", "1", "--runs", "r", "--report",
-                           "p"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "paper", "fashion-mnist", "--levels", "1", "--runs",
+                           str(tmp_path / "r"), "--report", str(tmp_path / "p")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert len(lines) == 1 and lines[0].startswith("paper: error: --levels:"), done.stderr
-    assert not (ROOT / "r").exists() and not (ROOT / "p").exists()
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
 
 
 def test_the_report_goes_to_paper_results_wherever_the_command_runs():
@@ -185,8 +186,9 @@ def test_the_report_goes_to_paper_results_wherever_the_command_runs():
     assert (Path(args.report) / "fashion-mnist.md").is_file() and (Path(args.report) / "fashion-mnist.csv").is_file()
 
 
-@pytest.mark.parametrize("argv", [["reproduce", "fashion-mnist"], ["--debug", "reproduce", "fashion-mnist", "--seeds",
-                                                                   "0"], ["--no-progress", "reproduce", "--help"]])
+@pytest.mark.parametrize("argv", [["reproduce", "fashion-mnist", "--seeds", ""],  # (settings that start no run)
+                                  ["--debug", "reproduce", "fashion-mnist", "--epochs", "-1"],
+                                  ["--no-progress", "reproduce", "--help"]])
 def test_bmrs_reproduce_points_to_the_paper_folder(capsys, argv):
     from bmrs.cli import main
     code = main(argv)
