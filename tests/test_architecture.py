@@ -19,7 +19,7 @@ MAX_LINES = 400
 LAYERS = [
     {"errors", "defaults", "io", "extras", "_compile", "_kernels"},  # the foundation: no torch model code
     {"distributions"},
-    {"reduction"},
+    {"evidence", "reduction"},
     {"nn"},
     {"criteria"},
     {"pruning", "compaction", "inference"},
@@ -243,3 +243,19 @@ def test_the_paper_uses_only_public_bmrs_names():
                if any(part.startswith("_") for part in module.split("."))
                or (taken and taken.startswith("_") and not taken.startswith("__"))]
     assert not private, "private bmrs names used by paper/:\n" + "\n".join(private)
+
+
+def test_constants_shared_with_the_kernels_have_one_source():
+    # bmrs/_kernels/constants.py generates bmrs_constants.h; no kernel source defines one of its names again,
+    # and every name the header defines is used by a kernel source
+    import re
+
+    from bmrs._kernels.constants import header_text
+
+    names = re.findall(r"constexpr \w+ (k\w+)(?:\[\])? =", header_text())
+    assert names
+    sources = {p.name: p.read_text() for p in (SRC / "bmrs" / "_kernels").iterdir() if p.suffix in (".h", ".cpp")}
+    for name in names:
+        redefined = [f for f, text in sources.items() if re.search(rf"constexpr \w+ {name}(\[\])? =", text)]
+        assert not redefined, f"{name} is defined again in {redefined}: take it from bmrs_constants.h"
+        assert any(re.search(rf"\b{name}\b", text) for text in sources.values()), f"{name} is never used"

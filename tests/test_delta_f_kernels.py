@@ -65,7 +65,7 @@ def test_disjoint_reduced_prior_gives_minus_infinity():
 
 
 def test_gradients_and_per_element_bounds_take_the_pytorch_path():
-    from bmrs.reduction import _fused
+    from bmrs.evidence import _fused
 
     q = _posteriors(60)
     loc = q.loc.clone().requires_grad_()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import bmrs
+from bmrs.nn.bank import shard_rows
 
 ARGS = ["--no-progress", "train", "--model", "mlp", "--hidden", "32", "--criterion", "l2", "--amount", "0.5",
         "--epochs", "2", "--finetune-epochs", "1", "--batch-size", "64", "--lr", "3e-3", "--train-subset", "640",
@@ -65,11 +66,10 @@ def test_a_shard_draws_the_theta_one_process_draws_for_its_examples(granularity)
     torch.manual_seed(1)
     model(x)
     full, seen[:] = list(seen), []
-    bank = model._bmrs_bank
-    bank.row_first = 2
     torch.manual_seed(1)  # every rank holds the same generator state
-    model(x[2:4])
-    bank.row_first = 0
+    with shard_rows(model, 2):
+        model(x[2:4])
     for whole, shard in zip(full, seen):
         torch.testing.assert_close(shard, whole[2:4])
-    assert all(n.__dict__.get("row_first", 0) == 0 for _, n in bmrs.noise_layers(model))  # reset after
+    assert model._bmrs_bank.row_first == 0
+    assert all(n._held is None for _, n in bmrs.noise_layers(model))  # nothing left with the layers after

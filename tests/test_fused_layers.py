@@ -314,43 +314,39 @@ def _expected_mean_kl(model):
     return torch.stack([noise.kl().mean() for _, noise in bmrs.noise_layers(model)]).mean()
 
 
-def test_kl_loss_skips_the_model_walk_only_while_the_bank_covers_the_model(monkeypatch):
+def test_kl_loss_follows_a_model_edited_by_hand_and_the_debug_check_names_the_edit():
+    # the bank is an explicit registry (attach builds it); kl_loss walks the model at every call and puts what
+    # it finds in the registry, so edits that no hook sees still give the right KL
+    from bmrs.errors import ModelError
+    from bmrs.nn.bank import check_registry
+
     torch.manual_seed(0)
-    attach_module = __import__("sys").modules["bmrs.nn.loss"]  # (where kl_loss looks the walk up)
-    walks = []
-    real_walk = attach_module.noise_layers
-    monkeypatch.setattr(attach_module, "noise_layers", lambda model: walks.append(1) or real_walk(model))
     x = torch.randn(8, 6)
 
-    def confirmed_net():
-        """A model whose bank kl_loss has confirmed, and a spare noisy block built before that."""
+    def fresh():
         net, spare = bmrs.attach(_Blocks(_block(), _block(), torch.nn.Linear(6, 3))), bmrs.attach(_block())
-        for _ in range(3):  # the first call walks and confirms; later steps need no walk
-            net(x)
-            walks.clear()
-            torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
-        assert not walks
+        net(x)
+        torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
+        check_registry(net)
         return net, spare
 
-    def step_kl_walks(net):
-        net(x)
-        walks.clear()
-        torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
-        assert walks
+    def edited(net):
+        with pytest.raises(ModelError, match="noise bank lists"):
+            check_registry(net)
+        for _ in range(2):  # the step after the edit (the draw's stash is the old layers'), and the next
+            net(x)
+            torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
+        check_registry(net)  # kl_loss put the walk in the registry
 
-    # a block inserted past the registration hooks (ModuleList.insert writes the dict): its layer runs,
-    # and the bank counts more noise applications than it has layers
-    net, spare = confirmed_net()
-    net.blocks.insert(1, spare)
-    step_kl_walks(net)
-    # a block deleted (no hook sees that): its layers no longer run on their draw
-    net, _ = confirmed_net()
+    net, spare = fresh()
+    net.blocks.insert(1, spare)  # (ModuleList.insert writes the dict: no registration hook sees it)
+    edited(net)
+    net, _ = fresh()
     del net.blocks[0]
-    step_kl_walks(net)
-    # a module registered (a noisy block that never runs): the registration count moved
-    net, spare = confirmed_net()
-    net.spare = spare
-    step_kl_walks(net)
+    edited(net)
+    net, spare = fresh()
+    net.spare = spare  # a noisy block that never runs: its KL still counts
+    edited(net)
 
 
 def test_kl_loss_walks_when_a_noise_layer_is_skipped_by_the_forward():
@@ -374,20 +370,19 @@ def test_kl_loss_walks_when_a_noise_layer_is_skipped_by_the_forward():
     torch.testing.assert_close(bmrs.kl_loss(net), _expected_mean_kl(net), rtol=1e-6, atol=0)
 
 
-def test_a_copied_model_walks_again_before_trusting_its_bank():
+def test_a_copied_model_has_its_own_registry():
     import copy
     import pickle
+
+    from bmrs.nn.bank import check_registry
 
     torch.manual_seed(0)
     net = bmrs.attach(_Blocks(_block(), torch.nn.Linear(6, 3)))
     x = torch.randn(8, 6)
     net(x)
     bmrs.kl_loss(net)
-    net(x)
-    assert net._bmrs_bank.covers_model()
     for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        check_registry(twin)  # the copy's bank lists the copy's layers
+        assert not twin._bmrs_bank.kl_stashes  # and not the original's draw
         twin(x)
-        assert not twin._bmrs_bank.covers_model()  # its count of registrations may be another process's
         torch.testing.assert_close(bmrs.kl_loss(twin), _expected_mean_kl(twin), rtol=1e-6, atol=0)
-        twin(x)
-        assert twin._bmrs_bank.covers_model()

@@ -13,7 +13,7 @@ from torch import nn
 import bmrs
 from bmrs.training import TrainConfig
 from bmrs import criteria
-from bmrs.reduction import delta_f
+from bmrs.evidence import delta_f
 
 F64 = dict(dtype=torch.float64)
 
@@ -137,6 +137,42 @@ def test_eval_cache_invalidated_by_optimizer_step_and_mask_change():
     assert not torch.equal(first, second)
     noise.mask[0] = 0
     assert noise.expected_theta()[0] == 0
+    noise.set_bounds(-10.0, 0.0)  # the bounds are part of what the value was computed from
+    torch.testing.assert_close(noise.expected_theta(), noise.posterior().mean * noise.mask)
+
+
+@pytest.mark.parametrize("write", ["data", "fused_adam", "load_state_dict"])
+def test_eval_cache_sees_writes_that_bump_no_version_counter(write):
+    torch.manual_seed(0)
+    noise = bmrs.MultiplicativeNoise(4).eval()
+    before = noise.expected_theta().clone()
+    if write == "data":
+        noise.mu.data.fill_(-3.0)
+    elif write == "fused_adam":
+        opt = torch.optim.Adam(noise.parameters(), lr=0.5, fused=True)
+        noise.train()
+        noise(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        noise.eval()
+    else:
+        noise.load_state_dict({**noise.state_dict(), "log_sigma": torch.zeros(4)})
+    assert not torch.equal(noise.expected_theta(), before)
+    torch.testing.assert_close(noise.expected_theta(), noise.posterior().mean * noise.mask)
+
+
+def test_frozen_noise_reuses_e_theta_unchecked_until_the_block_ends():
+    net = bmrs.attach(small_mlp()).eval()
+    noise = bmrs.noise_layers(net)[0][1]
+    x = torch.randn(4, 5)
+    with bmrs.frozen_noise(net):
+        first = net(x)
+        noise.mask.zero_()  # inside the block: not seen (as with torch.nn.utils.parametrize.cached)
+        assert torch.equal(net(x), first)
+        with bmrs.frozen_noise(net):  # nested: the outer block ends it
+            pass
+        assert torch.equal(net(x), first)
+    assert not torch.equal(net(x), first)  # after the block: the zeroed mask is seen
+    assert not noise._frozen
 
 
 def test_noise_state_dict_roundtrip_with_weights_only():

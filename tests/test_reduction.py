@@ -12,7 +12,7 @@ from scipy import integrate, stats
 
 import bmrs
 import reference as R
-from bmrs.reduction import delta_f_quadrature
+from bmrs.evidence import delta_f_quadrature
 
 LOW, HIGH = -20.0, 0.0
 LN2 = math.log(2.0)
@@ -223,7 +223,7 @@ def test_fast_path_equals_differentiable_path_on_the_wide_grid(reduced):
 
 def test_chunked_evaluation_equals_one_pass(monkeypatch):
     """Large batches are evaluated in cache-sized chunks; the result must not depend on that."""
-    import bmrs.reduction as reduction
+    import bmrs.evidence as reduction
     g = torch.Generator().manual_seed(0)
     mu = torch.empty(5000, **F64).uniform_(-25, 5, generator=g)
     sigma = torch.empty(5000, **F64).uniform_(-20, 5, generator=g).exp()

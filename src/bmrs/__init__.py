@@ -24,15 +24,16 @@ _EXPORTS = {
     "TruncatedLogNormal": "bmrs.distributions", "TruncatedLogUniform": "bmrs.distributions",
     "BMRSError": "bmrs.errors", "CheckpointError": "bmrs.errors", "ConfigError": "bmrs.errors",
     "DataError": "bmrs.errors", "ModelError": "bmrs.errors",
-    "delta_f": "bmrs.reduction", "spike_prior": "bmrs.reduction", "precision_prior": "bmrs.reduction",
+    "delta_f": "bmrs.evidence", "spike_prior": "bmrs.evidence", "precision_prior": "bmrs.evidence",
     "MultiplicativeNoise": "bmrs.nn", "attach": "bmrs.nn", "kl_loss": "bmrs.nn", "noise_layers": "bmrs.nn",
-    "param_groups": "bmrs.nn", "detach_noise": "bmrs.nn.attach",
+    "param_groups": "bmrs.nn", "detach": "bmrs.nn.attach", "detach_noise": "bmrs.nn.attach",
+    "frozen_noise": "bmrs.nn.frozen",
     "PruneReport": "bmrs.pruning", "prune": "bmrs.pruning",
     "compact": "bmrs.compaction", "count": "bmrs.compaction", "export": "bmrs.compaction.export",
     "save": "bmrs.saving", "load": "bmrs.saving",
 }
 _SUBMODULES = ("criteria", "compaction", "inference", "pruning", "models", "training", "data", "nn", "distributions",
-               "reduction", "saving", "defaults", "errors", "io", "experiments", "integrations", "extras",
+               "evidence", "reduction", "saving", "defaults", "errors", "io", "experiments", "integrations", "extras",
                "_compile", "_kernels")
 
 __all__ = ["__version__", *_EXPORTS, "criteria"]

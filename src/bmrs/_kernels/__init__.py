@@ -37,6 +37,8 @@ from types import ModuleType
 
 import torch
 
+from .constants import header_text
+
 __all__ = ["get", "set_enabled", "enabled", "usable_for"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("noise_kernels.cpp", "delta_f_kernels.cpp", "conv_kernels.cpp")]
@@ -115,6 +117,7 @@ def build_key() -> str:
     sha = hashlib.sha1()
     for path in sorted(_SOURCES) + sorted(_SOURCES[0].parent.glob("*.h")):
         sha.update(str(path.resolve()).encode() + path.read_bytes())
+    sha.update(header_text().encode())  # the generated bmrs_constants.h
     # the environment by its prefix (a venv's own; python and python3 of one interpreter share it)
     for part in (*_FLAGS, torch.__version__, sys.version, sys.prefix, _cpu_identity()):
         sha.update(str(part).encode())
@@ -177,9 +180,12 @@ def _build() -> ModuleType | None:
                   "minutes)…", file=sys.stderr, flush=True)
         started = time.monotonic()
         with _locked(folder):
+            generated = folder / "generated"
+            generated.mkdir(exist_ok=True)
+            (generated / "bmrs_constants.h").write_text(header_text())  # (under the lock; the folder is this text's)
             module = cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(folder),
                                         extra_cflags=[*_FLAGS, _header_version()], extra_ldflags=["-fopenmp"],
-                                        verbose=False)
+                                        extra_include_paths=[str(generated)], verbose=False)
         if fresh:
             print(f"bmrs: kernels built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         return module

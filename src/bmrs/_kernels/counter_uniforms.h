@@ -10,15 +10,17 @@
 
 #include <cstdint>
 
+#include "bmrs_constants.h"
+
 namespace bmrs_counter {
 
 // one uint32_t, or a vector of them in the compiler's vector extensions (the fused sampler's lanes)
 template <typename U>
 inline U mix(U x) {
   x ^= x >> 16;
-  x *= 0x7feb352dU;
+  x *= kMixMultiplier0;
   x ^= x >> 15;
-  x *= 0x846ca68bU;
+  x *= kMixMultiplier1;
   x ^= x >> 16;
   return x;
 }

@@ -1,12 +1,13 @@
-// ΔF of BMRS_N and BMRS_U for large batches without gradients (see bmrs/reduction.py).
+// ΔF of BMRS_N and BMRS_U for large batches without gradients (see bmrs/evidence.py).
 //
-// The formulas are bmrs.reduction's fast path (regime-first interval_parts of _stable.py), evaluated
+// The formulas are bmrs.evidence's fast path (regime-first interval_parts of _stable.py), evaluated
 // a vector of lanes at a time with every regime computed and the right one blended in: the log mass
 // of a normal on an interval is kept as −(anchor − loc)²/(2 scale²) + rest, and the quadratic parts
 // of several masses are subtracted analytically.  tests/test_delta_f_kernels.py checks the result
 // against the PyTorch code and mpmath.
 
 #include "vec_capability.h"
+#include "bmrs_constants.h"
 
 #include <cmath>
 #include <limits>
@@ -19,8 +20,8 @@ constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kLog2Pi = 1.83787706640934548356;
 constexpr double kLogSqrtPi = 0.57236494292470008707;
-// _stable._FAR_NEGLIGIBLE: a far end whose Φ ratio to the near one is below e^-50 changes nothing
-constexpr double kFarNegligible = -50.0;
+// kFarNegligible (bmrs_constants.h, from constants.py): a far end whose Φ ratio to the near one is below it
+// changes nothing
 // log erfcx(z): from erfc below this, from the asymptotic series above (erfc(26.5) leaves float64)
 constexpr double kErfcxSeriesFrom = 25.0;
 // erfcx(z)·z√π = Σ_k (−1)^k (2k − 1)!! w^k, w = 1/(2z²); nine terms reach 1e-18 at z = 25
@@ -142,7 +143,7 @@ at::Tensor map_pairs(const at::Tensor& mu_in, const at::Tensor& sigma_in, F f) {
 
 }  // namespace
 
-// reduction._delta_f_normal for posteriors N(mu, sigma²) on [low, high] and the reduced prior
+// evidence._delta_f_normal for posteriors N(mu, sigma²) on [low, high] and the reduced prior
 // N(m, s²) on [r_low, r_high] (ln θ), the prior log-uniform on [low, high].
 at::Tensor delta_f_normal(const at::Tensor& mu, const at::Tensor& sigma, double low, double high, double m, double s,
                           double r_low, double r_high) {
@@ -174,7 +175,7 @@ at::Tensor delta_f_normal(const at::Tensor& mu, const at::Tensor& sigma, double 
   });
 }
 
-// reduction._delta_f_uniform: ln q(r_low ≤ x ≤ r_high) + ln(high − low) − ln(r_high − r_low)
+// evidence._delta_f_uniform: ln q(r_low ≤ x ≤ r_high) + ln(high − low) − ln(r_high − r_low)
 at::Tensor delta_f_uniform(const at::Tensor& mu, const at::Tensor& sigma, double low, double high, double r_low,
                            double r_high) {
   const double lo = std::max(low, r_low), hi = std::min(high, r_high);

@@ -2,20 +2,16 @@
 // Part of noise_kernels.cpp, which includes it once, after its own includes (one translation unit).
 #pragma once
 
+#include "bmrs_constants.h"
+
 namespace {
 
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kSqrt2OverPi = 0.79788456080286535588;
 constexpr double kLog2Pi = 1.83787706640934548356;
 constexpr double kLn2 = 0.69314718055994530942;
-// fast_sample.FAR_END: a far end this many σ from every sample adds < 1e-70 to the gradient.
-constexpr double kFarEnd = 20.0;
-// _truncnorm_kl._FAR_NEGLIGIBLE_SQ: beyond it Φ(far)/Φ(near) < e^-50, the far end changes nothing.
-constexpr double kFarNegligibleSq = 100.0;
-// _stable._SERIES_FROM and the series of h(t) = t(λ(t) − t) = Σ c_k t^(−2k) (_stable._H_SERIES).
-constexpr double kSeriesFrom = 30.0;
-constexpr double kHSeries[] = {1.0, -2.0, 10.0, -74.0, 706.0, -8162.0};
-constexpr int kHTerms = 6;
+// kFarEnd, kFarNegligibleSq, kSeriesFrom and the series of h(t) = t(λ(t) − t) = Σ kHSeries[k] t^(−2k) come from
+// bmrs_constants.h, generated from bmrs/_kernels/constants.py (the Python code's values).
 
 // Per-sample elements below which one thread does it all (waking the second costs more).
 constexpr int64_t kGrainElements = 4096;

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from .heads import fold_head_gates
-from ..nn.attach import detach_noise, noise_layers
+from ..nn.attach import detach, noise_layers
 from .surgery import channel_multiplier, scale_affine, scale_in, scale_out
 from .trace import (
     OPTYPE, ModuleCall, Trace, _forward, _tensors, map_floating, op_name, output_mismatch, plain_inputs,
@@ -325,7 +325,7 @@ def fold(model: nn.Module, example_inputs: Any, caller: str = "fold_noise") -> F
     with torch.no_grad():
         records = [NoiseRecord(name, work.get_submodule(name), noise.expected_theta().detach().clone(), noise.dim)
                    for name, noise in noise_layers(work)]
-    detach_noise(work)
+    detach(work)
     requires_grad = {name: p.requires_grad for name, p in work.named_parameters()}
     for p in work.parameters():
         p.requires_grad_(True)  # tracing follows autograd

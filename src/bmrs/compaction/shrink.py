@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
-from ..nn.attach import NOISE_ATTR, detach_noise, install_noise, noise_layers
+from ..nn.attach import NOISE_ATTR, detach, install_noise, noise_layers
 from .fold import IncompleteCompactionWarning
 from .planning import build
 from .surgery import keep_indices, take
@@ -90,7 +90,7 @@ def shrink(model: nn.Module, example_inputs: Any,
     if not kept:
         return model, optimizer
     small = copy.deepcopy(model)
-    detach_noise(small)
+    detach(small)
     keep_indices(small, kept)
     narrowed = []
     for name, noise in layers:

@@ -10,7 +10,7 @@ from torch import nn
 from ..defaults import EVIDENCE_MARGIN
 from ..errors import ConfigError
 from ..nn.noise import MultiplicativeNoise
-from ..reduction import FLOAT32_MANTISSA_BITS, SPIKE_VARIANCE, delta_f, precision_prior, spike_prior
+from ..evidence import FLOAT32_MANTISSA_BITS, SPIKE_VARIANCE, delta_f, precision_prior, spike_prior
 from .base import Criterion, Decisions, layers_of, plain_number
 
 __all__ = ["ModelReduction", "BMRSN", "BMRSU", "PublishedBMRSN", "EVIDENCE_MARGIN", "SWITCHED_OFF_LOG_THETA",

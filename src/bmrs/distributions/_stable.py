@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._kernels.constants import FAR_NEGLIGIBLE, H_SERIES, SERIES_FROM
+
 __all__ = [
     "LOG_2PI",
     "ndtr",
@@ -50,9 +52,9 @@ LN2 = math.log(2.0)
 
 # Beyond this many standard deviations the inverse Mills ratio excess λ(t) − t is taken from its
 # asymptotic series; below it the direct difference loses at most ~1e-13 absolutely.
-_SERIES_FROM = 30.0
+_SERIES_FROM = SERIES_FROM
 # Coefficients of h(t) = t(λ(t) − t) = Σ c_k t^(−2k), from inverting Laplace's series for Q/φ.
-_H_SERIES = (1.0, -2.0, 10.0, -74.0, 706.0, -8162.0)
+_H_SERIES = H_SERIES
 
 
 def ndtr(x: Tensor) -> Tensor:
@@ -245,7 +247,7 @@ def _rests_everywhere(tail, near, far, gap, l, u):
     return torch.where(tail, tail_rest, mid_rest), log_ratio
 
 
-_FAR_NEGLIGIBLE = -50.0
+_FAR_NEGLIGIBLE = FAR_NEGLIGIBLE
 
 
 def _rests_by_subset(lower_tail, upper_tail, gap, l, u):

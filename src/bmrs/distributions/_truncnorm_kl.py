@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
+from .._kernels.constants import FAR_NEGLIGIBLE_SQ
 from .._compile import maybe_compiled
 from ._stable import (
     LOG_2PI,
@@ -77,7 +78,7 @@ def _tail_kl_terms(t, t_far, lam, lam_far, rho, log_one_minus_r, upper_tail):
 
 
 # Beyond this, Φ(far)/Φ(near) < exp(−(far² − near²)/2) < e⁻⁵⁰: the far end changes nothing in float64.
-_FAR_NEGLIGIBLE_SQ = 100.0
+_FAR_NEGLIGIBLE_SQ = FAR_NEGLIGIBLE_SQ
 
 
 def kl_to_uniform(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tensor:

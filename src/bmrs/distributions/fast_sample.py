@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
+from .._kernels.constants import FAR_END as _FAR_END
 from . import _truncnorm as tn
 from ._stable import ndtr
 
@@ -45,7 +46,7 @@ FAST_TAIL = 12.0
 
 # A far end more than this many σ from every sample contributes exp(−(α² − z²)/2) < 1e−70 to the
 # gradient (float32 uniforms keep |z| below 5.5, float64 below 8.3): its terms are skipped.
-FAR_END = 20.0
+FAR_END = _FAR_END
 
 
 def _end_weight(end: Tensor, z: Tensor, weight: Tensor) -> Tensor:

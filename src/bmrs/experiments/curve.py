@@ -25,7 +25,7 @@ from ..defaults import CURVE_CRITERIA
 from ..errors import ConfigError
 from ..io import FolderLock, atomic_write, check_writable, remove_stale_temporaries, staged_outputs, write_json
 from ..pruning import prune, structure_counts
-from ..reduction import precision_prior
+from ..evidence import precision_prior
 from ..training.artifacts import load_run
 from ..training.config import check_int
 from ..training.loop import batches, evaluate, train_epoch

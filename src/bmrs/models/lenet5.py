@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn import attach
-from ._checks import positive_int
+from ._checks import positive_int, noise_options
 
 __all__ = ["lenet5"]
 
@@ -16,7 +16,7 @@ def _feature_size(image_size: int) -> int:
     return ((image_size - 4) // 2 - 4) // 2
 
 
-def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, noise: bool = True) -> nn.Sequential:
+def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, noise: bool | dict = True) -> nn.Sequential:
     """conv 6 (5×5) → ReLU → maxpool 2 → noise → conv 16 (5×5) → ReLU → maxpool 2 → noise → flatten
     → FC 120 → ReLU → noise → FC 84 → ReLU → noise → FC num_classes.
 
@@ -53,4 +53,5 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, no
         nn.ReLU(),
         nn.Linear(84, num_classes),
     )
-    return attach(model) if noise else model
+    options = noise_options(noise, "lenet5")
+    return model if options is None else attach(model, **options)

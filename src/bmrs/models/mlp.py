@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn import attach
-from ._checks import non_negative_int, positive_int
+from ._checks import non_negative_int, positive_int, noise_options
 
 __all__ = ["mlp"]
 
@@ -16,7 +16,7 @@ def mlp(
     hidden: int = 150,
     layers: int = 1,
     num_classes: int = 10,
-    noise: bool = True,
+    noise: bool | dict = True,
     activation: type[nn.Module] = nn.Tanh,
 ) -> nn.Sequential:
     """Flatten → Linear(in_dim, hidden) → act → noise → ``layers`` × [Linear(hidden, hidden) → act → noise] → Linear head.
@@ -46,4 +46,5 @@ def mlp(
         modules += [nn.Linear(hidden, hidden), activation()]
     modules.append(nn.Linear(hidden, num_classes))
     model = nn.Sequential(*modules)
-    return attach(model) if noise else model
+    options = noise_options(noise, "mlp")
+    return model if options is None else attach(model, **options)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import attach
-from ._checks import positive_int
+from ._checks import positive_int, noise_options
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50", "batchnorm_names"]
 
@@ -151,10 +151,11 @@ def _build(block, layers, num_classes, in_channels, small_input, noise, builder)
     positive_int("num_classes", num_classes, builder)
     positive_int("in_channels", in_channels, builder)
     model = ResNet(block, layers, num_classes=num_classes, in_channels=in_channels, small_input=bool(small_input))
-    return attach(model, targets=batchnorm_names(model)) if noise else model
+    options = noise_options(noise, builder)
+    return model if options is None else attach(model, targets=batchnorm_names(model), **options)
 
 
-def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, noise: bool = True) -> ResNet:
+def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, noise: bool | dict = True) -> ResNet:
     """ResNet-18 (11,689,512 parameters with 1000 classes), noise after each of its 20 BatchNorms.
 
     Examples:
@@ -169,7 +170,7 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = 
     return _build(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, small_input, noise, "resnet18")
 
 
-def resnet50(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, noise: bool = True) -> ResNet:
+def resnet50(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, noise: bool | dict = True) -> ResNet:
     """ResNet-50 (25,557,032 parameters with 1000 classes), noise after each of its 53 BatchNorms.
 
     Examples:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nn import attach
-from ._checks import positive_int
+from ._checks import positive_int, noise_options
 
 __all__ = ["PatchEmbed", "Attention", "Mlp", "Block", "VisionTransformer", "vit", "vit_noise_targets"]
 
@@ -130,7 +130,7 @@ def vit_noise_targets(model: VisionTransformer) -> list[str]:
 
 
 def vit(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_classes: int = 10, dim: int = 192,
-        depth: int = 6, heads: int = 3, mlp_dim: int = 384, noise: bool = True) -> VisionTransformer:
+        depth: int = 6, heads: int = 3, mlp_dim: int = 384, noise: bool | dict = True) -> VisionTransformer:
     """A pre-LN ViT (defaults: ViT-Tiny width, 6 blocks, 4×4 patches of 32×32 images) with 2·depth noise layers.
 
     Examples:
@@ -151,4 +151,5 @@ def vit(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_cla
     if dim % heads:
         raise ConfigError(f"vit: heads {heads} must divide dim {dim}")
     model = VisionTransformer(image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_dim)
-    return attach(model, targets=vit_noise_targets(model)) if noise else model
+    options = noise_options(noise, "vit")
+    return model if options is None else attach(model, targets=vit_noise_targets(model), **options)

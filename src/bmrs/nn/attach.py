@@ -49,7 +49,7 @@ from torch import nn
 
 from ..defaults import KL_REDUCTIONS
 from ..errors import ConfigError, ModelError
-from .bank import _NoiseBank, _bank_clear, _bank_draw, _watch_registrations, noise_layers
+from .bank import _NoiseBank, _bank_clear, _bank_draw, noise_layers
 from .heads import HeadGate, head_layout, ready_for_gate
 from .hooks import NOISE_ATTR, _apply_noise, _gate_heads, _hook_target, _NoiseAfterPool
 from .loss import kl_loss
@@ -57,7 +57,7 @@ from .mha import make_plain
 from .noise import MultiplicativeNoise
 from .placement import default_targets, explicit_targets, sequence_first_axis
 
-__all__ = ["attach", "noise_layers", "kl_loss", "detach_noise", "install_noise", "NOISE_ATTR", "KL_REDUCTIONS"]
+__all__ = ["attach", "noise_layers", "kl_loss", "detach", "detach_noise", "install_noise", "NOISE_ATTR", "KL_REDUCTIONS"]
 
 
 def attach(
@@ -107,8 +107,8 @@ def attach(
         examples_at = sequence_first_axis(modules, name) if batch_dim is None else batch_dim
         layout = head_layout(module) if dim == -2 else None
         noise = MultiplicativeNoise(features, dim=dim, low=low, high=high, granularity=granularity,
-                                    batch_dim=examples_at, head_dim=layout.head_dim if layout else None)
-        noise.producer = producer  # the Conv/Linear whose output structures this layer gates
+                                    batch_dim=examples_at, head_dim=layout.head_dim if layout else None,
+                                    producer=producer)  # the Conv/Linear whose output structures it gates
         param = next(module.parameters(), None)
         if param is not None:
             noise = noise.to(device=param.device)
@@ -130,14 +130,21 @@ def install_noise(model: nn.Module, entries: list[tuple[nn.Module, Multiplicativ
             continue
         target = _hook_target(module, noise, modules, places)
         target.register_forward_hook(_apply_noise if target is module else _NoiseAfterPool(module), with_kwargs=True)
-    _watch_registrations()
     model._bmrs_bank = _NoiseBank([noise for _, noise in noise_layers(model)])
     model.register_forward_pre_hook(_bank_draw)
     model.register_forward_hook(_bank_clear)
 
 
-def detach_noise(model: nn.Module) -> nn.Module:
-    """Remove every noise layer and its hook (no folding: use ``bmrs.compact`` to keep the function)."""
+def detach(model: nn.Module) -> nn.Module:
+    """Undo :func:`attach`: remove every noise layer, its hook and the noise bank, in place (no folding:
+    ``bmrs.compact`` keeps the function).  ``detach_noise`` is the same function under its older name.
+
+    Examples:
+        >>> import torch, bmrs
+        >>> net = bmrs.attach(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+        >>> bmrs.noise_layers(bmrs.detach(net))
+        []
+    """
     for _, module in model.named_modules():
         if NOISE_ATTR in getattr(module, "_modules", {}):
             del module._modules[NOISE_ATTR]
@@ -150,3 +157,6 @@ def detach_noise(model: nn.Module) -> nn.Module:
         if "_bmrs_bank" in module.__dict__:
             del module.__dict__["_bmrs_bank"]
     return model
+
+
+detach_noise = detach  # (the older name)

@@ -30,15 +30,10 @@ _POOL_DIMS = {
     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
 }
 
-# How many times a registered noise layer has been applied (by its hook), process-wide: with it a model's
-# noise bank can tell that its last forward applied exactly its layers (see bank._NoiseBank.finish).
-_applications = [0]
-
 def _apply_noise(module: nn.Module, args, *rest):
     """Forward hook applying the noise registered under ``module``: (module, args, kwargs, output) as
     registered with ``with_kwargs=True``, or (module, args, output) as models pickled before that were."""
     kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
-    _applications[0] += 1
     noise = module._modules[NOISE_ATTR]
     if isinstance(output, tuple):  # e.g. MultiheadAttention returns (output, weights)
         return (noise(output[0]),) + tuple(output[1:])
@@ -49,7 +44,6 @@ def _apply_noise(module: nn.Module, args, *rest):
 
 def _gate_heads(host: nn.Module, heads: Tensor) -> Tensor:
     """Apply the head gate registered under the attention module ``host`` to its (…, heads, head_dim) values."""
-    _applications[0] += 1
     return host._modules[NOISE_ATTR](heads)
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..defaults import KL_REDUCTIONS
 from ..errors import ConfigError, ModelError
-from .bank import _bounds_groups, _concat_posteriors, _mean_weights, _NoiseBank, noise_layers
+from .bank import _bounds_groups, _concat_posteriors, _mean_weights, _NoiseBank, noise_modules
 from .fused_layers import kl_layers
 from .noise import MultiplicativeNoise
 
@@ -41,25 +41,19 @@ def kl_loss(model: nn.Module, reduction: str = "mean", num_train: int | None = N
         raise ConfigError(f"kl_loss: reduction must be one of {', '.join(KL_REDUCTIONS)}, got {reduction!r}")
     if reduction == "elbo" and (isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1):
         raise ConfigError(f"kl_loss(reduction='elbo') needs num_train, the training-set size; got {num_train!r}")
-    bank = model.__dict__.get("_bmrs_bank")
-    if reduction == "mean" and bank is not None and bank.covers_model():
-        # the common training step: the mean formed by this step's draw, the model not walked (a walk
-        # reads every module, which after the step's matrix products costs tens of microseconds)
-        mean = bank.stashed_mean_kl(bank.layers)
-        if mean is not None:
-            return mean
-    layers = [noise for _, noise in noise_layers(model)]
+    layers = noise_modules(model)
     if not layers:
         raise ModelError("kl_loss: the model has no noise layers; call bmrs.attach(model) first")
+    bank = model.__dict__.get("_bmrs_bank")
     if bank is not None:
-        bank.confirm(layers)
+        bank.sync(layers)  # (a model edited by hand since attach: the walk is the truth)
+        if reduction == "mean":
+            mean = bank.stashed_mean_kl(layers)  # formed by this step's draw
+            if mean is not None:
+                return mean
     # one batched KL per group of bounds: the work is per operation, so concatenating all layers
     # makes the KL of a deep network as cheap as that of one layer; the mean is a weighted sum over
     # each layer's original structures (removing pruned ones changes no weight)
-    if reduction == "mean" and bank is not None:
-        mean = bank.stashed_mean_kl(layers)  # formed by this step's draw
-        if mean is not None:
-            return mean
     total = None
     for members in _bounds_groups(layers):
         coefs = _kl_weights(reduction, members, layers, num_train)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._kernels.constants import LOG_SIGMA_RANGE
 from ..distributions import TruncatedLogNormal, TruncatedLogUniform
 from ..distributions import _truncnorm as tn
 from ..distributions.fast_sample import sample_theta
@@ -16,7 +17,6 @@ from .uniforms import counter_uniforms, draw_key
 
 __all__ = ["MultiplicativeNoise", "LOG_SIGMA_RANGE", "GRANULARITIES"]
 
-LOG_SIGMA_RANGE = (-20.0, 5.0)
 GRANULARITIES = ("structure", "element")
 
 
@@ -47,7 +47,10 @@ class MultiplicativeNoise(nn.Module):
     positions and tokens) or once per element with ``"element"`` (as the published code does).
     ``batch_dim``: the axis of inputs with three or more dimensions that indexes examples (0, or 1 for
     sequence-first (tokens, examples, features) tensors); (examples, features) inputs use 0.
-    Evaluation: θ is replaced by E[θ]·mask, cached until a parameter or the mask changes.
+    Evaluation: θ is replaced by E[θ]·mask, cached while mu, log σ, the mask and the bounds hold the
+    values it was computed from (compared by value, so writes that bump no version counter, such as fused
+    Adam's, are seen); inside :func:`bmrs.frozen_noise` the cached value is reused without that check.
+    ``producer``: the name of the Conv/Linear whose outputs this layer gates (set by :func:`bmrs.attach`).
     Pruned structures (mask 0) output exactly zero in both modes.
 
     Examples:
@@ -60,6 +63,8 @@ class MultiplicativeNoise(nn.Module):
 
     batch_dim = 0  # (layers pickled before it existed were batch-first)
     head_dim = None  # (nor gated heads)
+    _held = None
+    _frozen = False
 
     def __init__(
         self,
@@ -72,6 +77,7 @@ class MultiplicativeNoise(nn.Module):
         init_log_sigma: float = -5.0,
         batch_dim: int = 0,
         head_dim: int | None = None,
+        producer: str | None = None,
     ):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -82,6 +88,8 @@ class MultiplicativeNoise(nn.Module):
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
             raise ConfigError(f"head_dim must be a positive integer (channels per attention head), got {head_dim!r}")
+        if producer is not None and not isinstance(producer, str):
+            raise ConfigError(f"producer must be a module name (str) or None, got {producer!r}")
         self.num_features, self.dim, self.granularity, self.batch_dim = num_features, dim, granularity, batch_dim
         #: channels per head when this layer gates attention heads (bmrs.nn.heads), else None
         self.head_dim = head_dim
@@ -93,9 +101,10 @@ class MultiplicativeNoise(nn.Module):
         # bmrs.compaction.shrink, which removes pruned structures physically during training.
         self.register_buffer("kept_index", torch.arange(num_features))
         self.full_features = num_features
-        self._eval_cache: tuple[tuple, Tensor, dict] | None = None
-        self.producer: str | None = None  # set by bmrs.attach: the Conv/Linear this layer gates
-        self.pending_theta: Tensor | None = None  # drawn for this layer by the model's noise bank
+        self.producer = producer
+        self._eval_cache: _ThetaCache | None = None
+        self._frozen = False  # inside bmrs.frozen_noise: reuse the cached E[θ]·mask unchecked
+        self._held: tuple[Tensor | None, int] | None = None  # this forward's draw from the model's noise bank
 
     # -- the bounds of ln θ: validated, and the cached E[θ] follows them ------------------------
     def set_bounds(self, low: float, high: float) -> None:
@@ -148,14 +157,14 @@ class MultiplicativeNoise(nn.Module):
         keep = keep.to(self.mask.device)
         out = MultiplicativeNoise(int(keep.numel()), dim=self.dim, low=self.low, high=self.high,
                                   granularity=self.granularity, batch_dim=self.batch_dim,
-                                  head_dim=self.head_dim).to(self.mu.device)
+                                  head_dim=self.head_dim, producer=self.producer).to(self.mu.device)
         with torch.no_grad():
             out.mu = nn.Parameter(self.mu.detach()[keep].clone(), requires_grad=self.mu.requires_grad)
             out.log_sigma = nn.Parameter(self.log_sigma.detach()[keep].clone(),
                                          requires_grad=self.log_sigma.requires_grad)
             out.mask.copy_(self.mask[keep])
             out.kept_index.copy_(self.kept_index[keep])
-        out.full_features, out.producer = self.full_features, self.producer
+        out.full_features = self.full_features
         out.train(self.training)
         return out
 
@@ -165,12 +174,6 @@ class MultiplicativeNoise(nn.Module):
         if key not in state_dict and prefix + "mask" in state_dict:
             state_dict[key] = torch.arange(state_dict[prefix + "mask"].numel())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def train(self, mode: bool = True) -> "MultiplicativeNoise":
-        # a mode switch drops the cached E[θ]·mask: parameters written without a version bump
-        # (``.data``, some fused optimizers) cannot leave the next evaluation stale
-        self._eval_cache = None
-        return super().train(mode)
 
     # -- distributions ------------------------------------------------------------------------
     @property
@@ -209,16 +212,19 @@ class MultiplicativeNoise(nn.Module):
         return params["mu"], params["log_sigma"], buffers["mask"], buffers["kept_index"]
 
     def expected_theta(self) -> Tensor:
-        """E[θ]·mask, cached in eval mode and recomputed only when mu, log_sigma, mask or the bounds change."""
-        mu, log_sigma, mask, _ = self.tensors()
-        key = (mu._version, log_sigma._version, mask._version, mu.data_ptr(), log_sigma.data_ptr(),
-               mask.data_ptr(), mu.device, mu.dtype, self.low, self.high)
+        """E[θ]·mask, cached while mu, log σ, the mask and the bounds keep their values (see the class docstring).
+
+        Examples:
+            >>> noise = MultiplicativeNoise(3)
+            >>> noise.expected_theta() is noise.expected_theta()     # cached
+            True
+        """
         cache = self._eval_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
+        if cache is not None and (self._frozen or cache.holds(self)):
+            return cache.value
         with torch.no_grad():
-            value = self.posterior().mean * mask
-        self._eval_cache = (key, value, {})  # the last: E[θ]·mask viewed for inputs, by (ndim, dtype)
+            value = self.posterior().mean * self.mask
+        self._eval_cache = _ThetaCache(self, value)
         return value
 
     # -- forward --------------------------------------------------------------------------------
@@ -274,15 +280,14 @@ class MultiplicativeNoise(nn.Module):
         the uniform stream are examples (per element: examples, then positions), counted from the global
         index of this forward's first example (``row_first``, a distributed shard's offset, set by the
         model's noise bank), so that a shard draws the θ a single process draws for its examples."""
-        first = self.__dict__.get("row_first", 0)
+        pending, first = self._held or (None, 0)
         if self.granularity == "element":
             dim, axis = self.dim % x.dim(), self.example_axis(x)
             shape = x.movedim((axis, dim), (0, -1)).shape[:-1]  # (examples, positions…)
             theta = self.draw_theta(self.mu, self.sigma, shape, self.kept_index, self.mask,
                                     first * math.prod(shape[1:])).to(x.dtype)
             return theta.movedim((0, -1), (axis, dim))
-        pending = self.__dict__["pending_theta"]
-        self.hold_theta(None)
+        self.hold_draw(None, first)  # θ is used once; the shard's offset holds for the whole forward
         examples = x.shape[self.example_axis(x)]
         if pending is not None and pending.shape[0] == examples:
             theta = pending  # the bank's draw, mask applied
@@ -290,11 +295,20 @@ class MultiplicativeNoise(nn.Module):
             theta = self.draw_theta(self.mu, self.sigma, examples, self.kept_index, self.mask, first)
         return self._view(theta if theta.dtype == x.dtype else theta.to(x.dtype), x)
 
-    def hold_theta(self, theta: Tensor | None) -> None:
-        """Keep θ (examples, structures) drawn for this layer by the model's noise bank until the next
-        training forward uses it (None: draw afresh).  A plain attribute write: nn.Module's
-        ``__setattr__`` costs microseconds, and this runs for every layer at every step."""
-        self.__dict__["pending_theta"] = theta
+    def hold_draw(self, theta: Tensor | None, row_first: int = 0) -> None:
+        """Keep, for this layer's next training forward, θ (examples, structures) drawn for it by the model's
+        noise bank (None: the layer draws for itself) and the uniform stream's row of the forward's first
+        example (``row_first``: a distributed shard's offset).  The bank's draw sets it before the model's
+        forward and clears it after.  A plain attribute write: ``nn.Module.__setattr__`` costs microseconds,
+        and this runs for every layer at every step.
+
+        Examples:
+            >>> import torch
+            >>> noise = MultiplicativeNoise(3)
+            >>> noise.hold_draw(torch.full((2, 3), 0.5)); noise(torch.ones(2, 3)).tolist()
+            [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+        """
+        self.__dict__["_held"] = None if theta is None and not row_first else (theta, row_first)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -316,7 +330,7 @@ class MultiplicativeNoise(nn.Module):
         if self.training or x.requires_grad:
             return self(x)
         theta, cache = self.expected_theta(), self._eval_cache
-        views = cache[2] if cache is not None and cache[1] is theta else {}  # views of this very θ
+        views = cache.views if cache is not None and cache.value is theta else {}  # views of this very θ
         form = (x.dim(), x.dtype)
         view = views.get(form)
         if view is None or x.shape[self.dim] != self.num_features:  # (_view raises on a bad input)
@@ -329,3 +343,21 @@ class MultiplicativeNoise(nn.Module):
         batch = f", batch_dim={self.batch_dim}" if self.batch_dim else ""
         return (f"{self.num_features}, dim={self.dim}, low={self.low:g}, high={self.high:g}, "
                 f"granularity={self.granularity!r}{batch}, kept={kept}{removed}")
+
+
+class _ThetaCache:
+    """A noise layer's E[θ]·mask, the values it was computed from (copies: the check compares values, not
+    version counters), and the value's views by (input ndim, dtype) for :meth:`MultiplicativeNoise.scale_`."""
+
+    def __init__(self, noise: MultiplicativeNoise, value: Tensor):
+        mu, log_sigma, mask, _ = noise.tensors()
+        self.inputs = tuple(t.detach().clone() for t in (mu, log_sigma, mask))
+        self.bounds = (noise.low, noise.high)
+        self.value, self.views = value, {}
+
+    def holds(self, noise: MultiplicativeNoise) -> bool:
+        """True when the layer's parameters, mask and bounds still have the values this was computed from."""
+        mu, log_sigma, mask, _ = noise.tensors()
+        return self.bounds == (noise.low, noise.high) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(self.inputs, (mu, log_sigma, mask)))

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from .. import _kernels
+from .._kernels.constants import MIX_MULTIPLIERS
 
 __all__ = ["draw_key", "counter_uniforms", "reference_uniforms"]
 
-_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+_MULTIPLIERS = MIX_MULTIPLIERS
 _WORD = 0xFFFFFFFF
 
 

@@ -252,7 +252,7 @@ class TrainConfig:
         if self.threshold is not None and self.criterion not in THRESHOLD_CRITERIA:
             raise ConfigError(f"threshold applies only to the {' and '.join(THRESHOLD_CRITERIA)} criteria", field="threshold")
         if self.criterion == "bmrs-u":  # its reduced prior must meet the noise's interval (else: after an epoch)
-            from ..reduction import precision_prior
+            from ..evidence import precision_prior
             precision_prior(self.p1, self.low, self.high)
         if not self.noise and self.criterion != "none":
             raise ConfigError("pruning needs noise layers: use --criterion none with --no-noise", field="noise")

@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..nn.attach import kl_loss, noise_layers
+from ..nn.bank import shard_rows
+from ..nn.frozen import frozen_noise
 
 __all__ = ["batches", "train_epoch", "evaluate", "check_finite", "divergence_bound", "DIVERGENCE_FACTOR"]
 
@@ -130,7 +132,6 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
         for _, noise in layers:
             noise.eval()
     has_noise = bool(layers) and not freeze_noise
-    bank = getattr(model, "_bmrs_bank", None)
     num_train = len(dataset)
     totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "correct": 0, "seen": 0}
     steps = math.ceil(num_train / batch_size)
@@ -140,18 +141,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Ten
     bar = tqdm(batches(dataset, batch_size, generator, device, min_batch=2 if batch_norm else 1), total=steps, desc=desc, leave=False,
                disable=not progress, unit="batch")
     for step, (x, y) in enumerate(bar):
-        scale = 1.0
+        scale, first = 1.0, 0
         if dist is not None and dist.active:
             part = dist.local_slice(len(y))
-            scale = dist.world * (part.stop - part.start) / len(y)
-            if bank is not None:
-                bank.row_first = part.start
+            scale, first = dist.world * (part.stop - part.start) / len(y), part.start
             x, y = x[part], y[part]
-        try:
+        with shard_rows(model, first):
             logits = forward(x)
-        finally:
-            if bank is not None:
-                bank.row_first = 0
         # (a process whose slice of a short last batch is empty still joins the gradient average)
         ce = nn.functional.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
         kl = kl_weight * kl_loss(model, kl_reduction, num_train) if has_noise else torch.zeros((), device=ce.device)
@@ -190,12 +186,12 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 1024, d
     """
     model.eval()
     correct1 = correct5 = seen = 0
-    for x, y in batches(dataset, batch_size, None, device):
-        logits = model(x)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(1).sum())
-        seen += len(y)
+    with frozen_noise(model):
+        for x, y in batches(dataset, batch_size, None, device):
+            logits = model(x)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(1).sum())
+            seen += len(y)
     seen = max(seen, 1)
     return {"accuracy": correct1 / seen, "top5_accuracy": correct5 / seen}

@@ -74,11 +74,8 @@ def build_for(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Mod
 
     torch.manual_seed(config.seed)
     spec = builder_for(config, in_channels, num_classes)
-    model = build_model(spec.pop("name"), noise=config.noise, **spec)
-    for _, noise in noise_layers(model):
-        noise.granularity = config.granularity
-        noise.set_bounds(config.low, config.high)
-    return model
+    settings = {"low": config.low, "high": config.high, "granularity": config.granularity}
+    return build_model(spec.pop("name"), noise=settings if config.noise else False, **spec)
 
 
 def _criterion(config: TrainConfig) -> Criterion | None:
