@@ -1,8 +1,9 @@
 # `make setup` installs everything (CPU torch first so no CUDA build is pulled).
-# `make run` runs the main job; `make test` runs the test suite.
+# `make run` runs the main job; `make test` runs the test suite; `make reproduce` runs (or continues) the
+# paper's reproduction from this checkout (paper/README.md: about 5 hours on two cores; rerun to resume).
 PYTHON ?= python3
 
-.PHONY: setup run test data
+.PHONY: setup run test data reproduce
 
 setup:
 	$(PYTHON) -m pip install -q torch==2.13.0
@@ -20,3 +21,8 @@ run: setup data
 
 test:
 	$(PYTHON) -m pytest
+
+# resumable: finished runs are skipped, interrupted ones continue, the report in paper/results is rebuilt
+# (setup installs every extra, the `paper` one among them: matplotlib, scipy, kneed)
+reproduce: setup data
+	$(PYTHON) -m paper fashion-mnist

@@ -137,7 +137,7 @@ def _pruned_models(quick: bool) -> dict:
                 noise.mask.copy_((torch.rand(noise.num_features, generator=g) > 0.8).float())
         else:
             # BMRS_U (p1 = 4) is the criterion that prunes in a short run (exact BMRS_N prunes only
-            # what the data pushes towards θ = 0, which takes the full schedule; see docs/results).
+            # what the data pushes towards θ = 0, which takes the full schedule; see paper/results).
             cfg = TrainConfig(model=name, criterion="bmrs-u", p1=4, epochs=6, finetune_epochs=1, batch_size=32,
                               lr=1e-2, train_subset=6000, seed=0, **kw)
             train(cfg, f"/tmp/bmrs-bench-{key}", progress=False, log=lambda *_: None,

@@ -1,6 +1,6 @@
 """The shape of the code: the layers of ../DESIGN.md (nothing imports upward), no import cycle, no private
-name imported across subpackages, no file in src/ over 400 lines.  Read from the source with ``ast``: nothing
-is imported or run."""
+name imported across subpackages, no file in src/ over 400 lines; the paper's reproduction (paper/) uses bmrs's
+public names only and bmrs never imports it.  Read from the source with ``ast``: nothing is imported or run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PAPER = ROOT / "paper"
 MAX_LINES = 400
 
 # The layers, bottom up (DESIGN.md "Layers of the code"): a module may import from its own layer and those
@@ -207,6 +209,40 @@ def test_the_criteria_registry_agrees_with_the_classes():
         assert cls.name == name
         assert cls().has_rule == (rule != "ranking"), name
         assert ("threshold" in inspect.signature(cls).parameters) == (rule == "threshold"), name
+
+
+def _absolute_imports(path: Path) -> list[tuple[str, str | None, int]]:
+    """(module imported, name taken from it or None, line) for every absolute import in ``path``, at any level."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, None, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out += [(node.module, alias.name, node.lineno) for alias in node.names]
+    return out
+
+
+def test_the_installed_package_never_imports_the_paper():
+    """paper/ is not installed (pyproject finds packages under src/ only), so an import of it from bmrs would
+    work in a checkout and fail for every user."""
+    import tomllib
+
+    found = [f"{path.relative_to(SRC)}:{line} imports {module}" for path in sorted((SRC / "bmrs").rglob("*.py"))
+             for module, _, line in _absolute_imports(path) if module.split(".")[0] == "paper"]
+    assert not found, "bmrs imports the paper's reproduction:\n" + "\n".join(found)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["where"] == ["src"]
+
+
+def test_the_paper_uses_only_public_bmrs_names():
+    """``from bmrs.x import _name`` or ``import bmrs._x`` in paper/ would tie the reproduction to internals."""
+    edges = [(path.relative_to(ROOT).as_posix(), module, taken, line) for path in sorted(PAPER.glob("*.py"))
+             for module, taken, line in _absolute_imports(path) if module.split(".")[0] == "bmrs"]
+    assert ("paper/runs.py", "bmrs.training", "TrainConfig") in {e[:3] for e in edges}  # (the walk sees them)
+    private = [f"{path}:{line} takes {module}" + (f".{taken}" if taken else "") for path, module, taken, line in edges
+               if any(part.startswith("_") for part in module.split("."))
+               or (taken and taken.startswith("_") and not taken.startswith("__"))]
+    assert not private, "private bmrs names used by paper/:\n" + "\n".join(private)
 
 
 def test_constants_shared_with_the_kernels_have_one_source():

@@ -20,9 +20,9 @@ from torch.utils.data import TensorDataset
 import bmrs
 from bmrs.cli import main
 from bmrs.errors import ConfigError, WriteError
-from bmrs.experiments import reproduce_runs
 from bmrs.experiments.curve import run_curve
 from bmrs.io import TEMP_SUFFIX, staged_outputs, write_json
+from paper import runs as reproduce_runs
 
 TINY = ["--no-progress", "train", "--model", "mlp", "--hidden", "16", "--epochs", "1", "--finetune-epochs", "0",
         "--batch-size", "128", "--train-subset", "400", "--threads", "1", "--criterion", "bmrs-n"]
@@ -125,12 +125,12 @@ def test_report_only_never_replaces_a_report_built_from_more_runs(tmp_path, caps
     report.mkdir()
     (report / "fashion-mnist.md").write_text("runs in `runs/x`, 40 of 78 finished; …")
     before = (report / "fashion-mnist.md").read_bytes()
-    code = main(["reproduce", "fashion-mnist", "--report-only", "--runs", str(tmp_path / "mistyped"),
-                 "--report", str(report)])
+    from paper.cli import main as paper_main
+    code = paper_main(["fashion-mnist", "--report-only", "--runs", str(tmp_path / "mistyped"), "--report", str(report)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "40 finished runs" in err and "--force" in err, err
     assert (report / "fashion-mnist.md").read_bytes() == before
-    from bmrs.experiments.reproduce import reproduce
+    from paper.reproduce import reproduce
     assert reproduce(_reproduce_args(tmp_path, force=True), log=lambda _: None, progress=False) == 0
     assert json.loads((report / "report.json").read_text())["finished_runs"] == 0
     with pytest.raises(ConfigError):  # (an empty report does not block a fuller one, but the manifest counts)

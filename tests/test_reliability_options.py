@@ -44,12 +44,20 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (["compact", "--run", "{tmp}", "--batch-size", "100000000000000000000"], "--batch-size"),
     (["curve", "--run", "{tmp}", "--levels", "1e20"], "--levels"),
     (["curve", "--run", "{tmp}", "--levels", "100000000000000000000"], "--levels"),
-    (["reproduce", "fashion-mnist", "--workers", "100000", "--runs", "{tmp}/r", "--report", "{tmp}/p"], "--workers"),
-    (["reproduce", "fashion-mnist", "--seeds", "", "--runs", "{tmp}/r", "--report", "{tmp}/p"], "--seeds"),
 ])
 def test_numeric_options_are_range_checked_naming_the_option(capsys, tmp_path, args, option):
     code, line = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2 and option in line, line
+
+
+@pytest.mark.parametrize("args,option", [(["--workers", "100000"], "--workers"), (["--seeds", ""], "--seeds")])
+def test_the_paper_reproductions_options_are_range_checked_naming_the_option(capsys, tmp_path, args, option):
+    from paper.cli import main as paper_main  # (python -m paper: the reproduction, outside the installed package)
+    code = paper_main(["fashion-mnist", *args, "--runs", str(tmp_path / "r"), "--report", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("paper: error:") and "Traceback" not in err, err
+    assert code == 2 and option in lines[0] and not (tmp_path / "r").exists(), lines[0]
 
 
 @pytest.fixture(scope="module")

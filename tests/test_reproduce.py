@@ -1,17 +1,23 @@
-"""The reproduction pipeline on a tiny grid, and its statistics (knee, mantissa test, aggregation)."""
+"""The paper's reproduction (paper/, not installed) on a tiny grid, its statistics (knee, mantissa test,
+aggregation) and its command ``python -m paper``."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import bmrs
-from bmrs.experiments.reproduce_report import CSV_COLUMNS, aggregate, build_report, knee_distances, mantissa_test
-from bmrs.experiments.reproduce_runs import METHODS, grid_jobs, run_jobs
+from paper.report import CSV_COLUMNS, aggregate, build_report, knee_distances, mantissa_test
+from paper.runs import METHODS, grid_jobs, run_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_aggregate_mean_and_sample_std():
@@ -78,7 +84,7 @@ def test_tiny_grid_runs_and_reports(tmp_path):
 
 
 def test_agreement_verdicts():
-    from bmrs.experiments.reproduce_report import agreement
+    from paper.report import agreement
     rows = aggregate([{"network": "mlp", "method": "ev", "seed": 0, "compression": 91.8, "accuracy": 85.5},
                       {"network": "mlp", "method": "bmrs-n", "seed": 0, "compression": 0.0, "accuracy": 85.1}])
     lines = agreement(rows)
@@ -86,7 +92,7 @@ def test_agreement_verdicts():
 
 
 def test_goal_verdicts_against_both_unpruned_references():
-    from bmrs.experiments.reproduce_report import goal_lines
+    from paper.report import goal_lines
     rows = [{"network": "mlp", "method": m, "seed": 0, "compression": c, "accuracy": a}
             for m, c, a in [("none", 0.0, 87.0), ("plain", 0.0, 88.0), ("bmrs-n", 0.0, 86.0),
                             ("bmrs-n-published-detft", 90.0, 86.5), ("bmrs-n-published", 91.0, 84.9)]]
@@ -100,9 +106,9 @@ def test_goal_verdicts_against_both_unpruned_references():
                                                      ("--epochs", "-1", "epochs")])
 def test_reproduce_checks_the_grids_settings_before_any_run(tmp_path, option, value, fragment):
     # --train-subset 0 went to the runs as "not given": every run trained on all 48,000 examples
-    from bmrs.cli import build_parser
-    from bmrs.experiments.reproduce import reproduce
-    args = build_parser().parse_args(["reproduce", "fashion-mnist", "--runs", str(tmp_path / "runs"),
+    from paper.cli import build_parser
+    from paper.reproduce import reproduce
+    args = build_parser().parse_args(["fashion-mnist", "--runs", str(tmp_path / "runs"),
                                       "--report", str(tmp_path / "report"), option, value])
     with pytest.raises(bmrs.ConfigError, match=fragment):
         reproduce(args, log=lambda *_: None)
@@ -130,7 +136,7 @@ def test_jobs_hold_configs_whose_commands_parse_back_to_them(tmp_path):
 
 
 def test_a_run_made_before_the_jobs_held_configs_is_still_the_same_job(tmp_path):
-    # the config of docs/results/runs/goal/lenet5/bmrs-n-published-elbo-detft/seed0 (made from argv, before the
+    # the config of paper/results/runs/goal/lenet5/bmrs-n-published-elbo-detft/seed0 (made from argv, before the
     # KL weight, the evidence margin and the noise rate were settings: the paper's values, as the recipe's)
     saved = {"dataset": "fashion-mnist", "model": "lenet5", "criterion": "bmrs-n-published", "p1": 8.0,
              "threshold": None, "amount": None, "amount_schedule": None, "epochs": 50, "finetune_epochs": 10,
@@ -160,3 +166,39 @@ def test_l2_takes_its_schedule_from_the_run_it_follows(tmp_path):
     (leader.folder / "metrics.json").write_text(json.dumps({"history": history}))
     with pytest.raises(bmrs.CheckpointError, match="pruning step 2"):
         l2.train_config()
+
+
+def test_python_m_paper_runs_from_the_checkout_and_checks_its_options(tmp_path):
+    # (what `bmrs reproduce … --levels 1` answered before the reproduction left the installed package)
+    done = subprocess.run([sys.executable, "-m", "paper", "fashion-mnist", "--levels", "1", "--runs",
+                           str(tmp_path / "r"), "--report", str(tmp_path / "p")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("paper: error: --levels:"), done.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
+def test_the_report_goes_to_paper_results_wherever_the_command_runs():
+    from paper.cli import build_parser
+    args = build_parser().parse_args(["fashion-mnist"])
+    assert Path(args.report) == ROOT / "paper" / "results" and args.runs == "runs/reproduce/fashion-mnist"
+    assert (Path(args.report) / "fashion-mnist.md").is_file() and (Path(args.report) / "fashion-mnist.csv").is_file()
+
+
+@pytest.mark.parametrize("argv", [["reproduce", "fashion-mnist", "--seeds", ""],  # (settings that start no run)
+                                  ["--debug", "reproduce", "fashion-mnist", "--epochs", "-1"],
+                                  ["--no-progress", "reproduce", "--help"]])
+def test_bmrs_reproduce_points_to_the_paper_folder(capsys, argv):
+    from bmrs.cli import main
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("bmrs: error:") and "python -m paper fashion-mnist" in err, err
+
+
+def test_the_installed_package_never_imports_the_paper():
+    done = subprocess.run([sys.executable, "-c", "import sys, bmrs, bmrs.cli, bmrs.experiments.curve; "
+                           "bmrs.cli.build_parser(); print([m for m in sys.modules if m.split('.')[0] == 'paper'])"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

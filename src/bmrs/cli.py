@@ -5,7 +5,8 @@
     bmrs compact --run DIR        a trained run → compacted model file, size, FLOPs and latency
     bmrs prune   --model M:F --checkpoint FILE   your own trained model → pruned, compacted model file
 
-Bad input ends with a one-line ``bmrs: error: …`` and exit code 2 (usage) or 1 (data, checkpoint,
+The paper's reproduction is not installed: ``python -m paper fashion-mnist`` from a source checkout
+(paper/README.md).  Bad input ends with a one-line ``bmrs: error: …`` and exit code 2 (usage) or 1 (data, checkpoint,
 training); ``--debug`` shows the traceback instead.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from . import __version__
 from .errors import BMRSError, ConfigError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_command", "CommandParser", "progress_wanted"]
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -50,21 +51,24 @@ def progress_wanted(args) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line: ``bmrs: error: argument --hidden: invalid int value: '1e16'``."""
+class CommandParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: ``bmrs: error: argument --hidden: invalid int value: '1e16'``
+    (``name``: the program named before ``error:``)."""
+
+    name = "bmrs"
 
     def error(self, message: str):
-        self.exit(2, f"bmrs: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.name}: error: {message} (see {self.prog} --help)\n")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .defaults import CURVE_CRITERIA
-    from .training.options import int_list
 
-    parser = _Parser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
+    parser = CommandParser(prog="bmrs", description="Bayesian Model Reduction for Structured pruning.")
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
     _add_global_options(parser, False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
 
     train = sub.add_parser("train", help="train with continuous pruning, test, compact",
                            description="Train a network with noise layers, pruning after every epoch, then "
@@ -100,22 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--optimize", action="store_true",
                          help="measure the latency with the fast CPU inference layers (bmrs.inference.optimize); "
                               "the model file is the same either way")
-    rep = sub.add_parser("reproduce", help="the paper's Fashion-MNIST table, figures and open questions",
-                         description="Run every method × network × seed (resumable, skipping finished runs), "
-                                     "then write the results table, CSV, plots and summary.")
-    _add_global_options(rep, argparse.SUPPRESS)
-    rep.add_argument("dataset", choices=("fashion-mnist",), help="the dataset to reproduce (fashion-mnist)")
-    rep.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
-    rep.add_argument("--workers", type=int, default=2, help="runs at once, one thread each (default: 2)")
-    rep.add_argument("--epochs", type=int, default=50, help="epochs with pruning (paper: 50)")
-    rep.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs (paper: 10)")
-    rep.add_argument("--train-subset", type=int, default=None, help="train on N examples only (quick runs)")
-    rep.add_argument("--levels", type=int, default=21, help="levels of the post-training sweep (paper: 100)")
-    rep.add_argument("--runs", default="runs/reproduce/fashion-mnist", help="folder of the runs")
-    rep.add_argument("--report", default="docs/results", help="folder of the report")
-    rep.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
-    rep.add_argument("--force", action="store_true",
-                     help="replace a report even if it was built from more finished runs than there are now")
     from .experiments.prune_run import add_prune_command  # (imports no torch)
     add_prune_command(sub, _add_global_options)
     return parser
@@ -165,30 +153,25 @@ def _compact(args) -> int:
     return 0
 
 
-def _reproduce(args) -> int:
-    from .experiments.reproduce import reproduce
-    from .extras import require
-
-    for module in ("matplotlib", "scipy", "kneed"):  # the report's figures, tests and knee points
-        require(module, "paper", "the reproduction's report")
-    return reproduce(args, progress=progress_wanted(args))
-
-
 def _prune(args) -> int:
     from .experiments.prune_run import run_prune
 
     return run_prune(args)
 
 
-COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "reproduce": _reproduce, "prune": _prune}
+COMMANDS = {"train": _train, "curve": _curve, "compact": _compact, "prune": _prune}
 #: what to do after Ctrl-C (or SIGTERM): each command's outputs are written as one set, so a rerun is safe
 INTERRUPTED = {
     "train": "rerun the same command with --resume to continue from the last checkpoint",
     "curve": "nothing was written; rerun the same command to sweep again",
     "compact": "nothing was written; rerun the same command",
-    "reproduce": "rerun the same command: finished runs are kept and interrupted ones resume",
     "prune": "rerun the same command",
 }
+
+
+#: commands that left the installed package: where they went
+MOVED = {"reproduce": "the paper's reproduction is not part of the installed package; from a source checkout of "
+                      "bmrs, run `python -m paper fashion-mnist` (see paper/README.md)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,35 +179,54 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show σ or θ gets \u03c3, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)  # (the global options take no value)
+    if command in MOVED:
+        print(f"bmrs: error: {MOVED[command]}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    return run_command(COMMANDS[args.command], args, INTERRUPTED.get(args.command, "rerun the same command"))
+
+
+def run_command(command, args, interrupted: str = "rerun the same command", name: str = "bmrs") -> int:
+    """``command(args)`` with the CLI's error handling: a BMRSError, an OSError or running out of memory is one line
+    ``NAME: error: …`` and exit code 2 (settings) or 1 (the rest), unless ``args.debug``; Ctrl-C and SIGTERM exit
+    with 130 after the advice ``interrupted``.
+
+    Examples:
+        >>> from argparse import Namespace
+        >>> run_command(lambda args: 0, Namespace(debug=False))
+        0
+    """
     main_thread = threading.current_thread() is threading.main_thread()  # (signals reach the main thread only)
-    # SIGTERM acts as Ctrl-C: temporaries removed, children stopped, the advice below printed
+    # SIGTERM acts as Ctrl-C: temporaries removed, children stopped, the advice printed
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    debug = getattr(args, "debug", False)
     try:
-        return COMMANDS[args.command](args)
+        return command(args)
     except BMRSError as err:
-        if args.debug:
+        if debug:
             raise
         field = getattr(err, "field", None)  # a setting given on this command line: name its option
         prefix = f"{_option_name(field)}: " if field and hasattr(args, field) else ""
-        print(f"bmrs: error: {prefix}{err}", file=sys.stderr)
+        print(f"{name}: error: {prefix}{err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
-        print(f"bmrs: interrupted; {INTERRUPTED.get(args.command, 'rerun the same command')}", file=sys.stderr)
+        print(f"{name}: interrupted; {interrupted}", file=sys.stderr)
         return 130
     except OSError as err:
-        if args.debug:
+        if debug:
             raise
-        print(f"bmrs: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
+        print(f"{name}: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as err:
-        if args.debug or not _out_of_memory(err):
+        if debug or not _out_of_memory(err):
             raise
-        print("bmrs: error: out of memory; lower the sizes asked for (--batch-size, --hidden, --image-size, "
+        print(f"{name}: error: out of memory; lower the sizes asked for (--batch-size, --hidden, --image-size, "
               "--levels …) or free memory", file=sys.stderr)
         return 1
     finally:

@@ -2,7 +2,7 @@
 exploratory runs, the cost of the noise layers and the schedule, as Markdown and CSV.
 
 Examples:
-    from bmrs.experiments.reproduce_tables import aggregate
+    from paper.tables import aggregate
     aggregate([{"network": "mlp", "method": "none", "compression": 0.0, "accuracy": 88.0}])
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write, read_json
-from .reproduce_runs import EXTRA_METHODS, GOAL_REFERENCES, PAPER, PAPER_STD, Job
+from bmrs.io import atomic_write, read_json
+from .runs import EXTRA_METHODS, GOAL_REFERENCES, PAPER, PAPER_STD, Job
 
 __all__ = ["TABLE_METHODS", "CSV_METHODS", "CSV_COLUMNS", "aggregate", "agreement", "goal_lines", "goal_runs_table"]
 

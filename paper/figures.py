@@ -4,7 +4,7 @@ histograms, ΔF after exact BMRS_N, the p₁ sweep and the mantissa test.
 Each function reads finished runs (``runs``) and writes its figure (and data) into ``out``.
 
 Examples:
-    from bmrs.experiments.reproduce_figures import mantissa_test
+    from paper.figures import mantissa_test
     mantissa_test(values)["p_value"]
 """
 
@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compaction import compact, compression_report
-from ..criteria import BMRSU
-from ..defaults import CURVE_CRITERIA
-from ..io import atomic_write, read_json, write_json
-from ..nn.attach import noise_layers
-from ..pruning import prune
-from ..training.artifacts import load_run
-from ..training.run import CHECKPOINT
-from ..training.loop import evaluate
-from .curve import plot_curves, sweep
+from bmrs import compact, noise_layers, prune
+from bmrs.compaction import compression_report
+from bmrs.criteria import BMRSU
+from bmrs.defaults import CURVE_CRITERIA
+from bmrs.experiments.curve import plot_curves, sweep
+from bmrs.io import atomic_write, read_json, write_json
+from bmrs.training import evaluate
+from bmrs.training.artifacts import load_run
+from bmrs.training.run import CHECKPOINT
 
 __all__ = ["knee_distances", "mantissa_test", "CURVE_CRITERIA"]
 
@@ -99,7 +98,7 @@ def _post_training(network: str, runs: Path, report: Path, levels: int, log, cac
         -> list[dict]:
     """Curves of every criterion from the seed-0 unpruned run (cached beside the report: read from ``cache_dir``,
     default ``report``, and written into ``report``)."""
-    from ..data import load_dataset
+    from bmrs.data import load_dataset
 
     base = runs / network / "none" / "seed0"
     if not (base / "metrics.json").exists():
@@ -163,7 +162,7 @@ def _theta_histograms(runs: Path, report: Path) -> str:
 
 def _delta_f_after_exact_bmrs_n(runs: Path, report: Path) -> str:
     """Where the posteriors of an exact-BMRS_N run end up: ΔF_N against their KL to the prior."""
-    from ..criteria import BMRSN
+    from bmrs.criteria import BMRSN
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -198,7 +197,7 @@ def torch_cat(tensors) -> np.ndarray:
 
 def _p1_sweep(runs: Path, report: Path, log) -> str:
     """BMRS_U at every p₁ from 1 to 22 on the seed-0 unpruned models (post-training, no retraining)."""
-    from ..data import load_dataset
+    from bmrs.data import load_dataset
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -1,12 +1,12 @@
-"""``bmrs reproduce fashion-mnist``: run the grid, then write the report (see reproduce_report)."""
+"""``python -m paper fashion-mnist``: run the grid, then write the report (see ``paper.report``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..training.config import check_int
-from .reproduce_runs import grid_jobs, run_jobs
+from bmrs import ConfigError
+from bmrs.training.config import check_int
+from .runs import grid_jobs, run_jobs
 
 __all__ = ["reproduce"]
 
@@ -31,12 +31,12 @@ def reproduce(args, log=print, progress: bool = True) -> int:
     failed = []
     force = getattr(args, "force", False)
     if args.report_only:  # refused at once, not after the report's sweeps
-        from .reproduce_report import check_not_fewer
-        from .reproduce_runs import summary_rows
+        from .report import check_not_fewer
+        from .runs import summary_rows
         check_not_fewer(Path(args.report), len(summary_rows(jobs)), len(jobs), Path(args.runs), force)
     else:
         failed = run_jobs(jobs, workers=args.workers, log=log, progress=progress)
-    from .reproduce_report import build_report
+    from .report import build_report
 
     build_report(jobs, Path(args.runs), Path(args.report), levels=args.levels, log=log, force=force)
     if failed:

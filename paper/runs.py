@@ -22,10 +22,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError
-from ..io import read_json
-from ..training.config import TrainConfig, comparable_settings
-from ..training.options import train_argv
+from bmrs import CheckpointError, ConfigError
+from bmrs.io import read_json
+from bmrs.training import TrainConfig
+from bmrs.training.config import comparable_settings
+from bmrs.training.options import train_argv
 
 __all__ = ["NETWORKS", "METHODS", "EXTRA_METHODS", "GOAL_REFERENCES", "Job", "grid_jobs", "run_jobs", "PAPER", "PAPER_STD"]
 
@@ -220,7 +221,7 @@ def run_jobs(jobs: list[Job], workers: int = 2, log=print, poll: float = 1.0, pr
 
 def stop_children(running: list) -> None:
     """Stop the ``bmrs train`` children still running (SIGTERM: each ends its epoch's writes cleanly and keeps its
-    last checkpoint, so the next ``bmrs reproduce`` resumes it); kill those that do not stop within 30 s."""
+    last checkpoint, so the next ``python -m paper`` resumes it); kill those that do not stop within 30 s."""
     for _, proc, _ in running:
         if proc.poll() is None:
             proc.terminate()

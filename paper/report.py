@@ -1,8 +1,8 @@
 """The Fashion-MNIST report: table beside the paper, post-training curves with knees, E[θ]
 histograms, the p₁ sweep, the mantissa test and the cost of the noise layers (tables in
-``reproduce_tables``, figures in ``reproduce_figures``).
+``paper.tables``, figures in ``paper.figures``).
 
-Everything is computed from finished runs (``reproduce_runs``); a missing piece is skipped and
+Everything is computed from finished runs (``paper.runs``); a missing piece is skipped and
 named in the summary, so a partial grid still gives a partial report.  The report's files are
 written as one set (``bmrs.io.staged_outputs``), and a report built from more finished runs is
 never replaced by one built from fewer unless asked (``force``).
@@ -13,15 +13,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..defaults import KL_WEIGHT
-from ..errors import BMRSError, ConfigError
-from ..io import FolderLock, atomic_write, read_json, remove_stale_temporaries, staged_outputs, write_json
-from .reproduce_figures import (
+from bmrs.defaults import KL_WEIGHT
+from bmrs import BMRSError, ConfigError
+from bmrs.io import FolderLock, atomic_write, read_json, remove_stale_temporaries, staged_outputs, write_json
+from .figures import (
     CURVE_CRITERIA, _delta_f_after_exact_bmrs_n, _mantissas, _p1_sweep, _plot_table, _post_training,
     _theta_histograms, knee_distances, mantissa_test,
 )
-from .reproduce_runs import EXTRA_METHODS, Job, summary_rows
-from .reproduce_tables import (
+from .runs import EXTRA_METHODS, Job, summary_rows
+from .tables import (
     CSV_COLUMNS, CSV_METHODS, TABLE_METHODS, _cost, _markdown_table, _schedule, _write_table, agreement, aggregate,
     goal_lines, goal_runs_table,
 )
@@ -103,7 +103,7 @@ def _build(jobs: list[Job], rows: list[dict], runs: Path, report: Path, levels: 
     md = [
         "# Fashion-MNIST: the paper's table, measured here",
         "",
-        f"Regenerate with `bmrs reproduce fashion-mnist` (runs in `{runs}`, {done} of {len(jobs)} finished; "
+        f"Regenerate with `python -m paper fashion-mnist` from a source checkout (runs in `{runs}`, {done} of {len(jobs)} finished; "
         f"rerunning continues the unfinished ones and rebuilds this report). Continuous pruning: {_schedule(jobs)}; "
         "the best validation checkpoint after the last pruning "
         "step is tested; compression is the share of parameters removed from the physically compacted network.",
