@@ -90,7 +90,7 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,code,fragment", [
-    (["train", "--p1", "23"], 2, "p1 must be"),
+    pytest.param(["train", "--p1", "23"], 2, "p1 must be", id="process-p1"),  # (a real process: its exit status)
     (["train", "--p1", "0"], 2, "p1 must be"),
     (["train", "--low", "0", "--high", "-1"], 2, "low < 0 <= high"),
     (["train", "--epochs", "-1"], 2, "epochs must be"),
@@ -101,16 +101,20 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
     (["compact", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
     (["curve", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
     (["train", "--seed", str(2**64)], 2, "seed must be"),
-    (["train", "--model", "mlp", "--hidden", "65536", "--image-size", "4096", "--train-subset", "100", "--epochs",
-      "1", "--finetune-epochs", "0", "--output", "{tmp}/o"], 1, "out of memory"),
+    pytest.param(["train", "--model", "mlp", "--hidden", "65536", "--image-size", "4096", "--train-subset", "100",
+                  "--epochs", "1", "--finetune-epochs", "0", "--output", "{tmp}/o"], 1, "out of memory",
+                 id="process-out-of-memory"),
 ])
-def test_cli_bad_input(args, code, fragment, tmp_path, monkeypatch):
+def test_cli_bad_input(args, code, fragment, tmp_path, request, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     args = [a.replace("{tmp}", str(tmp_path)).replace("{empty}", str(empty)) for a in args]
-    env_free = {k: v for k, v in os.environ.items() if k != "BMRS_DATA_DIR"}
-    result = subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=300,
-                            env=env_free)
+    if "process" in request.node.callspec.id:  # two in a real interpreter, the others in this one
+        env_free = {k: v for k, v in os.environ.items() if k != "BMRS_DATA_DIR"}
+        result = subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=300,
+                                env=env_free)
+    else:
+        result = run_cli(*args)
     one_line_error(result, code, fragment)
 
 
