@@ -81,6 +81,7 @@ def test_refusals_say_what_to_do(tmp_path):
         bmrs.load(tmp_path / "junk.safetensors", _conv_net)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_exports_run_without_bmrs_at_any_batch_size(tmp_path, fmt, fresh_process):
     torch.manual_seed(2)
