@@ -76,6 +76,14 @@ def kernels():
     return _kernels_switched
 
 
+@pytest.fixture
+def kernels_on():
+    """The fused kernels on for the test, whatever ``BMRS_KERNELS`` says (the tests of the kernels themselves:
+    ``pytestmark = pytest.mark.usefixtures("kernels_on")``)."""
+    with _kernels_switched(True):
+        yield
+
+
 @pytest.fixture(params=[True, False], ids=["kernels-on", "kernels-off"])
 def kernels_on_and_off(request):
     """Runs the test twice: with the fused kernels on, then off (the value is whether they are on)."""
