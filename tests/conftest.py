@@ -1,4 +1,8 @@
-"""Shared test helpers: ``fresh_process``, and ``kernels`` / ``kernels_on_and_off`` (the fused kernels on and off)."""
+"""Shared test helpers: ``fresh_process``, ``run_cli`` (the CLI in this process), and ``kernels`` /
+``kernels_on_and_off`` (the fused kernels on and off).
+
+(The model families every training/compaction test runs on are listed in ``families.py``; the distribution
+fixtures in ``test_distribution_laws.py``.)"""
 
 from __future__ import annotations
 
@@ -32,6 +36,26 @@ def fresh_process(tmp_path):
     return check
 
 
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """``run_cli(*argv)``: ``bmrs.cli.main(argv)`` in this process (no ``BMRS_DATA_DIR``), as a
+    ``subprocess.CompletedProcess`` with its exit code, stdout and stderr; for the tests whose point is not a
+    real process (its exit status after a crash, a signal, a fresh interpreter)."""
+    monkeypatch.delenv("BMRS_DATA_DIR", raising=False)
+
+    def run(*argv) -> subprocess.CompletedProcess:
+        from bmrs.cli import main
+
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit:  # (argparse's own refusals)
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(argv), code, out, err)
+    return run
+
+
 # -- the fused C++ kernels on and off ---------------------------------------------------------------
 # The library reads BMRS_KERNELS once: `BMRS_KERNELS=0 python -m pytest tests/...` runs the numerics on the
 # reference PyTorch path throughout (tests that compare the two switch the kernels on themselves).
@@ -50,6 +74,14 @@ def kernels():
     """``with kernels(False): ...`` runs a block on the reference PyTorch path (``True``: the fused kernels),
     then restores the state before."""
     return _kernels_switched
+
+
+@pytest.fixture
+def kernels_on():
+    """The fused kernels on for the test, whatever ``BMRS_KERNELS`` says (the tests of the kernels themselves:
+    ``pytestmark = pytest.mark.usefixtures("kernels_on")``)."""
+    with _kernels_switched(True):
+        yield
 
 
 @pytest.fixture(params=[True, False], ids=["kernels-on", "kernels-off"])

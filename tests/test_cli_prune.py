@@ -84,6 +84,7 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_prunes_a_trained_noisy_checkpoint_and_writes_a_loadable_small_model(folder, fashion, noisy_state, capsys):
     save_file(noisy_state, str(folder / "trained.safetensors"))
     code, out, err = _run(capsys, "--model", "usernets:mlp", "--checkpoint", "trained.safetensors",
@@ -105,6 +106,7 @@ def test_prunes_a_trained_noisy_checkpoint_and_writes_a_loadable_small_model(fol
     assert float((got.argmax(1) == y).float().mean()) > 0.6  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_a_plain_checkpoint_is_pruned_by_weight_magnitude_only(folder, fashion, plain_state, capsys):
     torch.save(plain_state, folder / "plain.pt")
     code, _, err = _run(capsys, "--model", "usernets:mlp", "--checkpoint", "plain.pt", "--input-shape", "1,32,32")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def _modules_after(code: str) -> set[str]:
     done = subprocess.run([sys.executable, "-c", code + "; import sys; print(' '.join(sys.modules))"],
@@ -28,6 +30,7 @@ def test_lazy_package_still_serves_every_public_name():
     assert set(bmrs.__all__) <= set(dir(bmrs))
 
 
+@pytest.mark.slow
 def test_output_survives_a_terminal_that_cannot_encode_it(tmp_path):
     import os
 

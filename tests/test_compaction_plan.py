@@ -13,7 +13,7 @@ import bmrs
 from bmrs.compaction import CompactionPlan, CompactionWarning, apply, compact, plan, shrink
 from bmrs.compaction.surgery import take
 from bmrs.errors import ModelError
-from test_compaction import make
+from families import make
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ import torch
 import bmrs
 from bmrs import _kernels
 
+# the kernels themselves, compared with the reference: on in a BMRS_KERNELS=0 session too
+pytestmark = pytest.mark.usefixtures("kernels_on")
+
 LOW, HIGH = -20.0, 0.0
 
 

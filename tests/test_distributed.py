@@ -19,6 +19,7 @@ ARGS = ["--no-progress", "train", "--model", "mlp", "--hidden", "32", "--criteri
         "--threads", "1", "--seed", "11"]
 
 
+@pytest.mark.slow
 def test_two_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, stats
+from scipy import stats
 
 import bmrs
 import reference as R
@@ -254,28 +254,12 @@ def test_rsample_gradients_match_finite_differences(mu, sigma):
 
 # --- densities -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mu,sigma", [(-10.0, 2.0), (0.0, 0.3), (-21.0, 1.0), (2.0, 1.5)])
-def test_log_prob_cdf_and_entropy_against_scipy_quadrature(mu, sigma):
-    q = bmrs.TruncatedLogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64),
+# (integrals of the density, CDF, moments, entropy and KL, icdf ∘ cdf, sampling and expand for every parameter
+# shape: tests/test_distribution_laws.py)
+def test_log_prob_outside_the_support_is_refused_or_minus_infinity():
+    q = bmrs.TruncatedLogNormal(torch.tensor(-10.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64),
                                 validate_args=True)
-
-    def density(theta):
-        return float(q.log_prob(torch.tensor(theta, dtype=torch.float64)).exp())
-
     lo, hi = math.exp(LOW), math.exp(HIGH)
-    # integrate over x = ln θ to resolve the scales: ∫ q(θ) dθ = ∫ q(e^x) e^x dx
-    x_points = [min(max(mu, LOW), HIGH)]
-    total, _ = integrate.quad(lambda x: density(math.exp(x)) * math.exp(x), LOW, HIGH, points=x_points, limit=200)
-    assert total == pytest.approx(1.0, abs=1e-8)
-    mid = math.exp(-7.0)
-    part, _ = integrate.quad(lambda x: density(math.exp(x)) * math.exp(x), LOW, -7.0, points=[min(max(mu, LOW), -7.0)], limit=200)
-    assert float(q.cdf(torch.tensor(mid, dtype=torch.float64))) == pytest.approx(part, abs=1e-8)
-    def neg_p_log_p(x):  # −q(θ) ln q(θ) dθ, written over x = ln θ
-        log_q = float(q.log_prob(torch.tensor(math.exp(x), dtype=torch.float64)))
-        return -math.exp(log_q + x) * log_q
-
-    ent, _ = integrate.quad(neg_p_log_p, LOW, HIGH, points=x_points, limit=200)
-    assert float(q.entropy()) == pytest.approx(ent, abs=1e-6)
     with pytest.raises(ValueError):  # validated by default, as torch.distributions does
         q.log_prob(torch.tensor(lo / 2, dtype=torch.float64))
     unchecked = bmrs.TruncatedLogNormal(q.loc, q.scale, validate_args=False)
@@ -283,23 +267,10 @@ def test_log_prob_cdf_and_entropy_against_scipy_quadrature(mu, sigma):
     assert float(q.cdf(torch.tensor(hi, dtype=torch.float64))) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_icdf_inverts_cdf():
-    q = bmrs.TruncatedLogNormal(torch.tensor([-10.0, 0.0, -22.0], dtype=torch.float64),
-                                torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64))
-    u = torch.tensor([[0.1], [0.5], [0.9]], dtype=torch.float64)
-    assert torch.allclose(q.cdf(q.icdf(u)), u.expand(3, 3), atol=1e-10)
-
-
-def test_log_uniform_moments_and_masses():
+def test_log_uniform_masses():
     p = bmrs.TruncatedLogUniform(torch.tensor(LOW, dtype=torch.float64), torch.tensor(HIGH, dtype=torch.float64))
-    m1, _ = integrate.quad(lambda x: math.exp(x) / 20.0, LOW, HIGH)
-    m2, _ = integrate.quad(lambda x: math.exp(2 * x) / 20.0, LOW, HIGH)
-    assert float(p.mean) == pytest.approx(m1, rel=1e-12)
-    assert float(p.variance) == pytest.approx(m2 - m1 * m1, rel=1e-10)
     assert float(p.log_mass(-10.0, 5.0).exp()) == pytest.approx(0.5, rel=1e-12)
     assert float(p.log_mass(1.0, 5.0)) == -math.inf
-    theta = p.rsample((2000,))
-    assert stats.kstest(((theta.log() - LOW) / 20.0).numpy(), stats.uniform.cdf).pvalue > 1e-3
     assert float(p.entropy()) == pytest.approx(math.log(20.0) - 10.0)
 
 
@@ -310,12 +281,6 @@ def test_bad_bounds_give_clear_errors():
         bmrs.TruncatedLogUniform(1.0, 1.0)
     with pytest.raises(ValueError):
         bmrs.TruncatedLogNormal(torch.tensor(0.0), torch.tensor(-1.0), validate_args=True)
-
-
-def test_broadcasting_and_expand():
-    q = bmrs.TruncatedLogNormal(torch.zeros(3, 1), torch.ones(4), -20.0, 0.0)
-    assert q.batch_shape == (3, 4) and q.rsample((2,)).shape == (2, 3, 4)
-    assert q.expand((5, 3, 4)).mean.shape == (5, 3, 4)
 
 
 def test_kl_is_infinite_when_posterior_leaves_prior_support():

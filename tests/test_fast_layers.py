@@ -17,7 +17,22 @@ from bmrs import _kernels
 from bmrs.compaction import AlignedLinear, FastTanh, NarrowConv2d, TiledMaxPool2d, compact, count, use_fast_layers
 from bmrs.inference.layers import aligned_width
 
-needs_kernels = pytest.mark.skipif(_kernels.get() is None, reason="no C++ compiler: the fallback is tested below")
+# the kernels themselves, compared with the reference: on in a BMRS_KERNELS=0 session too
+pytestmark = pytest.mark.usefixtures("kernels_on")
+
+
+
+def _buildable() -> bool:
+    """Whether the kernels build here (a C++ compiler), whatever BMRS_KERNELS says."""
+    was = _kernels.enabled()
+    _kernels.set_enabled(True)
+    try:
+        return _kernels.get() is not None
+    finally:
+        _kernels.set_enabled(was)
+
+
+needs_kernels = pytest.mark.skipif(not _buildable(), reason="no C++ compiler: the fallback is tested below")
 
 
 def conv_reference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

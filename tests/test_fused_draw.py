@@ -12,6 +12,9 @@ from bmrs.nn.fused_draw import kl_layers, sample_layers
 from bmrs.nn.noise import sigma_of
 from bmrs.nn.uniforms import draw_key, reference_uniforms
 
+# the kernels themselves, compared with the reference: on in a BMRS_KERNELS=0 session too
+pytestmark = pytest.mark.usefixtures("kernels_on")
+
 LOW, HIGH = -20.0, 0.0
 SIZES = (5, 17, 3)
 KEY = (0x12345678, 0x9ABCDEF0, 0x0F1E2D3C, 0xFFFFFFFF)

@@ -7,7 +7,7 @@ import torch
 
 import bmrs
 from bmrs.errors import ConfigError, ModelError
-from test_compaction import make
+from families import make
 
 
 @pytest.mark.parametrize("family", ["lenet", "lenet_tanh", "mlp"])

@@ -58,6 +58,7 @@ def _accuracy(model, dataset) -> float:
         return float((model.eval()(x).argmax(1) == y).float().mean())
 
 
+@pytest.mark.slow
 def test_the_callback_prunes_fine_tunes_and_compacts_a_real_model(fashion):
     torch.manual_seed(0)
     module = Classifier()

@@ -53,6 +53,7 @@ def _args(tmp_path, epochs, **extra):
         disable_tqdm=True, seed=0, **extra)
 
 
+@pytest.mark.slow
 def test_the_trainer_prunes_fine_tunes_and_compacts_a_real_model(fashion, tmp_path):
     torch.manual_seed(0)
     model = Classifier()

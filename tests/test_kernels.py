@@ -16,6 +16,9 @@ from bmrs.distributions import _truncnorm as tn
 from bmrs.distributions.fast_sample import sample_theta
 from test_gradients import POINTS, _reference_grads
 
+# the kernels themselves, compared with the reference: on in a BMRS_KERNELS=0 session too
+pytestmark = pytest.mark.usefixtures("kernels_on")
+
 LOW, HIGH = -20.0, 0.0
 
 

@@ -116,6 +116,7 @@ def test_every_head_pruned_keeps_one_zero_head_and_explicit_targets_gate_heads()
     assert small[0].layers[0].self_attn.num_heads == 1
 
 
+@pytest.mark.slow
 def test_compacted_encoder_reloads_in_a_fresh_process_and_exports(tmp_path, fresh_process, monkeypatch):
     module = tmp_path / "encoder_factory.py"
     module.write_text(textwrap.dedent("""

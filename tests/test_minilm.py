@@ -23,6 +23,7 @@ def minilm(tmp_path_factory):
     return folder, AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
 
 
+@pytest.mark.slow
 def test_pruned_minilm_reloads_and_exports(minilm, tmp_path, fresh_process):
     folder, tokenizer, model = minilm
     model = bmrs.attach(copy.deepcopy(model)).eval()  # (the fixture's model is shared)
@@ -52,6 +53,7 @@ def test_pruned_minilm_reloads_and_exports(minilm, tmp_path, fresh_process):
                   1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_pruned_minilm_exports(minilm, tmp_path, fmt):
     _, tokenizer, model = minilm

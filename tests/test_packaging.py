@@ -39,6 +39,7 @@ def test_require_names_the_extra():
         require("surely_not_installed_module_xyz.pyplot", "plots", "drawing")
 
 
+@pytest.mark.slow
 def test_the_core_works_without_the_optional_packages(tmp_path):
     """attach → train steps → prune → compact → save/load, and a short `bmrs train`, with every optional
     package made unimportable."""

@@ -48,6 +48,7 @@ def test_every_torch_load_is_weights_only():
             assert "weights_only=True" in match.group(1), f"{path}: {match.group(0)}"
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path):
     ckpt = finished_run / "checkpoint.pt"
     broken = tmp_path / "r"
@@ -58,6 +59,7 @@ def test_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path):
         load_checkpoint(broken / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(finished_run, tmp_path):
     state = load_checkpoint(finished_run / "checkpoint.pt")
     state["model"] = {k.replace("1.", "9.", 1): v for k, v in state["model"].items()}  # foreign layout
@@ -67,6 +69,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(finished_run, tmp_path):
     one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, "another model")
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_names_them(finished_run):
     result = cli(*SMALL, "--criterion", "bmrs-u", "--lr", "0.5", "--output", str(finished_run), "--resume")
     one_line_error(result, 1, "lr")
@@ -90,7 +93,7 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,code,fragment", [
-    (["train", "--p1", "23"], 2, "p1 must be"),
+    pytest.param(["train", "--p1", "23"], 2, "p1 must be", id="process-p1"),  # (a real process: its exit status)
     (["train", "--p1", "0"], 2, "p1 must be"),
     (["train", "--low", "0", "--high", "-1"], 2, "low < 0 <= high"),
     (["train", "--epochs", "-1"], 2, "epochs must be"),
@@ -101,16 +104,20 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
     (["compact", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
     (["curve", "--run", "{tmp}/nothing"], 1, "not a finished bmrs run"),
     (["train", "--seed", str(2**64)], 2, "seed must be"),
-    (["train", "--model", "mlp", "--hidden", "65536", "--image-size", "4096", "--train-subset", "100", "--epochs",
-      "1", "--finetune-epochs", "0", "--output", "{tmp}/o"], 1, "out of memory"),
+    pytest.param(["train", "--model", "mlp", "--hidden", "65536", "--image-size", "4096", "--train-subset", "100",
+                  "--epochs", "1", "--finetune-epochs", "0", "--output", "{tmp}/o"], 1, "out of memory",
+                 id="process-out-of-memory"),
 ])
-def test_cli_bad_input(args, code, fragment, tmp_path, monkeypatch):
+def test_cli_bad_input(args, code, fragment, tmp_path, request, run_cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     args = [a.replace("{tmp}", str(tmp_path)).replace("{empty}", str(empty)) for a in args]
-    env_free = {k: v for k, v in os.environ.items() if k != "BMRS_DATA_DIR"}
-    result = subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=300,
-                            env=env_free)
+    if "process" in request.node.callspec.id:  # two in a real interpreter, the others in this one
+        env_free = {k: v for k, v in os.environ.items() if k != "BMRS_DATA_DIR"}
+        result = subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=300,
+                                env=env_free)
+    else:
+        result = run_cli(*args)
     one_line_error(result, code, fragment)
 
 
@@ -119,12 +126,14 @@ def test_debug_shows_the_traceback():
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_compact_of_a_run_without_noise_is_a_clear_error(tmp_path):
     out = tmp_path / "plain"
     assert cli(*SMALL, "--criterion", "none", "--no-noise", "--output", str(out)).returncode == 0
     one_line_error(cli("compact", "--run", str(out)), 1, "no noise layers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_checkpoints,extra_delay", [(1, 0.0), (1, 0.4), (2, 0.1), (3, 0.0)])
 def test_sigkill_at_several_points_resumes_to_identical_metrics(tmp_path, kill_after_checkpoints, extra_delay):
     common = [*SMALL, "--criterion", "bmrs-u", "--p1", "4", "--epochs", "3", "--seed", "5"]
@@ -201,6 +210,7 @@ def test_writing_under_a_file_is_a_clear_error(tmp_path):
     assert list((tmp_path / "afolder").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_resume_refuses_adam_moments_of_the_wrong_shape(finished_run, tmp_path):
     # load_state_dict checks only how many parameters there are; the fused step then wrote past the end of
     # the smaller moments (glibc aborted: "corrupted double-linked list")
@@ -213,6 +223,7 @@ def test_resume_refuses_adam_moments_of_the_wrong_shape(finished_run, tmp_path):
     one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, "does not fit")
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_its_checkpoint_is_not_overwritten(finished_run, tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
@@ -240,6 +251,7 @@ def test_atomic_writes_take_the_umask_and_leave_nothing_else(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, fragment", [
     (lambda s: s.update(epoch=-5), "outside the run's"),
     (lambda s: s.update(history=[1] * s["epoch"]), "history does not hold"),

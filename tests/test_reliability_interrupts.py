@@ -51,6 +51,7 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_interrupted_curve_keeps_the_previous_set(run, tmp_path, monkeypatch):
     out = tmp_path / "curve"
     run_curve(run, ["l2"], out, levels=3, progress=False, log=lambda _: None)
@@ -75,6 +76,7 @@ def test_curve_interrupted_from_the_cli_gives_advice_that_works(run, tmp_path, m
     assert "--resume" not in err and "rerun the same command" in err
 
 
+@pytest.mark.slow
 def test_sigterm_stops_curve_cleanly(run, tmp_path):
     out = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-m", "bmrs", "--no-progress", "curve", "--run", str(run), "--output",

@@ -62,6 +62,7 @@ def _one_line(result, fragment):
     assert fragment in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_with_a_file_size_limit_is_one_line_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "run"
     result = _cli(*SMALL, "--output", str(out), limit=4096)  # (the checkpoint is ~20 kB)
@@ -69,6 +70,7 @@ def test_train_with_a_file_size_limit_is_one_line_and_leaves_nothing_behind(tmp_
     assert _temporaries(out) == [] and not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_compact_on_a_full_disk_keeps_the_previous_model(tmp_path):
     out = tmp_path / "run"
     made = _cli(*[a if a != "none" else "bmrs-n" for a in SMALL if a != "--no-noise"], "--output", str(out))

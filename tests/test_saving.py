@@ -23,8 +23,8 @@ def _conv_net():
                          nn.Linear(32, 40), nn.Tanh(), nn.Linear(40, 5))
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (3, 1, 32, 32)), ("resnet18", (2, 3, 32, 32)),
-                                        ("vit", (2, 3, 32, 32)), ("mlp", (3, 1, 32, 32))])
+# (every built-in model saves and loads in this process: tests/test_model_families.py)
+@pytest.mark.parametrize("name,shape", [("lenet5", (3, 1, 32, 32))])
 def test_a_compacted_builtin_model_reloads_in_a_fresh_process(tmp_path, name, shape, fresh_process):
     torch.manual_seed(0)
     model = _pruned(build_model(name, shape[1], 10, 32)).eval()
@@ -91,6 +91,7 @@ def test_refusals_say_what_to_do(tmp_path):
         bmrs.load(tmp_path / "junk.safetensors", _conv_net)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_exports_run_without_bmrs_at_any_batch_size(tmp_path, fmt, fresh_process):
     torch.manual_seed(2)

@@ -47,6 +47,7 @@ def test_config_validation_messages():
             TrainConfig(**kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion,p1", [("bmrs-u", 4.0), ("bmrs-n", 8.0)])
 def test_mlp_on_real_fashion_mnist_prunes_and_compacts_exactly(fmnist_slice, tmp_path, criterion, p1):
     cfg = TrainConfig(model="mlp", hidden=64, criterion=criterion, p1=p1, epochs=7, finetune_epochs=1,
@@ -125,6 +126,7 @@ def test_resume_after_interruption_gives_identical_metrics(fmnist_slice, tmp_pat
     assert [h["val_accuracy"] for h in resumed["history"]] == [h["val_accuracy"] for h in straight["history"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "lenet5"])
 def test_shrinking_during_training_matches_masking_and_resumes(fmnist_slice, tmp_path, monkeypatch, model):
     # (E[θ] ranks by the posteriors alone; L2 would differ: weights reading removed inputs drop out of its norms)
@@ -246,6 +248,7 @@ def test_cli_usage_errors_exit_2():
     assert _cli("--help").returncode == 0
 
 
+@pytest.mark.slow
 def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
     run = tmp_path / "run"
     made = _cli("--no-progress", "train", "--model", "mlp", "--hidden", "16", "--criterion", "bmrs-u", "--p1", "4",
