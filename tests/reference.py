@@ -92,3 +92,27 @@ def log_density_at(mu, sigma, x, low=LOW, high=HIGH):
     """ln q(x) for the truncated normal on x = ln θ."""
     mu, sigma, x = mp.mpf(mu), mp.mpf(sigma), mp.mpf(x)
     return mp.log(_phi((x - mu) / sigma) / (sigma * _z(mu, sigma, low, high)))
+
+
+# (mu, sigma) for the gradient checks: middle regime, both tails near and far (t up to 1.5e9), wide and narrow σ, near-symmetric cases
+GRADIENT_POINTS = [
+    (0.0, 0.0067), (-10.0, 1.0), (-10.0, 30.0), (2.0, 0.5), (0.5, 1e-3), (5.0, 1e-6), (-25.0, 0.5),
+    (-20.01, 1e-3), (-30.0, 1e-7), (-19.9, 0.05), (-0.1, 0.05), (100.0, 100.0), (-120.0, 100.0),
+    (0.0, 148.0), (3.0, 2e-9), (-10.0, 2e-9), (1e-3, 2.0), (0.05, 0.001), (-1.0, 5.0), (-20.0, 3.0),
+    (0.2, 0.0067), (1.0, 0.02), (-21.0, 0.03), (40.0, 7.0),
+]
+
+
+def kl_gradients(mu, sigma, low=LOW, high=HIGH):
+    """∂KL/∂(mu, sigma, low, high) of the textbook KL at 80 digits (mpmath's numerical derivative)."""
+    with mp.workdps(80):
+        at = [mp.mpf(v) for v in (mu, sigma, low, high)]
+
+        def partial(i):
+            def f(v):
+                args = list(at)
+                args[i] = v
+                return kl(*args)
+            return float(mp.diff(f, at[i]))
+
+        return [partial(i) for i in range(4)]

@@ -14,7 +14,6 @@ from bmrs import _kernels
 from bmrs.models import lenet5
 from bmrs.distributions import _truncnorm as tn
 from bmrs.distributions.fast_sample import sample_theta
-from test_gradients import POINTS, _reference_grads
 
 # the kernels themselves, compared with the reference: on in a BMRS_KERNELS=0 session too
 pytestmark = pytest.mark.usefixtures("kernels_on")
@@ -29,14 +28,14 @@ def test_kernels_build_on_this_machine():
 
 def test_kl_value_and_gradient_match_mpmath():
     assert _kernels.get() is not None
-    mu = torch.tensor([p[0] for p in POINTS], dtype=torch.float64, requires_grad=True)
-    sigma = torch.tensor([p[1] for p in POINTS], dtype=torch.float64, requires_grad=True)
+    mu = torch.tensor([p[0] for p in R.GRADIENT_POINTS], dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor([p[1] for p in R.GRADIENT_POINTS], dtype=torch.float64, requires_grad=True)
     kl = tn.kl_to_fixed_uniform(mu, sigma, LOW, HIGH)
     assert _fused(kl)
     kl.sum().backward()
     with mp.workdps(60):
-        want_kl = np.array([float(R.kl(mp.mpf(m), mp.mpf(s))) for m, s in POINTS])
-    want = np.array([_reference_grads(m, s)[:2] for m, s in POINTS])
+        want_kl = np.array([float(R.kl(mp.mpf(m), mp.mpf(s))) for m, s in R.GRADIENT_POINTS])
+    want = np.array([R.kl_gradients(m, s)[:2] for m, s in R.GRADIENT_POINTS])
     np.testing.assert_allclose(kl.detach().numpy(), want_kl, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(mu.grad.numpy(), want[:, 0], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(sigma.grad.numpy(), want[:, 1], rtol=1e-8, atol=1e-12)
