@@ -182,7 +182,11 @@ def _build() -> ModuleType | None:
         with _locked(folder):
             generated = folder / "generated"
             generated.mkdir(exist_ok=True)
-            (generated / "bmrs_constants.h").write_text(header_text())  # (under the lock; the folder is this text's)
+            header, text = generated / "bmrs_constants.h", header_text()
+            # written once (under the lock; the folder is this text's): rewriting it would make it newer than the
+            # objects, and ninja would rebuild the kernels in every process that loads them
+            if not header.exists() or header.read_text() != text:
+                header.write_text(text)
             module = cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], build_directory=str(folder),
                                         extra_cflags=[*_FLAGS, _header_version()], extra_ldflags=["-fopenmp"],
                                         extra_include_paths=[str(generated)], verbose=False)
