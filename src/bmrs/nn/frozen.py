@@ -32,10 +32,10 @@ def frozen_noise(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, the noise layers of ``model`` (or ``model`` itself, a noise layer) reuse their
     E[θ]·mask unchecked (see the module docstring).  Nested blocks are fine: the outermost one ends it."""
     layers = [m for m in model.modules() if isinstance(m, MultiplicativeNoise) and not m._frozen]
-    for noise in layers:
-        noise.expected_theta()  # checked (and computed if stale) once, here
-        noise._frozen = True
-    try:
+    try:  # (an interrupt while freezing still unfreezes what was frozen)
+        for noise in layers:
+            noise.expected_theta()  # checked (and computed if stale) once, here
+            noise._frozen = True
         yield model
     finally:
         for noise in layers:

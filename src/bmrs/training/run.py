@@ -168,6 +168,7 @@ class _Run:
     example: torch.Tensor  # two training inputs: traces the network when shrinking it
     diverge_above: float  # from the untrained network (the same on resume)
     criterion: Criterion | None
+    prune_epochs: list[int]  # the epochs that end with a pruning step
     start: int = 1  # the first epoch to train
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0, "state": None})
@@ -214,7 +215,8 @@ def _prepare(config: TrainConfig, output: Path, progress: bool, log: Callable[[s
                 progress=progress and dist.is_main, data=data, model=model,
                 optimizer=engine_optimizer(model, config, len(data.train)), forward=model,
                 example=data.train.tensors[0][:2].to(device),
-                diverge_above=divergence_bound(model, data.train, device), criterion=_criterion(config))
+                diverge_above=divergence_bound(model, data.train, device), criterion=_criterion(config),
+                prune_epochs=_prune_epochs(config))
 
 
 def _start_or_resume(run: _Run, resume: bool) -> None:
@@ -260,7 +262,7 @@ def _run_epoch(run: _Run, epoch: int) -> None:
                             f"{run.output})") from None
     seconds = time.perf_counter() - t0
     record = {"epoch": epoch, "seconds": seconds, **{f"train_{k}": v for k, v in stats.items()}}
-    prune_epochs = _prune_epochs(config)
+    prune_epochs = run.prune_epochs
     if epoch in prune_epochs:
         t1 = time.perf_counter()
         record.update(_prune_step(model, run.criterion, config, prune_epochs.index(epoch), run.data, run.device))
@@ -282,8 +284,7 @@ def _validate_and_checkpoint(run: _Run, epoch: int, record: dict, stats: dict, s
     record["val_accuracy"] = val["accuracy"]
     record["structures_pruned"] = structure_counts(model).pruned if noise_layers(model) else 0
     run.history.append(record)
-    prune_epochs = _prune_epochs(config)
-    eligible_from = prune_epochs[-1] if prune_epochs else 1
+    eligible_from = run.prune_epochs[-1] if run.prune_epochs else 1
     if epoch >= eligible_from and val["accuracy"] > run.best["val_accuracy"]:
         run.best = {"val_accuracy": val["accuracy"], "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
