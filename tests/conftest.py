@@ -36,6 +36,16 @@ def fresh_process(tmp_path):
     return check
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_kept():
+    """Each test starts on the process's thread count (a run with ``threads`` set, or the CLI in this process,
+    sets PyTorch's count for the rest of the process)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """``run_cli(*argv)``: ``bmrs.cli.main(argv)`` in this process (no ``BMRS_DATA_DIR``), as a

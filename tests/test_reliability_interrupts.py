@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -42,6 +43,35 @@ def test_a_staged_set_is_all_or_nothing(tmp_path, failure):
             write_json(stage / "a.json", 2)
             raise failure("stopped between the two files")
     assert json.loads((tmp_path / "a.json").read_text()) == 1 and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_during_the_renames_acts_after_the_whole_set(tmp_path, monkeypatch):
+    """The signal reaches the process while the first file is moved; another thread is there to take it (as
+    PyTorch's are), so a signal mask on the main thread alone would let it split the set."""
+    with staged_outputs(tmp_path) as stage:
+        write_json(stage / "a.json", 1)
+        write_json(stage / "b.json", 1)
+    bystander_stop = threading.Event()
+    bystander = threading.Thread(target=bystander_stop.wait)
+    bystander.start()
+    real_replace = os.replace
+
+    def replace_then_signal(source, target):
+        real_replace(source, target)
+        if Path(target) == tmp_path / "a.json":  # (the move out of the stage, not the write into it)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (time for whichever thread takes it, then for the handler to run)
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with staged_outputs(tmp_path) as stage:
+                write_json(stage / "a.json", 2)
+                write_json(stage / "b.json", 2)
+    finally:
+        bystander_stop.set()
+        bystander.join()
+    assert [json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json")] == [2, 2]
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -216,11 +214,6 @@ def test_nan_loss_stops_with_the_layer_named(fmnist_slice, tmp_path):
                                progress=False)
 
 
-def _cli(*args, timeout=600, **kwargs):
-    return subprocess.run([sys.executable, "-m", "bmrs", *args], capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
-
-
 @pytest.mark.parametrize("args,fragment", [
     (["train", "--p1", "30"], "p1 must be"),
     (["train", "--epochs", "-2"], "epochs must be"),
@@ -233,36 +226,36 @@ def _cli(*args, timeout=600, **kwargs):
     (["reproduce", "fashion-mnist", "--levels", "1", "--runs", "{tmp}/r", "--report", "{tmp}/p"],
      "python -m paper fashion-mnist"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_2(args, fragment, tmp_path):
+def test_cli_bad_input_is_one_line_and_exit_2(args, fragment, tmp_path, run_cli):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = _cli(*args)
+    result = run_cli(*args)
     assert result.returncode in (1, 2), result.stderr
     lines = [l for l in result.stderr.strip().splitlines() if l]
-    assert len(lines) == 1 and fragment in lines[0].lower() or fragment in lines[0], result.stderr
+    assert len(lines) == 1 and fragment.lower() in lines[0].lower(), result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_cli_usage_errors_exit_2():
-    result = _cli("train", "--criterion", "magic")
+def test_cli_usage_errors_exit_2(run_cli):
+    result = run_cli("train", "--criterion", "magic")
     assert result.returncode == 2 and "invalid choice" in result.stderr
-    assert _cli("--help").returncode == 0
+    assert run_cli("--help").returncode == 0
 
 
 @pytest.mark.slow
-def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
+def test_cli_compact_and_curve_on_a_finished_run(tmp_path, run_cli):
     run = tmp_path / "run"
-    made = _cli("--no-progress", "train", "--model", "mlp", "--hidden", "16", "--criterion", "bmrs-u", "--p1", "4",
-                "--epochs", "2", "--finetune-epochs", "0", "--batch-size", "16", "--lr", "1e-2", "--train-subset", "800",
-                "--threads", "1", "--output", str(run))
+    made = run_cli("--no-progress", "train", "--model", "mlp", "--hidden", "16", "--criterion", "bmrs-u", "--p1", "4",
+                   "--epochs", "2", "--finetune-epochs", "0", "--batch-size", "16", "--lr", "1e-2",
+                   "--train-subset", "800", "--threads", "1", "--output", str(run))
     assert made.returncode == 0, made.stderr
-    compacted = _cli("compact", "--run", str(run), "--batch-size", "8", "--export", "pt2")
+    compacted = run_cli("compact", "--run", str(run), "--batch-size", "8", "--export", "pt2")
     assert compacted.returncode == 0, compacted.stderr
     report = json.loads((run / "compact_report.json").read_text())
     assert report["params_after"] <= report["params_before"] and report["latency_speedup_b8"] > 0
     assert report["export_pt2"]["relative_error"] <= 1e-5 and (run / "model_compact.pt2").stat().st_size > 0
     from bmrs.saving import read_description
     plain_file = read_description(run / "model_compact.safetensors")
-    optimized = _cli("compact", "--run", str(run), "--batch-size", "8", "--optimize")  # latency with fast layers
+    optimized = run_cli("compact", "--run", str(run), "--batch-size", "8", "--optimize")  # latency with fast layers
     assert optimized.returncode == 0 and "fast inference layers" in optimized.stdout, optimized.stderr
     assert not report["optimized"] and json.loads((run / "compact_report.json").read_text())["optimized"]
     # the file holds plain layers either way (compared by content: safetensors keeps the metadata in a hash map,
@@ -273,9 +266,9 @@ def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
     from bmrs.training.artifacts import load_run
     small = load_run(run).compacted()  # the file bmrs compact wrote, rebuilt without pickle
     assert sum(p.numel() for p in small.parameters()) == report["params_after"]
-    refused = _cli("compact", "--run", str(run), "--output", str(run / "checkpoint.pt"))
+    refused = run_cli("compact", "--run", str(run), "--output", str(run / "checkpoint.pt"))
     assert refused.returncode == 2 and "one of the run's own files" in refused.stderr
-    curve = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,l2")
+    curve = run_cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,l2")
     assert curve.returncode == 0, curve.stderr
     result = json.loads((run / "curve" / "curve.json").read_text())
     assert [r["criterion"] for r in result["results"]] == ["bmrs-n", "l2"]
@@ -284,7 +277,7 @@ def test_cli_compact_and_curve_on_a_finished_run(tmp_path):
     # bad values are refused before any sweep runs (a nan p1 failed after the bmrs-n sweep, leaving half a curve)
     before = (run / "curve" / "curve.json").read_bytes()
     for bad in (["--p1", "nan", "--output", str(run / "curve")], ["--output", str(run / "metrics.json")]):
-        refused = _cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,bmrs-u", *bad)
+        refused = run_cli("--no-progress", "curve", "--run", str(run), "--levels", "3", "--criteria", "bmrs-n,bmrs-u", *bad)
         assert refused.returncode == 2 and refused.stderr.startswith("bmrs: error:"), refused.stderr
     assert (run / "curve" / "curve.json").read_bytes() == before
 

@@ -19,6 +19,7 @@ import pickle
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -167,17 +168,26 @@ def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait until the block ends (then act), so that a few renames happen together."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, OSError, ValueError):  # (a platform without it: renames are still quick)
-        yield
+    """Ctrl-C and SIGTERM wait until the block ends (then act), so that a few renames happen together.
+
+    They are caught by Python handlers that only note them, then raised again under the handlers from before:
+    a signal mask would hold them in this thread only, and the process's other threads (PyTorch's) would take
+    them meanwhile, the handler then running inside the block."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in held}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield  # (handlers can be set in the main thread only, and one set outside Python cannot be put back)
         return
+    caught: list[int] = []
     try:
+        for number in held:
+            signal.signal(number, lambda number, frame: caught.append(number))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
