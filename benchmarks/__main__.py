@@ -252,8 +252,10 @@ def markdown(results: dict) -> str:
              "process's ratio in the JSON), as this VM's speed differs between processes; ΔF throughput is the best of 7 repeats in each of 3 fresh processes "
              "(medians in the JSON). Run-to-run spread on this VM: about ±0.1 on the step ratios. "
              + ("continuous_run_time_ratio_lenet5 is the full schedule (50 + 10 epochs on all of Fashion-MNIST, "
-                "the two runs side by side, one thread each); the short-run figures beside it are 5 epochs on "
-                "6,000 examples, where pruning has not yet paid for itself."
+                f"the two runs side by side, one thread each, the pruning run with the "
+                f"{results['continuous_run_full_schedule'].get('recipe', 'paper')} recipe of "
+                "benchmarks/continuous_run.py); the short-run figures beside it are 5 epochs on "
+                "6,000 examples with bmrs train's defaults, where pruning has not yet paid for itself."
                 if "continuous_run_full_schedule" in results else
                 "continuous_run_time_ratio_lenet5 is the short run here (quick mode skips the full schedule)."), "",
              "| measure | value |", "|---|---|"]

@@ -133,12 +133,22 @@ def test_compact_of_a_run_without_noise_is_a_clear_error(tmp_path):
     one_line_error(cli("compact", "--run", str(out)), 1, "no noise layers")
 
 
+KILLED = [*SMALL, "--criterion", "bmrs-u", "--p1", "4", "--epochs", "3", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """The run every SIGKILLed one must resume to, run once."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    assert cli(*KILLED, "--output", str(reference)).returncode == 0
+    return reference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_checkpoints,extra_delay", [(1, 0.0), (1, 0.4), (2, 0.1), (3, 0.0)])
-def test_sigkill_at_several_points_resumes_to_identical_metrics(tmp_path, kill_after_checkpoints, extra_delay):
-    common = [*SMALL, "--criterion", "bmrs-u", "--p1", "4", "--epochs", "3", "--seed", "5"]
-    reference = tmp_path / "reference"
-    assert cli(*common, "--output", str(reference)).returncode == 0
+def test_sigkill_at_several_points_resumes_to_identical_metrics(tmp_path, uninterrupted_run, kill_after_checkpoints,
+                                                                extra_delay):
+    common, reference = KILLED, uninterrupted_run
     victim = tmp_path / "victim"
     proc = subprocess.Popen([sys.executable, "-m", "bmrs", *common, "--output", str(victim)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

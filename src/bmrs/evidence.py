@@ -30,7 +30,7 @@ from . import _kernels
 from .distributions import TruncatedLogNormal, TruncatedLogUniform
 from .distributions import _truncnorm as tn
 from .distributions._stable import LOG_2PI, interval_parts
-from .distributions.truncated_log_normal import check_bounds
+from .distributions._log_interval import check_bounds
 from .errors import ConfigError
 
 __all__ = ["delta_f", "spike_prior", "precision_prior", "delta_f_quadrature", "FLOAT32_MANTISSA_BITS"]

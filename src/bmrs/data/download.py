@@ -148,15 +148,8 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def download(
-    url: str,
-    dest: str | os.PathLike,
-    sha256: str | None = None,
-    progress: bool = True,
-    *,
-    verify: bool = True,
-    timeout: float = 60.0,
-) -> Path:
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True, *,
+             verify: bool = True, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest``, verify its SHA-256 and move it into place atomically.
 
     If ``dest`` already exists with the expected hash, nothing is downloaded. Without a
@@ -302,15 +295,8 @@ def _extract(archive: Path, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def download_dataset(
-    name: str,
-    data_dir: str | os.PathLike,
-    *,
-    mirror: str | None = None,
-    progress: bool = True,
-    verify: bool = True,
-    timeout: float = 60.0,
-) -> Path:
+def download_dataset(name: str, data_dir: str | os.PathLike, *, mirror: str | None = None, progress: bool = True,
+                     verify: bool = True, timeout: float = 60.0) -> Path:
     """Download (and extract) every file of dataset ``name`` into ``data_dir/<folder>``; return that folder.
 
     ``mirror`` replaces the base URLs of :data:`SOURCES` (e.g. a local server). Files already present

@@ -19,6 +19,7 @@ from .._kernels.constants import FAR_NEGLIGIBLE_SQ
 from .._compile import maybe_compiled
 from ._stable import (
     LOG_2PI,
+    KnownDerivatives,
     interval_parts,
     inv_mills,
     inv_mills_excess,
@@ -130,25 +131,16 @@ def kl_to_fixed_uniform(loc: Tensor, scale: Tensor, low: float, high: float) -> 
         (torch.float32, 7.276)
     """
     if loc.dim() == 1 and scale.shape == loc.shape and _kernels.usable_for(loc, scale) is not None:
-        return _KLToFixedUniformFused.apply(loc, scale, float(low), float(high))
+        low, high, fused = float(low), float(high), _kernels.get().kl_to_uniform_with_grad
+        return _KLFused.apply(lambda loc, scale: fused(loc, scale, low, high), loc, scale)
     bound = dict(dtype=torch.float64, device=loc.device)
     kl = kl_to_uniform(loc.double(), scale.double(), torch.tensor(float(low), **bound),
                        torch.tensor(float(high), **bound))
     return kl.to(loc.dtype)
 
 
-class _KLToFixedUniformFused(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, loc, scale, low, high):
-        kl, d_loc, d_scale = _kernels.get().kl_to_uniform_with_grad(loc.detach(), scale.detach(), low, high)
-        ctx.save_for_backward(d_loc, d_scale)
-        return kl
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        d_loc, d_scale = ctx.saved_tensors
-        return grad * d_loc, grad * d_scale, None, None
+class _KLFused(KnownDerivatives):
+    """The kernel's KL with its gradient (its own name in the autograd graph: ``_KLFusedBackward``)."""
 
 
 def kl_to_uniform_with_grad(loc: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,49 +4,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all, lazy_property
 
-from ..errors import ConfigError
 from . import _truncnorm as tn
+from ._log_interval import LogIntervalDistribution, check_bounds, check_probability, support_ends
 
 __all__ = ["TruncatedLogNormal"]
 
 
-def check_bounds(low: Tensor, high: Tensor) -> None:
-    """Raise a one-line ConfigError unless low < high everywhere (both finite)."""
-    if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
-        raise ConfigError("low and high must be finite numbers (log-space bounds, e.g. -20 and 0)")
-    if not bool((low < high).all()):
-        raise ConfigError(
-            f"low must be smaller than high, got low={low.max().item():g} >= high={high.min().item():g};"
-            " pass e.g. low=-20.0, high=0.0"
-        )
-
-
-def check_probability(value) -> None:
-    """ValueError (as torch's argument validation raises) unless every value lies in [0, 1]."""
-    value = torch.as_tensor(value)
-    if not bool(((value >= 0) & (value <= 1)).all()):
-        raise ValueError(f"icdf expects probabilities in [0, 1], got values from {value.min().item():g} "
-                         f"to {value.max().item():g}")
-
-
-def support_ends(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
-    """[e^low, e^high] in float64, widened to the ends as low's and high's own dtype rounds them: so a sample
-    clamped to the float32 e^high and the exact float64 e^low both lie inside a float32 distribution's support.
-
-    Examples:
-        >>> import torch
-        >>> lo, hi = support_ends(torch.tensor(-20.0), torch.tensor(-1.0))
-        >>> lo.dtype, bool(hi >= torch.tensor(-1.0).exp().double()), bool(hi >= torch.tensor(-1.0).double().exp())
-        (torch.float64, True, True)
-    """
-    return (torch.minimum(low.double().exp(), low.exp().double()),
-            torch.maximum(high.double().exp(), high.exp().double()))
-
-
-class TruncatedLogNormal(Distribution):
+class TruncatedLogNormal(LogIntervalDistribution):
     """θ with ln θ ~ Normal(loc, scale²) truncated to [low, high].
 
     Every quantity is computed in float64 with forms that stay exact for a posterior collapsed far
@@ -64,24 +31,12 @@ class TruncatedLogNormal(Distribution):
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     has_rsample = True
+    expanded = ("loc", "scale", "low", "high")
 
     def __init__(self, loc, scale, low=-20.0, high=0.0, validate_args=None):
         self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
         check_bounds(self.low, self.high)
         super().__init__(batch_shape=self.loc.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=False, event_dim=0)
-    def support(self):
-        return constraints.interval(*support_ends(self.low, self.high))
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(TruncatedLogNormal, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
-        new.low, new.high = self.low.expand(batch_shape), self.high.expand(batch_shape)
-        super(TruncatedLogNormal, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
     # -- float64 views of the parameters ------------------------------------------------------
     @lazy_property

@@ -6,10 +6,10 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from .truncated_log_normal import check_bounds, check_probability, support_ends
+from ._log_interval import LogIntervalDistribution, check_bounds, check_probability, support_ends
 
 __all__ = ["TruncatedLogUniform"]
 
@@ -24,7 +24,7 @@ def _exact_bounds(low, high):
     return low, high
 
 
-class TruncatedLogUniform(Distribution):
+class TruncatedLogUniform(LogIntervalDistribution):
     """θ with ln θ ~ Uniform[low, high] (density 1/(θ (high − low)) on [e^low, e^high]).
 
     Examples:
@@ -43,18 +43,6 @@ class TruncatedLogUniform(Distribution):
         self.low, self.high = broadcast_all(*_exact_bounds(low, high))
         check_bounds(self.low, self.high)
         super().__init__(batch_shape=self.low.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=False, event_dim=0)
-    def support(self):
-        return constraints.interval(*support_ends(self.low, self.high))
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(TruncatedLogUniform, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.low, new.high = self.low.expand(batch_shape), self.high.expand(batch_shape)
-        super(TruncatedLogUniform, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
     @property
     def width(self) -> Tensor:

@@ -27,7 +27,20 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """relu(branch(x) + shortcut), the shortcut being x or ``downsample(x)`` (the branch runs first)."""
+
+    downsample: nn.Module | None
+
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.branch(x)
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3×3 convs with a residual shortcut (ResNet-18/34)."""
 
     expansion = 1
@@ -42,16 +55,11 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return self.relu(out + identity)
+    def branch(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1×1 reduce → 3×3 (stride here, as torchvision's "ResNet v1.5") → 1×1 expand, with a shortcut."""
 
     expansion = 4
@@ -68,14 +76,9 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
+    def branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
 
 
 class ResNet(nn.Module):

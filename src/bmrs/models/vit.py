@@ -135,12 +135,11 @@ def vit(image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_cla
 
     Examples:
         >>> import torch, bmrs
-        >>> from bmrs.models import vit
-        >>> model = vit(depth=2)
-        >>> model(torch.randn(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-        >>> [noise.num_features for _, noise in bmrs.noise_layers(model)]     # heads, hidden units
-        [3, 384, 3, 384]
+        >>> model = bmrs.models.vit(depth=2)
+        >>> model(torch.randn(2, 3, 32, 32)).shape, [n.num_features for _, n in bmrs.noise_layers(model)]
+        (torch.Size([2, 10]), [3, 384, 3, 384])
+
+        Each block has a noise layer on its attention (one per head) and one on its MLP's hidden units.
     """
     for name, value in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("heads", heads),

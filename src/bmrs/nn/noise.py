@@ -11,7 +11,7 @@ from .._kernels.constants import LOG_SIGMA_RANGE
 from ..distributions import TruncatedLogNormal, TruncatedLogUniform
 from ..distributions import _truncnorm as tn
 from ..distributions.fast_sample import sample_theta
-from ..distributions.truncated_log_normal import check_bounds
+from ..distributions._log_interval import check_bounds
 from ..errors import ConfigError
 from .uniforms import counter_uniforms, draw_key
 
