@@ -49,37 +49,37 @@ def test_every_torch_load_is_weights_only():
 
 
 @pytest.mark.slow
-def test_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path):
+def test_truncated_checkpoint_is_a_clear_error(finished_run, tmp_path, run_cli):
     ckpt = finished_run / "checkpoint.pt"
     broken = tmp_path / "r"
     broken.mkdir()
     (broken / "checkpoint.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
-    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(broken), "--resume"), 1, "truncated")
+    one_line_error(run_cli(*SMALL, "--criterion", "bmrs-u", "--output", str(broken), "--resume"), 1, "truncated")
     with pytest.raises(bmrs.CheckpointError):
         load_checkpoint(broken / "checkpoint.pt")
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_model_is_a_clear_error(finished_run, tmp_path):
+def test_checkpoint_of_another_model_is_a_clear_error(finished_run, tmp_path, run_cli):
     state = load_checkpoint(finished_run / "checkpoint.pt")
     state["model"] = {k.replace("1.", "9.", 1): v for k, v in state["model"].items()}  # foreign layout
     folder = tmp_path / "r"
     folder.mkdir()
     torch.save(state, folder / "checkpoint.pt")
-    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, "another model")
+    one_line_error(run_cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, "another model")
 
 
 @pytest.mark.slow
-def test_resume_with_other_settings_names_them(finished_run):
-    result = cli(*SMALL, "--criterion", "bmrs-u", "--lr", "0.5", "--output", str(finished_run), "--resume")
+def test_resume_with_other_settings_names_them(finished_run, run_cli):
+    result = run_cli(*SMALL, "--criterion", "bmrs-u", "--lr", "0.5", "--output", str(finished_run), "--resume")
     one_line_error(result, 1, "lr")
 
 
-def test_unwritable_output_fails_before_training(tmp_path):
+def test_unwritable_output_fails_before_training(tmp_path, run_cli):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     start = time.perf_counter()
-    one_line_error(cli(*SMALL, "--output", str(blocker / "run")), 2, "cannot write to output folder")
+    one_line_error(run_cli(*SMALL, "--output", str(blocker / "run")), 2, "cannot write to output folder")
     assert time.perf_counter() - start < 60
 
 
@@ -127,10 +127,10 @@ def test_debug_shows_the_traceback():
 
 
 @pytest.mark.slow
-def test_compact_of_a_run_without_noise_is_a_clear_error(tmp_path):
+def test_compact_of_a_run_without_noise_is_a_clear_error(tmp_path, run_cli):
     out = tmp_path / "plain"
-    assert cli(*SMALL, "--criterion", "none", "--no-noise", "--output", str(out)).returncode == 0
-    one_line_error(cli("compact", "--run", str(out)), 1, "no noise layers")
+    assert run_cli(*SMALL, "--criterion", "none", "--no-noise", "--output", str(out)).returncode == 0
+    one_line_error(run_cli("compact", "--run", str(out)), 1, "no noise layers")
 
 
 KILLED = [*SMALL, "--criterion", "bmrs-u", "--p1", "4", "--epochs", "3", "--seed", "5"]
@@ -234,11 +234,11 @@ def test_resume_refuses_adam_moments_of_the_wrong_shape(finished_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_finished_run_without_its_checkpoint_is_not_overwritten(finished_run, tmp_path):
+def test_a_finished_run_without_its_checkpoint_is_not_overwritten(finished_run, tmp_path, run_cli):
     folder = tmp_path / "r"
     folder.mkdir()
     (folder / "metrics.json").write_bytes((finished_run / "metrics.json").read_bytes())
-    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder)), 2, "finished run")
+    one_line_error(run_cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder)), 2, "finished run")
     assert (folder / "metrics.json").read_bytes() == (finished_run / "metrics.json").read_bytes()
 
 
@@ -268,14 +268,14 @@ def test_atomic_writes_take_the_umask_and_leave_nothing_else(tmp_path):
     (lambda s: s.update(best_state={"x": torch.ones(1)}), "best state does not fit"),
     (lambda s: s.update(best_state=None), "kept no best state"),
 ])
-def test_resume_refuses_a_damaged_record_of_progress(finished_run, tmp_path, damage, fragment):
+def test_resume_refuses_a_damaged_record_of_progress(finished_run, tmp_path, damage, fragment, run_cli):
     # each gave a traceback (RuntimeError, TypeError) after training, or (epoch -5) retrained silently
     state = load_checkpoint(finished_run / "checkpoint.pt")
     damage(state)
     folder = tmp_path / "r"
     folder.mkdir()
     torch.save(state, folder / "checkpoint.pt")
-    one_line_error(cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, fragment)
+    one_line_error(run_cli(*SMALL, "--criterion", "bmrs-u", "--output", str(folder), "--resume"), 1, fragment)
 
 
 class _Evil:
