@@ -7,6 +7,7 @@ fixtures in ``test_distribution_laws.py``.)"""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,11 @@ import pytest
 import torch
 
 from bmrs import _kernels
+
+# Under pytest-xdist (`-n N`) the workers share the cores: each takes its share of PyTorch's threads, else
+# N x all-cores threads oversubscribe them (OpenMP's waiting threads then cost more than the work).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture

@@ -186,5 +186,6 @@ def test_out_of_range_kept_index_in_the_checkpoint_of_a_shrink_run_on_resume(tmp
     config = TrainConfig.from_dict(metrics["config"])
     model = build_for(config, metrics["data"]["in_channels"], metrics["data"]["num_classes"])
     example = torch.zeros(2, metrics["data"]["in_channels"], config.image_size, config.image_size)
-    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")) as caught:
         restore(run / "checkpoint.pt", config, model, example, num_train=100)
+    assert "damaged" in str(caught.value) and "another model" not in str(caught.value)  # (as it is, not re-worded)

@@ -45,6 +45,8 @@ def restore(path: Path, config: TrainConfig, model: nn.Module, example, num_trai
         model.load_state_dict(state["model"])
         _check_optimizer_state(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
+    except CheckpointError:
+        raise  # (bmrs's own, naming the damaged field: not re-worded as another model's, nor cut short)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
         raise CheckpointError(f"{path}: checkpoint does not fit this model ({first_line(err)}); "
                               "it belongs to another model — use another --output") from None
