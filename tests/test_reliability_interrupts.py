@@ -112,11 +112,14 @@ def test_sigterm_stops_curve_cleanly(run, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bmrs", "--no-progress", "curve", "--run", str(run), "--output",
                              str(out), "--levels", "200", "--criteria", "l2,ev,snr"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    first = proc.stdout.readline()  # one criterion swept: the process is inside the sweeps
+    first = proc.stdout.readline()  # one criterion swept: the process is inside the sweeps (about 20 s more)
     assert first.startswith("l2:"), first + proc.stderr.read()
+    assert proc.poll() is None, "the sweeps ended before the signal could be sent"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err and "rerun the same command" in err, err
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "rerun the same command" in err, \
+        f"exit {proc.returncode}; stdout after the signal: {rest!r}; curve.json written: " \
+        f"{(out / 'curve.json').exists()}; stderr: {err}"
     assert not (out / "curve.json").exists() and _leftovers(out) == []
 
 
