@@ -97,6 +97,30 @@ def test_interrupted_curve_keeps_the_previous_set(run, tmp_path, monkeypatch):
     assert _leftovers(out) == []
 
 
+def test_sigterm_stops_a_command_even_where_a_library_swallows_the_first_interrupt(capsys):
+    """A KeyboardInterrupt raised inside a bare ``except:`` (torch-pruning has one) is lost; SIGTERM raises it
+    again until the command stops."""
+    from bmrs.cli import INTERRUPT_REPEAT_S, run_command
+
+    swallowed, before = [], [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)]
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException as err:  # noqa: BLE001 (the library that swallows it)
+            swallowed.append(type(err).__name__)
+        deadline = time.monotonic() + 20 * INTERRUPT_REPEAT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0
+
+    assert run_command(command, Namespace(debug=False), "rerun") == 130
+    assert swallowed == ["KeyboardInterrupt"] and "interrupted; rerun" in capsys.readouterr().err
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no repeat left armed
+    assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)] == before  # handlers put back
+
+
 def test_curve_interrupted_from_the_cli_gives_advice_that_works(run, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -204,7 +204,8 @@ def run_command(command, args, interrupted: str = "rerun the same command", name
     """
     main_thread = threading.current_thread() is threading.main_thread()  # (signals reach the main thread only)
     # SIGTERM acts as Ctrl-C: temporaries removed, children stopped, the advice printed
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGALRM)} \
+        if main_thread else {}
     debug = getattr(args, "debug", False)
     try:
         return command(args)
@@ -216,6 +217,7 @@ def run_command(command, args, interrupted: str = "rerun the same command", name
         print(f"{name}: error: {prefix}{err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except KeyboardInterrupt:
+        _stop_repeating()
         print(f"{name}: interrupted; {interrupted}", file=sys.stderr)
         return 130
     except OSError as err:
@@ -230,8 +232,10 @@ def run_command(command, args, interrupted: str = "rerun the same command", name
               "--levels …) or free memory", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous:
+            _stop_repeating()
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def _option_name(field: str) -> str:
@@ -241,8 +245,24 @@ def _option_name(field: str) -> str:
     return option_name(field)
 
 
+#: after SIGTERM the KeyboardInterrupt is raised again every this many seconds until the command stops: one raised
+#: where a library swallows exceptions (a bare ``except:``, a finalizer, C code clearing errors) is lost
+INTERRUPT_REPEAT_S = 0.5
+_repeating = {"on": False}
+
+
 def _interrupt(signum, frame):
+    if signum == signal.SIGALRM and not _repeating["on"]:
+        return  # (a repeat that was already cancelled)
+    _repeating["on"] = True
+    signal.setitimer(signal.ITIMER_REAL, INTERRUPT_REPEAT_S)
     raise KeyboardInterrupt
+
+
+def _stop_repeating() -> None:
+    if _repeating["on"]:
+        _repeating["on"] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _out_of_memory(err: BaseException) -> bool:
