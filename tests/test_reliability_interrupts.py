@@ -121,6 +121,27 @@ def test_sigterm_stops_a_command_even_where_a_library_swallows_the_first_interru
     assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)] == before  # handlers put back
 
 
+def test_the_repeated_interrupt_lets_cleanup_run_to_its_end(capsys):
+    """Cleanup while the interrupt propagates (a finally block stopping children, say) outlasts the repeats."""
+    from bmrs.cli import INTERRUPT_REPEAT_S, run_command
+
+    cleaned = []
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            deadline = time.monotonic() + 4 * INTERRUPT_REPEAT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            cleaned.append(True)
+        return 0
+
+    assert run_command(command, Namespace(debug=False), "rerun") == 130 and cleaned == [True]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
 def test_curve_interrupted_from_the_cli_gives_advice_that_works(run, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

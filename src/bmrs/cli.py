@@ -246,7 +246,9 @@ def _option_name(field: str) -> str:
 
 
 #: after SIGTERM the KeyboardInterrupt is raised again every this many seconds until the command stops: one raised
-#: where a library swallows exceptions (a bare ``except:``, a finalizer, C code clearing errors) is lost
+#: where a library swallows exceptions (a bare ``except:``, a finalizer, C code clearing errors) is lost.  Not while
+#: one is on its way out: cleanup in an ``except`` or ``finally`` block (children stopped, temporaries removed) runs
+#: to its end.
 INTERRUPT_REPEAT_S = 0.5
 _repeating = {"on": False}
 
@@ -256,6 +258,8 @@ def _interrupt(signum, frame):
         return  # (a repeat that was already cancelled)
     _repeating["on"] = True
     signal.setitimer(signal.ITIMER_REAL, INTERRUPT_REPEAT_S)
+    if signum == signal.SIGALRM and isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        return  # the interrupt is propagating, its cleanup running
     raise KeyboardInterrupt
 
 
