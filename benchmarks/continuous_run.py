@@ -54,8 +54,9 @@ def run_side_by_side(epochs: int, finetune: int, recipe: str = "paper") -> dict:
     for key in RUNS:
         logs[key] = folder / f"{key}.log"
         started[key] = time.perf_counter()
-        processes[key] = subprocess.Popen(_command(key, epochs, finetune, folder / key, recipe), stdout=logs[key].open("w"),
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        processes[key] = subprocess.Popen(_command(key, epochs, finetune, folder / key, recipe),
+                                          stdout=logs[key].open("w"), stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL)
     seconds = {}
     with tqdm(total=2 * (epochs + finetune), desc="epochs (both runs)", unit="epoch") as bar:
         while len(seconds) < len(processes):
@@ -81,7 +82,8 @@ def measure(epochs: int = 50, finetune: int = 10, recipe: str = "paper") -> dict
     ratio = seconds["pruning_shrink"] / seconds["plain"]
     print(f"  plain network {seconds['plain']:.0f} s, continuous pruning shrinking as it goes "
           f"{seconds['pruning_shrink']:.0f} s (×{ratio:.2f}); {shrink.get('parameter_compression_pct', 0):.1f}% of "
-          f"the parameters and {shrink.get('flops_removed_pct', 0):.1f}% of the FLOPs removed ({recipe} recipe)", flush=True)
+          f"the parameters and {shrink.get('flops_removed_pct', 0):.1f}% of the FLOPs removed ({recipe} recipe)",
+          flush=True)
     return {
         "ratio": ratio, "plain_s": seconds["plain"], "pruning_shrink_s": seconds["pruning_shrink"],
         "epochs": epochs, "finetune_epochs": finetune, "recipe": recipe,

@@ -216,8 +216,7 @@ def run_command(command, args, interrupted: str = "rerun the same command", name
         prefix = f"{_option_name(field)}: " if field and hasattr(args, field) else ""
         print(f"{name}: error: {prefix}{err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
-    except KeyboardInterrupt:
-        _stop_repeating()
+    except KeyboardInterrupt:  # (a repeat due meanwhile sees this one handled and waits: finally stops it)
         print(f"{name}: interrupted; {interrupted}", file=sys.stderr)
         return 130
     except OSError as err:
